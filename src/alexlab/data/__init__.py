@@ -1,0 +1,69 @@
+"""Data: pick the dataset named by the data config, compute (or load) its pixel statistics,
+and hand back the two splits with the augmenter that turns their uint8 batches into model inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alexlab.data.augment import Augmenter, PixelStats, StatsAccumulator
+from alexlab.data.datasets import TensorSource, load_image_folders, load_in_memory
+from alexlab.errors import ConfigError
+from alexlab.io import atomic_torch_save
+
+DATASETS = ("fashion_mnist", "cifar10", "synthetic", "imagenet")
+
+
+@dataclass
+class Data:
+    train: object
+    val: object
+    num_classes: int
+    augmenter: Augmenter
+    stats_path: Path | None
+
+
+def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str | os.PathLike | None = None) -> Data:
+    if data_cfg.name not in DATASETS:
+        raise ConfigError(f"data.name must be one of {DATASETS}, got {data_cfg.name!r}")
+    if int(data_cfg.image_size) < input_size:
+        raise ConfigError(f"data.image_size={data_cfg.image_size} is smaller than the model's input "
+                          f"{input_size}: the crops are taken from the image")
+    if data_cfg.name == "imagenet":
+        train, val, num_classes = load_image_folders(data_cfg)
+    else:
+        train, val, num_classes = load_in_memory(data_cfg)
+    stats, stats_path = pixel_stats(data_cfg, train, cache_dir)
+    if isinstance(train, TensorSource):
+        train, val = train.to(device), val.to(device)
+    augmenter = Augmenter(stats.to(device), input_size, crop_flip=bool(data_cfg.crop_flip),
+                          pca_lighting=bool(data_cfg.pca_lighting), pca_sigma=float(data_cfg.pca_sigma),
+                          pixel_scale=float(data_cfg.pixel_scale))
+    return Data(train, val, num_classes, augmenter, stats_path)
+
+
+def pixel_stats(data_cfg, train, cache_dir) -> tuple[PixelStats, Path | None]:
+    """Mean image and RGB (or grey) covariance PCA of the training split, cached by what defines them."""
+    key_fields = {k: str(data_cfg.get(k)) for k in ("name", "root", "image_size", "train_subset", "stats_images",
+                                                     "channels", "train_size", "num_classes")}
+    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(os.path.expanduser(str(cache_dir))) / f"stats-{data_cfg.name}-{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"]), path
+    acc = StatsAccumulator()
+    n = len(train)
+    limit = data_cfg.get("stats_images")
+    order = torch.arange(n) if not limit or limit >= n else \
+        torch.randperm(n, generator=torch.Generator().manual_seed(0))[:int(limit)]
+    for images, _ in train.batches(order, 1024):
+        acc.add(images.cpu())
+    stats = acc.result()
+    if path is not None:
+        atomic_torch_save({"mean_image": stats.mean_image, "eigval": stats.eigval, "eigvec": stats.eigvec,
+                           "fields": key_fields}, path)
+    return stats, path

@@ -1,0 +1,187 @@
+"""Datasets as sources of uint8 image batches at `data.image_size`, plus their labels.
+
+Small datasets (Fashion-MNIST, CIFAR-10, synthetic) live in memory as one uint8 tensor, resized
+once at load; ImageNet-style folders are decoded by DataLoader workers (shorter side to
+image_size, centre crop). Either way `batches(order, batch_size)` yields (uint8 images, labels).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alexlab.errors import ConfigError
+
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+class TensorSource:
+    """A whole split in memory: images (N, C, S, S) uint8, labels (N,) int64."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "TensorSource":
+        return TensorSource(self.images.to(device), self.labels.to(device))
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        order = order.to(self.images.device)
+        for i in range(start * batch_size, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): shorter side to `size`, centre crop."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                          mode="bilinear", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        out.append(x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an IDX uint8 file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ConfigError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(cfg) -> tuple[dict, int]:
+    root = Path(os.path.expanduser(str(cfg.root)))
+    if all((root / f).is_file() for files in FASHION_FILES.values() for f in files):
+        arrays = {split: (read_idx(root / img), read_idx(root / lab)) for split, (img, lab) in FASHION_FILES.items()}
+    else:
+        arrays = _download_torchvision("FashionMNIST", cfg, root,
+                                       "apt-get install dataset-fashion-mnist (Debian/Ubuntu), which puts the "
+                                       "four .gz files in /usr/share/datasets/fashion-mnist, or set data.root=DIR")
+    return {split: (torch.from_numpy(img.copy())[:, None], torch.from_numpy(lab.astype(np.int64)))
+            for split, (img, lab) in arrays.items()}, 10
+
+
+def load_cifar10(cfg) -> tuple[dict, int]:
+    root = Path(os.path.expanduser(str(cfg.root)))
+    arrays = _download_torchvision("CIFAR10", cfg, root, "a machine with internet, or copy the "
+                                   "cifar-10-batches-py folder into data.root")
+    return {split: (torch.from_numpy(img.copy()).permute(0, 3, 1, 2).contiguous(),
+                    torch.as_tensor(np.asarray(lab), dtype=torch.int64))
+            for split, (img, lab) in arrays.items()}, 10
+
+
+def _download_torchvision(name: str, cfg, root: Path, how: str) -> dict:
+    import torchvision
+    errors = []
+    if cfg.get("download", True):
+        try:
+            cls = getattr(torchvision.datasets, name)
+            out = {}
+            for split, train in (("train", True), ("val", False)):
+                ds = cls(str(root), train=train, download=True)
+                data = ds.data.numpy() if torch.is_tensor(ds.data) else ds.data
+                out[split] = (data, np.asarray(ds.targets))
+            return out
+        except Exception as err:  # noqa: BLE001 - any failure ends in the one message below
+            errors.append(f"download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    else:
+        errors.append("data.download=false")
+    raise ConfigError(f"no {name} data in {root} ({'; '.join(errors)}). To get it: {how}.")
+
+
+def load_synthetic(cfg) -> tuple[dict, int]:
+    """Random images with a faint per-class pattern, so that a model can learn something."""
+    gen = torch.Generator().manual_seed(12345)
+    c, s, k = int(cfg.channels), int(cfg.image_size), int(cfg.num_classes)
+    templates = torch.rand(k, c, s, s, generator=gen)
+    out = {}
+    for split, n in (("train", int(cfg.train_size)), ("val", int(cfg.val_size))):
+        labels = torch.randint(0, k, (n,), generator=gen)
+        noise = torch.rand(n, c, s, s, generator=gen)
+        out[split] = (((0.3 * templates[labels] + 0.7 * noise) * 255).round().to(torch.uint8), labels)
+    return out, k
+
+
+def _subset(images, labels, n, seed=0):
+    if n is None or n >= len(labels):
+        return images, labels
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return images[idx], labels[idx]
+
+
+def load_in_memory(cfg) -> tuple[TensorSource, TensorSource, int]:
+    loaders = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "synthetic": load_synthetic}
+    splits, num_classes = loaders[cfg.name](cfg)
+    size = int(cfg.image_size)
+    train = _subset(*splits["train"], cfg.get("train_subset"))
+    val = _subset(*splits["val"], cfg.get("val_subset"))
+    return (TensorSource(resize_square(train[0], size), train[1]),
+            TensorSource(resize_square(val[0], size), val[1]), num_classes)
+
+
+class ImageFolderSource(torch.utils.data.Dataset):
+    """`root/<class>/*.JPEG`, classes in sorted order; each image: shorter side to `size`, centre crop."""
+
+    def __init__(self, root: Path, size: int, workers: int, classes: list[str] | None = None):
+        self.root, self.size, self.workers = root, size, workers
+        if not root.is_dir():
+            raise ConfigError(f"no image folder at {root} (expected {root}/<class>/*.JPEG)")
+        self.classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.samples = [(str(p), i) for i, c in enumerate(self.classes) if (root / c).is_dir()
+                        for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise ConfigError(f"no images found under {root} (expected {root}/<class>/*.JPEG)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.size / min(w, h)
+            im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                           Image.Resampling.BILINEAR)
+            left, top = (im.size[0] - self.size) // 2, (im.size[1] - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+            x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        return x, label
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        index_batches = order[start * batch_size:].split(batch_size)
+        loader = torch.utils.data.DataLoader(self, batch_sampler=[b.tolist() for b in index_batches],
+                                             num_workers=self.workers, pin_memory=torch.cuda.is_available())
+        yield from loader
+
+
+def load_image_folders(cfg) -> tuple[ImageFolderSource, ImageFolderSource, int]:
+    root = Path(os.path.expanduser(str(cfg.root)))
+    size, workers = int(cfg.image_size), int(cfg.workers)
+    train = ImageFolderSource(root / "train", size, workers)
+    val = ImageFolderSource(root / "val", size, workers, classes=train.classes)
+    return train, val, len(train.classes)

@@ -1,0 +1,180 @@
+"""The network of Krizhevsky et al. (2012), built from a plain model config.
+
+Every ablation switch of the paper lives in `build_model`:
+
+    lrn / lrn_alpha   LRN after the activation of the layers marked `lrn` (conv1, conv2)
+    overlap_pool      max-pool 3/2 (paper) or 2/2
+    dropout           p on the outputs of fc6 and fc7 (0 = off)
+    activation        relu or tanh for every hidden layer
+    towers            2: groups=2 on layers marked `grouped` (conv2, conv4, conv5)
+                      1: the footnote's one-tower net: half the kernels in every conv
+                         layer but the last, groups=1, fully connected layers unchanged
+    remove            drop middle conv layers and/or fc6, fc7; widths adapt, pooling stays
+    init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
+
+The config is a dict or an OmegaConf node; nothing here knows about Hydra.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from alexlab.errors import ConfigError
+from alexlab.lrn import ALPHA_MODES, LocalResponseNorm
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+REMOVABLE_FC = ("fc6", "fc7")
+# Section 5: "We initialized the neuron biases in the second, fourth, and fifth convolutional
+# layers, as well as in the fully-connected hidden layers, with the constant 1."
+PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+def _plain(cfg: Any) -> dict:
+    """Accept a dict or an OmegaConf node without importing OmegaConf at module level."""
+    if isinstance(cfg, Mapping) and not hasattr(cfg, "_get_node"):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _check(cfg: dict) -> None:
+    conv_names = [layer["name"] for layer in cfg["conv"]]
+    if cfg.get("towers") not in (1, 2):
+        raise ConfigError(f"model.towers must be 1 or 2, got {cfg.get('towers')!r}")
+    if cfg.get("activation") not in ACTIVATIONS:
+        raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
+    if cfg.get("lrn_alpha") not in ALPHA_MODES:
+        raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
+    if not isinstance(cfg.get("lrn"), bool) or not isinstance(cfg.get("overlap_pool"), bool):
+        raise ConfigError("model.lrn and model.overlap_pool must be true or false")
+    dropout = cfg.get("dropout")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("init") not in ("paper", "kaiming"):
+        raise ConfigError(f"model.init must be paper or kaiming, got {cfg.get('init')!r}")
+    remove = cfg.get("remove") or []
+    if isinstance(remove, str):
+        raise ConfigError(f"model.remove must be a list such as [conv3], got {remove!r}")
+    removable = conv_names[1:] + list(REMOVABLE_FC)
+    for name in remove:
+        if name == conv_names[0] or name == "fc8":
+            raise ConfigError(f"model.remove: {name} cannot be removed (the network needs its first "
+                              f"conv layer and its classifier); removable: {removable}")
+        if name not in removable:
+            raise ConfigError(f"model.remove: unknown layer {name!r}; removable: {removable}")
+
+
+def layer_plan(model_cfg: Any) -> list[dict]:
+    """The conv layers as built: widths, groups and removals applied (used by tests and docs)."""
+    cfg = _plain(model_cfg)
+    _check(cfg)
+    remove = set(cfg.get("remove") or [])
+    plan = []
+    last = len(cfg["conv"]) - 1
+    for i, layer in enumerate(cfg["conv"]):
+        out = layer["out"] // 2 if cfg["towers"] == 1 and i != last else layer["out"]
+        groups = 2 if cfg["towers"] == 2 and layer.get("grouped", False) else 1
+        plan.append(dict(layer, out=out, groups=groups, removed=layer["name"] in remove))
+    return plan
+
+
+def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
+    """Build the network described by `model_cfg` (see conf/model/*.yaml) for `num_classes`."""
+    cfg = _plain(model_cfg)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    plan = layer_plan(cfg)
+    act = ACTIVATIONS[cfg["activation"]]
+    lrn_cfg = cfg["lrn_params"]
+    pool_kernel = 3 if cfg["overlap_pool"] else 2
+
+    features: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = cfg["in_channels"]
+    for layer in plan:
+        n = layer["name"][len("conv"):] if layer["name"].startswith("conv") else layer["name"]
+        if not layer["removed"]:
+            if channels % layer["groups"] or layer["out"] % layer["groups"]:
+                raise ConfigError(f"{layer['name']}: {channels} -> {layer['out']} channels cannot be split "
+                                  f"into {layer['groups']} towers")
+            features[layer["name"]] = nn.Conv2d(channels, layer["out"], layer["kernel"],
+                                                stride=layer.get("stride", 1), padding=layer.get("pad", 0),
+                                                groups=layer["groups"])
+            features[f"act{n}"] = act()
+            if cfg["lrn"] and layer.get("lrn", False):
+                features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
+                                                        lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"])
+            channels = layer["out"]
+        # A removed layer's pooling stays, so the later layers see the same spatial size.
+        if layer.get("pool", False):
+            features[f"pool{n}"] = nn.MaxPool2d(pool_kernel, stride=2)
+    if cfg.get("adaptive_pool"):
+        features["avgpool"] = nn.AdaptiveAvgPool2d(cfg["adaptive_pool"])
+
+    feature_net = nn.Sequential(features)
+    with torch.no_grad():
+        probe = torch.zeros(1, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+        try:
+            flat = feature_net(probe).numel()
+        except RuntimeError as err:
+            raise ConfigError(f"model.input_size={cfg['input_size']} is too small for this network: {err}") from err
+
+    remove = set(cfg.get("remove") or [])
+    classifier: OrderedDict[str, nn.Module] = OrderedDict()
+    width = flat
+    dropout = float(cfg["dropout"])
+    # torchvision puts dropout on the inputs of fc6/fc7; the paper on their outputs. Same net in eval.
+    before = bool(cfg.get("dropout_before_fc", False))
+    for name, hidden in zip(REMOVABLE_FC, cfg["fc"]):
+        if name in remove:
+            continue
+        if dropout and before:
+            classifier[f"drop{name[2:]}"] = nn.Dropout(dropout)
+        classifier[name] = nn.Linear(width, hidden)
+        classifier[f"act{name[2:]}"] = act()
+        if dropout and not before:
+            classifier[f"drop{name[2:]}"] = nn.Dropout(dropout)
+        width = hidden
+    classifier["fc8"] = nn.Linear(width, num_classes)
+
+    model = AlexNet(feature_net, nn.Sequential(classifier))
+    init_weights(model, cfg["init"], cfg["activation"])
+    return model
+
+
+class AlexNet(nn.Module):
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential):
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def init_weights(model: AlexNet, scheme: str, activation: str) -> None:
+    named = [(name, m) for part in (model.features, model.classifier)
+             for name, m in part.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, m in named:
+        if scheme == "paper":
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.constant_(m.bias, 1.0 if name in PAPER_BIAS_ONE else 0.0)
+        elif name == "fc8":
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+        else:
+            nn.init.kaiming_normal_(m.weight, nonlinearity=activation)
+            nn.init.zeros_(m.bias)
+
+
+def torchvision_state_dict_to_ours(tv_state: Mapping[str, torch.Tensor], model: AlexNet) -> dict:
+    """Map `torchvision.models.alexnet().state_dict()` onto an `alexnet_tv` model, layer by layer
+    in order (torchvision names them features.0, features.3, ..., classifier.6)."""
+    ours = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    theirs = sorted({k.rsplit(".", 1)[0] for k in tv_state},
+                    key=lambda k: (not k.startswith("features"), int(k.split(".")[1])))
+    if len(ours) != len(theirs):
+        raise ValueError(f"cannot map {len(theirs)} torchvision layers onto {len(ours)} layers")
+    return {f"{o}.{p}": tv_state[f"{t}.{p}"] for o, t in zip(ours, theirs) for p in ("weight", "bias")}

@@ -1,0 +1,202 @@
+"""Where a run's record goes: `results.json` in the run directory (always) and Weights & Biases
+(logger=wandb). The report reads results.json files only.
+
+results.json is rewritten atomically at the start, after every epoch and at the end, so it always
+says where the run stands: status running / completed / failed / interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from alexlab.io import atomic_write_json
+
+RESULTS_NAME = "results.json"
+WANDB_ID_NAME = "wandb_id.txt"
+log = logging.getLogger("alexlab")
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "hydra-core", "omegaconf", "wandb", "numpy", "submitit"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> dict:
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty if commit else None}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE wins; else online only when an API key is configured, so nothing waits on a login prompt."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class _Silent:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+class Tracker:
+    """Writes results.json and mirrors epochs to W&B. `variant` names what the run changes."""
+
+    def __init__(self, run_dir, config: dict, overrides: list[str], logger_cfg: dict, experiment: str):
+        self.run_dir = Path(run_dir)
+        self.results_path = self.run_dir / RESULTS_NAME
+        self.overrides = list(overrides)
+        self.logger_cfg = dict(logger_cfg)
+        self.wandb_run = None
+        self.wandb_id = None
+        self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+        previous = self._previous()
+        self.record = {
+            "status": "running",
+            "error": None,
+            "experiment": experiment,
+            "variant": variant_name(overrides),
+            "overrides": self.overrides,
+            "config": config,
+            "history": [],
+            "steps": [],
+            "final": None,
+            "best": None,
+            "notes": [],
+            "images_seen": 0,
+            "wall_time_s": previous.get("wall_time_s", 0.0),
+            "cpu_time_s": previous.get("cpu_time_s", 0.0),
+            "device": config.get("device"),
+            "device_name": None,
+            "versions": library_versions(),
+            "git": git_commit(),
+            "host": platform.node(),
+            "started_at": previous.get("started_at") or datetime.now(timezone.utc).isoformat(),
+            "finished_at": None,
+            "run_dir": str(self.run_dir),
+            "wandb": None,
+        }
+        self._base_wall, self._base_cpu = self.record["wall_time_s"], self.record["cpu_time_s"]
+        self._write()
+
+    def _previous(self) -> dict:
+        import json
+        try:
+            return json.loads(self.results_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self) -> None:
+        self.record["wall_time_s"] = self._base_wall + time.perf_counter() - self.t0
+        self.record["cpu_time_s"] = self._base_cpu + time.process_time() - self.cpu0
+        atomic_write_json(self.record, self.results_path)
+
+    def note(self, text: str) -> None:
+        log.info(text)
+        self.record["notes"].append(text)
+
+    def start(self, resumed_history: list, device: str | None = None) -> None:
+        self.record["history"] = list(resumed_history)
+        if device:
+            self.record["device"], self.record["device_name"] = device, device_name(device)
+        if self.logger_cfg.get("name") == "wandb":
+            self._start_wandb()
+        self._write()
+
+    def _start_wandb(self) -> None:
+        import wandb
+        id_file = self.run_dir / WANDB_ID_NAME
+        self.wandb_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(self.wandb_id)
+        mode = wandb_mode()
+        tags = list(self.logger_cfg.get("tags") or [])
+        self.wandb_run = wandb.init(
+            project=self.logger_cfg.get("project"), entity=self.logger_cfg.get("entity"),
+            group=self.record["experiment"], job_type=self.record["variant"],
+            name=" ".join(self.overrides) or "default", config=self.record["config"], tags=tags,
+            dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode)
+        self.record["wandb"] = {"id": self.wandb_id, "mode": mode, "dir": str(Path(self.wandb_run.dir).parent),
+                                "url": getattr(self.wandb_run, "url", None)}
+
+    def progress(self, total: int, initial: int, desc: str):
+        if not sys.stderr.isatty():
+            return _Silent()
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def log_epoch(self, metrics: dict, steps: list) -> None:
+        self.record["history"].append(metrics)
+        self.record["steps"] = list(steps)
+        self.record["images_seen"] = metrics["images_seen"]
+        log.info("epoch %d  train loss %.4f err %.2f%%  val err top1 %.2f%% top5 %.2f%%  lr %.2g  %.1fs  %.0f img/s",
+                 metrics["epoch"], metrics["train_loss"], metrics["train_top1_err"], metrics["val_top1_err"],
+                 metrics["val_top5_err"], metrics["lr"], metrics["epoch_time_s"], metrics["images_per_s"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=metrics["steps"])
+        self._write()
+
+    def finish(self, status: str, error: str | None = None, state: dict | None = None) -> dict:
+        self.record["status"] = status
+        self.record["error"] = error
+        history = self.record["history"]
+        if state is not None:
+            self.record["steps"] = list(state.get("steps", []))
+            self.record["images_seen"] = state.get("images_seen", self.record["images_seen"])
+        if history:
+            self.record["final"] = history[-1]
+            self.record["best"] = min(history, key=lambda m: m["val_top1_err"])
+        self.record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        self._write()
+        if self.wandb_run is not None:
+            if history:
+                self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
+                self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
+            self.wandb_run.summary["status"] = status
+            self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            self.wandb_run = None
+        return self.record
+
+
+def variant_name(overrides: list[str]) -> str:
+    """The overrides that define the variant (not the seed): the W&B job_type and the report's key."""
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(("seed=", "hydra.", "sweeps=")))
+    return ",".join(kept) or "baseline"

@@ -1,0 +1,250 @@
+"""The one training loop: the paper's SGD recipe, evaluation, checkpoints, resume, stop on a signal.
+
+    fit(cfg, run_dir, tracker) -> results dict
+
+The checkpoint (`<run_dir>/checkpoint.pt`, written atomically every epoch and on SIGTERM/SIGUSR2)
+holds the model, optimizer, scheduler, torch RNG states, the position in the epoch and the history.
+Data order and augmentation are seeded by (seed, epoch, step), so a resumed run sees exactly the
+batches the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alexlab.data import build_data
+from alexlab.data.augment import batch_generator
+from alexlab.errors import ConfigError
+from alexlab.io import atomic_torch_save
+from alexlab.model import build_model
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was written because SIGTERM/SIGUSR2/SIGINT arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written, resume=auto continues")
+        self.signum = signum
+
+
+class StopFlag:
+    """Remembers a termination signal so the loop can stop between two steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def check_config(cfg) -> None:
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    for key in ("batch_size", "epochs"):
+        value = cfg.trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"trainer.{key} must be a positive integer, got {value!r}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr!r}")
+    if cfg.optim.schedule not in ("plateau", "step"):
+        raise ConfigError(f"optim.schedule must be plateau or step, got {cfg.optim.schedule!r}")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume must be auto or never, got {cfg.resume!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def make_scheduler(optimizer, optim_cfg):
+    if optim_cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, optim_cfg.step_epochs, optim_cfg.factor)
+    # Section 5: divide by 10 when the validation error stops improving, three times in all.
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=optim_cfg.factor, patience=optim_cfg.patience,
+        min_lr=optim_cfg.lr * optim_cfg.factor ** optim_cfg.max_reductions)
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of top-1 and top-5 misses (top-k capped at the number of classes), on the device."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top == labels[:, None]
+    return (~hit[:, 0]).sum(), (~hit.any(1)).sum()
+
+
+def evaluate(model, data, batch_size: int, ten_crop: bool, autocast) -> dict:
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=data.augmenter.stats.mean_image.device)
+    order = torch.arange(len(data.val))
+    with torch.no_grad(), autocast():
+        for images, labels in data.val.batches(order, batch_size):
+            images, labels = images.to(sums.device, non_blocking=True), labels.to(sums.device, non_blocking=True)
+            if ten_crop:
+                patches = data.augmenter.ten_crop(images)
+                n = patches.shape[1]
+                logits = model(_to_model(patches.flatten(0, 1), model)).float()
+                probs = logits.softmax(1).view(10, n, -1).mean(0)
+                loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+                scores = probs
+            else:
+                scores = model(_to_model(data.augmenter.eval(images), model)).float()
+                loss = F.cross_entropy(scores, labels, reduction="sum")
+            top1, top5 = topk_errors(scores, labels)
+            sums += torch.stack([loss.double(), top1.double(), top5.double()])
+    loss, top1, top5 = (sums / len(data.val)).tolist()
+    return {"val_loss": loss, "val_top1_err": 100 * top1, "val_top5_err": 100 * top5}
+
+
+def _to_model(x: torch.Tensor, model) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
+
+
+def fit(cfg, run_dir: Path, tracker) -> dict:
+    """Train `cfg` in `run_dir`, reporting to `tracker`; returns the final metrics."""
+    check_config(cfg)
+    run_dir = Path(run_dir)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    data = build_data(cfg.data, int(cfg.model.input_size), device, cfg.data.cache_dir)
+    model = build_model(cfg.model, data.num_classes).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    step_model = torch.compile(model) if cfg.trainer.compile else model
+    use_bf16 = cuda and cfg.trainer.amp
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.optim)
+
+    state = {"epoch": 0, "step": 0, "history": [], "steps": [], "images_seen": 0, "train_time_s": 0.0,
+             "sums": torch.zeros(3, dtype=torch.float64)}
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if cfg.resume == "auto" and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, model, optimizer, scheduler, device)
+        tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}")
+    tracker.start(state["history"], str(device))
+
+    batch_size = int(cfg.trainer.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    log_every = int(cfg.trainer.log_every_steps or 0)
+    window = torch.zeros(2, dtype=torch.float64, device=device)
+    with StopFlag() as stop:
+        for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
+            model.train()
+            sums = state["sums"].to(device)
+            order = torch.randperm(len(data.train), generator=batch_generator(cfg.seed, epoch, -1))
+            start_step = state["step"]
+            tic = time.perf_counter()
+            images_this_session = 0
+            progress = tracker.progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+            for step, (images, labels) in enumerate(data.train.batches(order, batch_size, start_step), start_step):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                x = _to_model(data.augmenter.train(images, batch_generator(cfg.seed, epoch, step)), model)
+                with autocast():
+                    logits = step_model(x)
+                loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    wrong = (logits.argmax(1) != labels).sum()
+                    sums += torch.stack([loss.detach().double() * len(labels), wrong.double(),
+                                         torch.tensor(len(labels), dtype=torch.float64, device=device)])
+                    window += torch.stack([wrong.double(), torch.tensor(len(labels), dtype=torch.float64, device=device)])
+                global_step = epoch * steps_per_epoch + step + 1
+                if log_every and global_step % log_every == 0:
+                    w = window.tolist()
+                    state["steps"].append({"step": global_step, "train_top1_err": 100 * w[0] / w[1]})
+                    window.zero_()
+                state["images_seen"] += len(labels)
+                images_this_session += len(labels)
+                progress.update(1)
+                if stop.signum is not None:
+                    state.update(epoch=epoch, step=step + 1, sums=sums.cpu(),
+                                 train_time_s=state["train_time_s"] + time.perf_counter() - tic)
+                    progress.close()
+                    save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+                    raise Interrupted(stop.signum)
+            progress.close()
+            if cuda:
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - tic
+            loss_sum, wrong, seen = sums.tolist()
+            metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1_err": 100 * wrong / seen,
+                       "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                       "images_per_s": images_this_session / epoch_time,
+                       "images_seen": state["images_seen"], "steps": (epoch + 1) * steps_per_epoch}
+            metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop), autocast))
+            if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
+                tracker.note(f"epoch {epoch + 1}: loss is not finite (diverged)")
+            if cfg.optim.schedule == "plateau":
+                scheduler.step(metrics["val_top1_err"])
+            else:
+                scheduler.step()
+            state["history"].append(metrics)
+            state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64),
+                         train_time_s=state["train_time_s"] + epoch_time)
+            tracker.log_epoch(metrics, state["steps"])
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+    return state
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    atomic_torch_save({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "state": state,
+    }, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    return ckpt["state"]
+
+
+def print_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+requires_fashion = pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                      reason="Debian's dataset-fashion-mnist is not installed")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def model_cfg(preset: str = "alexnet", channels: int = 3, **changes) -> dict:
+    """A model preset as the plain dict the builder receives after Hydra resolved it."""
+    cfg = compose_cfg(f"model={preset}", "data=synthetic", f"data.channels={channels}")
+    plain = OmegaConf.to_container(cfg.model, resolve=True)
+    plain.update(changes)
+    return plain
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python src/run.py ARGS` as a user would, outputs under `cwd`."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
+               HOME=str(cwd))  # keeps the stats cache and W&B settings inside the test dir
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,135 @@
+"""Data: the IDX reader against torchvision's, the paper's transforms against direct numpy slicing,
+PCA lighting against numpy's covariance, on real images."""
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from alexlab.data import build_data
+from alexlab.data.augment import Augmenter, PixelStats, StatsAccumulator, batch_generator
+from alexlab.data.datasets import read_idx
+from alexlab.errors import ConfigError
+from conftest import FASHION_DIR, compose_cfg, requires_fashion
+
+
+@requires_fashion
+def test_idx_reader_matches_torchvision(tmp_path):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(FASHION_DIR / f"{name}.gz") as src, open(tmp_path / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    images = read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28)
+    np.testing.assert_array_equal(images, read_image_file(str(tmp_path / "t10k-images-idx3-ubyte")).numpy())
+    np.testing.assert_array_equal(labels, read_label_file(str(tmp_path / "t10k-labels-idx1-ubyte")).numpy())
+    assert np.bincount(labels).tolist() == [1000] * 10  # the published test set is balanced
+
+
+@requires_fashion
+def test_fashion_mnist_loads_resized_with_grey_stats(tmp_path):
+    cfg = compose_cfg("scale=tiny")
+    data = build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path)
+    assert data.num_classes == 10 and len(data.train) == 1024 and len(data.val) == 512
+    assert data.train.images.shape[1:] == (1, 32, 32) and data.train.images.dtype == torch.uint8
+    # Grey data: the 1x1 "covariance" is the pixel variance over the training subset.
+    pixels = data.train.images.double() / 255
+    assert data.augmenter.stats.eigval.shape == (1,)
+    assert data.augmenter.stats.eigval.item() == pytest.approx(pixels.var(unbiased=False).item(), rel=1e-5)
+    assert data.stats_path.is_file()  # cached for the next run
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    cfg = compose_cfg("scale=tiny", f"data.root={tmp_path}", "data.download=false")
+    with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
+        build_data(cfg.data, 27, torch.device("cpu"), None)
+
+
+def real_photos(size=40):
+    """Real colour photographs shipped inside scikit-image, resized to a common square."""
+    skdata = pytest.importorskip("skimage.data")
+    from alexlab.data.datasets import resize_square
+    images = [torch.from_numpy(np.ascontiguousarray(f())).permute(2, 0, 1)[None]
+              for f in (skdata.astronaut, skdata.chelsea, skdata.coffee)]
+    return torch.cat([resize_square(im, size) for im in images])
+
+
+def test_stats_match_numpy_on_real_photos():
+    photos = real_photos()
+    acc = StatsAccumulator()
+    acc.add(photos[:2])
+    acc.add(photos[2:])
+    stats = acc.result()
+    x = photos.numpy().astype(np.float64) / 255
+    np.testing.assert_allclose(stats.mean_image.numpy(), x.mean(0), atol=1e-6)
+    cov = np.cov(x.transpose(1, 0, 2, 3).reshape(3, -1), bias=True)
+    eigval, eigvec = np.linalg.eigh(cov)
+    np.testing.assert_allclose(stats.eigval.numpy(), eigval[::-1], rtol=1e-4)
+    # Eigenvectors are defined up to sign.
+    np.testing.assert_allclose(np.abs(stats.eigvec.numpy()), np.abs(eigvec[:, ::-1]), atol=1e-4)
+
+
+def photo_augmenter(photos, crop_flip=True, pca=True):
+    acc = StatsAccumulator()
+    acc.add(photos)
+    return Augmenter(acc.result(), 32, crop_flip=crop_flip, pca_lighting=pca, pca_sigma=0.1, pixel_scale=1.0)
+
+
+def test_train_transform_is_a_crop_a_mirror_and_a_colour_shift_of_the_centred_image():
+    photos = real_photos()
+    aug = photo_augmenter(photos)
+    out = aug.train(photos, batch_generator(0, 0, 0))
+    # Replay the generator to get the draws it used, then recompute with numpy.
+    gen = batch_generator(0, 0, 0)
+    n = len(photos)
+    tops, lefts = torch.randint(0, 9, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    alphas = torch.randn(n, 3, generator=gen) * 0.1
+    centred = photos.numpy() / 255.0 - aug.stats.mean_image.numpy()
+    lam, vec = aug.stats.eigval.numpy(), aug.stats.eigvec.numpy()
+    for i in range(n):
+        t, l = int(tops[i]), int(lefts[i])
+        patch = centred[i, :, t:t + 32, l:l + 32]
+        if flips[i]:
+            patch = patch[:, :, ::-1]
+        patch = patch + (vec @ (alphas[i].numpy() * lam))[:, None, None]
+        np.testing.assert_allclose(out[i].numpy(), patch, atol=1e-5)
+
+
+def test_switches_off_give_the_centre_crop_and_seeds_differ():
+    photos = real_photos()
+    plain = photo_augmenter(photos, crop_flip=False, pca=False)
+    torch.testing.assert_close(plain.train(photos, batch_generator(0, 0, 0)), plain.eval(photos))
+    np.testing.assert_allclose(plain.eval(photos).numpy(),
+                               (photos.numpy() / 255.0 - plain.stats.mean_image.numpy())[:, :, 4:36, 4:36], atol=1e-6)
+    full = photo_augmenter(photos)
+    a = full.train(photos, batch_generator(0, 0, 0))
+    torch.testing.assert_close(a, full.train(photos, batch_generator(0, 0, 0)))
+    assert not torch.allclose(a, full.train(photos, batch_generator(1, 0, 0)))
+
+
+def test_ten_crop_is_four_corners_centre_and_mirrors():
+    photos = real_photos()
+    aug = photo_augmenter(photos)
+    patches = aug.ten_crop(photos).numpy()
+    centred = photos.numpy() / 255.0 - aug.stats.mean_image.numpy()
+    expected = [centred[:, :, 0:32, 0:32], centred[:, :, 0:32, 8:40], centred[:, :, 8:40, 0:32],
+                centred[:, :, 8:40, 8:40], centred[:, :, 4:36, 4:36]]
+    expected += [e[..., ::-1] for e in expected]
+    assert patches.shape == (10, 3, 3, 32, 32)
+    for got, want in zip(patches, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_paper_eigenvalues_give_the_papers_noise_scale():
+    # With the eigenpairs PAPER.md quotes, the colour shift has the scale sigma * lambda per component.
+    stats = PixelStats(torch.zeros(3, 4, 4), torch.tensor([0.2175, 0.0188, 0.0045]),
+                       torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
+                                     [-0.5836, -0.6948, 0.4203]]))
+    aug = Augmenter(stats, 4, crop_flip=False, pca_lighting=True, pca_sigma=0.1)
+    shifts = aug.train(torch.zeros(20000, 3, 4, 4, dtype=torch.uint8), batch_generator(0, 0, 0))[:, :, 0, 0]
+    projected = shifts.double() @ stats.eigvec.double()  # back onto the principal axes
+    np.testing.assert_allclose(projected.std(0).numpy(), (0.1 * stats.eigval).numpy(), rtol=0.03)

@@ -1,0 +1,185 @@
+"""The network against the paper's numbers, torchvision's AlexNet and PyTorch's LRN."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from alexlab import build_model
+from alexlab.errors import ConfigError
+from alexlab.lrn import LocalResponseNorm
+from alexlab.model import torchvision_state_dict_to_ours
+from conftest import model_cfg
+
+PRESETS = ("alexnet", "alexnet_tv", "small")
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_params(c_in, c_out, k, groups=1):
+    return c_out * (c_in // groups) * k * k + c_out
+
+
+def fc_params(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def test_paper_net_has_papers_parameter_count():
+    assert n_params(build_model(model_cfg("alexnet"), 1000)) == 60_965_224
+
+
+def test_paper_widths_without_groups_match_paper_count():
+    # PAPER.md: "The same widths without groups: 62,378,344", i.e. towers=2 layout with groups=1.
+    cfg = model_cfg("alexnet")
+    for layer in cfg["conv"]:
+        layer["grouped"] = False
+    assert n_params(build_model(cfg, 1000)) == 62_378_344
+
+
+def test_one_tower_net_count_from_the_footnote():
+    # Footnote: half the kernels in conv1-conv4, conv5 and the fc layers unchanged; no groups.
+    expected = (conv_params(3, 48, 11) + conv_params(48, 128, 5) + conv_params(128, 192, 3)
+                + conv_params(192, 192, 3) + conv_params(192, 256, 3)
+                + fc_params(6 * 6 * 256, 4096) + fc_params(4096, 4096) + fc_params(4096, 1000))
+    model = build_model(model_cfg("alexnet", towers=1), 1000)
+    assert n_params(model) == expected
+    assert all(m.groups == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_output_size_after_each_layer():
+    model = build_model(model_cfg("alexnet"), 1000).eval()
+    sizes = {}
+    for name, module in model.features.named_children():
+        module.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[1:])))
+    model(torch.zeros(1, 3, 227, 227))
+    # PAPER.md: 55 -> 27 -> 27 -> 13 -> 13 -> 13 -> 13 -> 6, with the paper's widths.
+    assert sizes["conv1"] == (96, 55, 55)
+    assert sizes["pool1"] == (96, 27, 27)
+    assert sizes["conv2"] == (256, 27, 27)
+    assert sizes["pool2"] == (256, 13, 13)
+    assert sizes["conv3"] == (384, 13, 13)
+    assert sizes["conv4"] == (384, 13, 13)
+    assert sizes["conv5"] == (256, 13, 13)
+    assert sizes["pool5"] == (256, 6, 6)
+    conv = {n: m for n, m in model.features.named_children() if isinstance(m, nn.Conv2d)}
+    assert [conv[n].groups for n in ("conv1", "conv2", "conv3", "conv4", "conv5")] == [1, 2, 1, 2, 2]
+
+
+def test_torchvision_weights_give_torchvision_logits():
+    torch.manual_seed(0)
+    reference = torchvision.models.alexnet(weights=None).eval()
+    ours = build_model(model_cfg("alexnet_tv"), 1000).eval()
+    ours.load_state_dict(torchvision_state_dict_to_ours(reference.state_dict(), ours))
+    assert n_params(ours) == n_params(reference) == 61_100_840
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+
+
+def lrn_numpy(a: np.ndarray, n: int, coefficient: float, beta: float, k: float) -> np.ndarray:
+    """b_i = a_i / (k + coefficient * sum_{j=i-n/2}^{i+n/2} a_j^2)^beta, channels clipped at the edges."""
+    out = np.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        out[:, i] = a[:, i] / (k + coefficient * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+    return out
+
+
+@pytest.mark.parametrize("mode,torch_alpha,coefficient", [("per_size", 1e-4, 1e-4 / 5), ("literal", 5e-4, 1e-4)])
+def test_lrn_matches_pytorch_and_the_formula(mode, torch_alpha, coefficient):
+    torch.manual_seed(0)
+    x = torch.rand(2, 12, 5, 5, dtype=torch.float64) * 40  # large enough for the sum to matter
+    ours = LocalResponseNorm(5, 1e-4, 0.75, 2.0, alpha_mode=mode)(x)
+    torch.testing.assert_close(ours, nn.LocalResponseNorm(5, torch_alpha, 0.75, 2.0)(x))
+    np.testing.assert_allclose(ours.numpy(), lrn_numpy(x.numpy(), 5, coefficient, 0.75, 2.0), rtol=1e-12)
+
+
+def test_lrn_modes_differ_and_are_built_from_config():
+    literal = build_model(model_cfg("alexnet", lrn_alpha="literal"), 10)
+    lrns = [m for m in literal.modules() if isinstance(m, LocalResponseNorm)]
+    assert len(lrns) == 2 and all(m.alpha_mode == "literal" for m in lrns)
+    x = torch.rand(1, 96, 4, 4) * 50
+    assert not torch.allclose(lrns[0](x), LocalResponseNorm(alpha_mode="per_size")(x))
+
+
+def modules_of(model, kind):
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_switch_changes_the_network(preset):
+    base = build_model(model_cfg(preset, lrn=True), 10)
+    assert len(modules_of(base, LocalResponseNorm)) == 2
+    assert len(modules_of(build_model(model_cfg(preset, lrn=False), 10), LocalResponseNorm)) == 0
+
+    pools = {m.kernel_size for m in modules_of(build_model(model_cfg(preset, overlap_pool=False), 10), nn.MaxPool2d)}
+    assert pools == {2}
+    assert {m.kernel_size for m in modules_of(base, nn.MaxPool2d)} == {3}
+
+    assert len(modules_of(build_model(model_cfg(preset, dropout=0.0), 10), nn.Dropout)) == 0
+    assert [m.p for m in modules_of(build_model(model_cfg(preset, dropout=0.3), 10), nn.Dropout)] == [0.3, 0.3]
+
+    tanh = build_model(model_cfg(preset, activation="tanh"), 10)
+    assert len(modules_of(tanh, nn.ReLU)) == 0 and len(modules_of(tanh, nn.Tanh)) == 7
+
+    one = build_model(model_cfg(preset, towers=1), 10)
+    two = build_model(model_cfg(preset, towers=2), 10)
+    widths_one = [m.out_channels for m in modules_of(one, nn.Conv2d)]
+    widths_two = [m.out_channels for m in modules_of(two, nn.Conv2d)]
+    assert widths_one[:4] == [w // 2 for w in widths_two[:4]] and widths_one[4] == widths_two[4]
+    assert all(m.groups == 1 for m in modules_of(one, nn.Conv2d))
+
+    removed = build_model(model_cfg(preset, remove=["conv3", "fc7"]), 10)
+    names = dict(removed.named_modules())
+    assert "features.conv3" not in names and "classifier.fc7" not in names
+    assert names["features.conv4"].in_channels == names["features.conv2"].out_channels
+    assert names["classifier.fc8"].in_features == names["classifier.fc6"].out_features
+
+    for model in (base, one, removed, tanh):
+        size = model_cfg(preset)["input_size"]
+        assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
+
+
+def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
+    model = build_model(model_cfg("alexnet", remove=["conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]), 10)
+    convs = modules_of(model, nn.Conv2d)
+    assert len(convs) == 1
+    assert model.classifier.fc8.in_features == 96 * 6 * 6  # conv1's maps after three pools
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"towers": 3}, "model.towers must be 1 or 2"),
+    ({"remove": ["conv1"]}, "conv1 cannot be removed"),
+    ({"remove": ["fc8"]}, "fc8 cannot be removed"),
+    ({"remove": ["conv9"]}, "unknown layer 'conv9'"),
+    ({"activation": "sigmoid"}, "model.activation"),
+    ({"lrn_alpha": "half"}, "model.lrn_alpha"),
+    ({"dropout": 1.5}, "model.dropout"),
+])
+def test_bad_model_config_is_refused_clearly(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(model_cfg("alexnet", **bad), 10)
+
+
+def test_paper_init():
+    model = build_model(model_cfg("alexnet"), 1000)
+    named = dict(model.named_modules())
+    for name in ("features.conv2", "features.conv4", "features.conv5", "classifier.fc6", "classifier.fc7"):
+        assert torch.all(named[name].bias == 1)
+    for name in ("features.conv1", "features.conv3", "classifier.fc8"):
+        assert torch.all(named[name].bias == 0)
+    assert abs(named["classifier.fc6"].weight.std().item() - 0.01) < 1e-4
+
+
+def test_lrn_gradient_matches_pytorch_lrn():
+    torch.manual_seed(1)
+    x = (torch.rand(2, 9, 3, 4, dtype=torch.float64) * 30).requires_grad_()
+    grad = torch.randn(2, 9, 3, 4, dtype=torch.float64)
+    ours = x.detach().clone().requires_grad_()
+    LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ours).backward(grad)
+    nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x).backward(grad)
+    torch.testing.assert_close(ours.grad, x.grad)
+    assert torch.autograd.gradcheck(lambda t: LocalResponseNorm(5, 1e-4, 0.75, 2.0, "literal")(t), (x.detach()[:1, :6, :2, :2].clone().requires_grad_(),))
