@@ -34,6 +34,10 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300, env_extra: dict | None = 
     """Run `python src/run.py ARGS` as a user would, outputs under `cwd`."""
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
                HOME=str(cwd))  # keeps the stats cache and W&B settings inside the test dir
-    env.update(env_extra or {})
+    for key, value in (env_extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return subprocess.run([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -198,5 +198,6 @@ class Tracker:
 
 def variant_name(overrides: list[str]) -> str:
     """The overrides that define the variant (not the seed): the W&B job_type and the report's key."""
-    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(("seed=", "hydra.", "sweeps=")))
+    ignored = ("seed=", "hydra.", "sweeps=", "logger", "resume=", "device=", "experiment=")
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(ignored))
     return ",".join(kept) or "baseline"

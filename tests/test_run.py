@@ -1,0 +1,126 @@
+"""The command line as a user types it: runs, multiruns, resume after a signal, bad input, W&B offline."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, requires_fashion, run_cli
+
+pytestmark = [requires_fashion, pytest.mark.slow]
+
+
+def results(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+def test_tiny_run_leaves_a_complete_record(tmp_path):
+    proc = run_cli("scale=tiny", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = results(tmp_path / "run")
+    assert record["status"] == "completed" and record["error"] is None
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    for key in ("train_loss", "train_top1_err", "val_top1_err", "val_top5_err", "lr", "epoch_time_s", "images_per_s"):
+        assert key in record["history"][-1]
+    assert record["final"] == record["history"][-1]
+    assert record["best"]["val_top1_err"] == min(h["val_top1_err"] for h in record["history"])
+    assert record["config"]["model"]["name"] == "small" and record["overrides"] == ["scale=tiny", "logger=none"]
+    assert record["images_seen"] == 2 * 1024
+    assert record["versions"]["torch"] and record["device"] == "cpu" and record["wall_time_s"] > 0
+    assert record["final"]["val_top1_err"] < 80  # it learned something (10 classes: chance is 90%)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_multirun_over_lrn_leaves_two_results(tmp_path):
+    proc = run_cli("-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert len(records) == 2
+    assert {r["config"]["model"]["lrn"] for r in records} == {True, False}
+    assert all(r["status"] == "completed" for r in records)
+    for r in records:  # the variant names what the run changes, not the seed or the logger
+        assert r["variant"].lower() == f"model.lrn={str(r['config']['model']['lrn']).lower()},scale=tiny,trainer.epochs=1"
+
+
+def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
+    args = ["scale=tiny", "trainer.epochs=3", "logger=none", "seed=7"]
+    whole = run_cli(*args, "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+
+    env = dict(__import__("os").environ, WANDB_MODE="offline", HOME=str(tmp_path))
+    cut = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args, "hydra.run.dir=cut"],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and cut.poll() is None:
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)  # somewhere in epoch 2
+    _, err = cut.communicate(timeout=120)
+    assert cut.returncode == 3, err
+    stopped = results(tmp_path / "cut")
+    assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["error"]
+
+    again = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    resumed, reference = results(tmp_path / "cut"), results(tmp_path / "whole")
+    assert resumed["status"] == "completed"
+    assert any("resumed from" in note for note in resumed["notes"])
+    for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in reference["history"]], key
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.towers=3", "model.towers must be 1 or 2"),
+    ("model.remove=[conv1]", "conv1 cannot be removed"),
+    ("trainer.batch_size=0", "trainer.batch_size must be a positive integer"),
+    ("seed=abc", "seed must be an integer"),
+    ("data.root=EMPTY", "no FashionMNIST data in"),
+])
+def test_bad_input_is_one_clear_line_and_never_completed(tmp_path, override, message):
+    override = override.replace("EMPTY", str(tmp_path / "empty"))
+    proc = run_cli("scale=tiny", "logger=none", "data.download=false", override, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    record = results(tmp_path / "run")
+    assert record["status"] == "failed" and message in record["error"]
+
+
+def test_unknown_key_is_refused_by_hydra(tmp_path):
+    proc = run_cli("scale=tiny", "model.lrm=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Key 'lrm' is not in struct" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_wandb_offline_record_has_config_history_and_summary(tmp_path):
+    proc = run_cli("scale=tiny", "experiment=lrn-check", "model.lrn=false", "hydra.run.dir=run", cwd=tmp_path,
+                   env_extra={"WANDB_MODE": None, "WANDB_API_KEY": None})  # no key configured: must fall back to offline by itself
+    assert proc.returncode == 0, proc.stderr
+    record = results(tmp_path / "run")
+    assert record["wandb"]["mode"] == "offline"
+    (wandb_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(wandb_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stderr
+    rows = [json.loads(line) for line in inspect.stdout.splitlines() if line.strip()]
+    (run,) = [r["run"] for r in rows if r.get("type") == "run"]
+    assert run["run_id"] == record["wandb"]["id"]
+    assert run["run_group"] == "lrn-check"
+    assert run["job_type"] == "model.lrn=false,scale=tiny"
+    assert run["config"]["update"]["model"]["lrn"] is False
+    assert run["config"]["update"]["trainer"]["epochs"] == 2
+    history = [r["history"]["item"] for r in rows if r.get("type") == "history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["val_top1_err"] == record["final"]["val_top1_err"]
+    summary = {}
+    for r in rows:
+        if r.get("type") == "summary":
+            summary.update(r["summary"]["update"])
+    assert summary["final/val_top1_err"] == record["final"]["val_top1_err"]
+    assert summary["status"] == "completed"
