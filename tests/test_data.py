@@ -34,7 +34,7 @@ def test_fashion_mnist_loads_resized_with_grey_stats(tmp_path):
     cfg = compose_cfg("scale=tiny")
     data = build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path)
     assert data.num_classes == 10 and len(data.train) == 1024 and len(data.val) == 512
-    assert data.train.images.shape[1:] == (1, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.train.images.shape[1:] == (1, 30, 30) and data.train.images.dtype == torch.uint8
     # Grey data: the 1x1 "covariance" is the pixel variance over the training subset.
     pixels = data.train.images.double() / 255
     assert data.augmenter.stats.eigval.shape == (1,)
