@@ -47,8 +47,8 @@ def test_multirun_over_lrn_leaves_two_results(tmp_path):
 
 
 def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
-    args = ["scale=tiny", "trainer.epochs=3", "logger=none", "seed=7"]
-    whole = run_cli(*args, "hydra.run.dir=whole", cwd=tmp_path)
+    args = ["scale=tiny", "trainer.epochs=3", "seed=7"]
+    whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
 
     env = dict(__import__("os").environ, WANDB_MODE="offline", HOME=str(tmp_path))
@@ -63,12 +63,14 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert cut.returncode == 3, err
     stopped = results(tmp_path / "cut")
     assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["error"]
+    assert len(stopped["history"]) < 3
 
     again = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     resumed, reference = results(tmp_path / "cut"), results(tmp_path / "whole")
     assert resumed["status"] == "completed"
     assert any("resumed from" in note for note in resumed["notes"])
+    assert resumed["wandb"]["id"] == stopped["wandb"]["id"]  # one variant, one W&B run
     for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err"):
         assert [h[key] for h in resumed["history"]] == [h[key] for h in reference["history"]], key
 

@@ -1,0 +1,580 @@
+"""The report: read the runs' results.json files, pair runs per claim and seed, judge each claim.
+
+It reads only what tracking.py writes and never imports the trainer, the data or the model code.
+Everything a claim needs is in alexlab.claims; the metrics it is judged on are defined here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # the object API renders with Agg and leaves pyplot's global state alone
+from matplotlib.ticker import MaxNLocator
+
+from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
+
+RESULTS_NAME = "results.json"      # tracking.RESULTS_NAME; tracking imports torch, so it is not imported here
+JOB_DIR_NAME = re.compile(r"^\d+_")  # Hydra multirun job dirs: <job number>_<overrides>
+TRAIN_ERR_THRESHOLD = 25.0         # figure 1: iterations to 25% training error
+CONVERGED_WITHIN = 1.0             # points above a run's best validation error that count as converged
+
+METRICS = {
+    "val_top1_err": "final validation top-1 error (%)",
+    "val_top5_err": "final validation top-5 error (%)",
+    "overfit_gap": "final validation top-1 error minus final training top-1 error (points)",
+    "steps_to_25_train_err": "optimizer steps until the running training error first reaches 25% (censored if never)",
+    "steps_to_converge": "optimizer steps until validation top-1 error first comes within 1 point of the run's best",
+}
+
+# Config paths that say where or how a run was executed or logged, not what was trained: two runs that
+# differ only in these are the same experiment.
+NOT_THE_EXPERIMENT = ("experiment", "logger", "ablation", "sweeps", "device", "resume", "data.root",
+                      "data.cache_dir", "data.download", "data.workers", "trainer.threads",
+                      "trainer.log_every_steps", "eval.batch_size")
+
+VERDICT_RULES = """\
+Runs are paired per seed: a paper run and an ablated run pair when their resolved configs are identical
+apart from the claim's factor, the paths the claim tunes, and what only says where or how a run was
+executed or logged (experiment, logger, device, data paths, threads, logging interval). Where the claim
+tunes a path (relu: optim.lr), the value with the best mean primary metric is picked for each factor value
+separately (a step count that was never reached counts as worse than any number), and only those runs
+are paired. Only completed runs take part; completed runs with identical configs (seed included) are
+repeats, and only the latest one is used.
+
+Differences are ablated minus paper (error metrics, points). `steps_to_*` metrics are ratios ablated /
+paper: they are averaged as log ratios and reported as exp of the mean and of the CI bounds; a pair where
+either run never reached the threshold is censored, left out of the mean, and named in the verdict.
+The 95% CI is mean ± t(0.975, n-1) · sd / sqrt(n) over the n paired differences (sample sd).
+
+- **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side.
+- **contradicted**: not reproduced, and the CI excludes 0 (ratios: 1) on the other side, or the paper
+  gives an effect size E and the whole CI lies on the near side of E (below E when the paper's effect is
+  an increase, above it when a decrease), so the paper's effect size is ruled out.
+- **inconclusive**: otherwise, with the number of seeds n that would detect an effect of the paper's size
+  (of the observed mean where the paper gives no number) at the observed sd with 95% confidence and 80%
+  power: n = ceil(((1.96 + 0.84) · sd / |effect|)^2), at least 2 (log scale for ratios). One pair gives
+  no CI: inconclusive, need at least 2 seeds.
+- **not run**: the given dirs hold no runs of the ablation together with paper runs to pair them with.
+
+A row's verdict is the verdict of its primary metric, the first metric the claim names."""
+
+# Two-sided 95% critical values of Student's t, t(0.975, df), for df = 1..30 (standard tables).
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+Z_975 = 1.959964
+Z_POWER = 1.96 + 0.84  # 95% two-sided confidence plus 80% power
+
+
+class ReportError(Exception):
+    """Input the report cannot work with: the CLI prints it as one `error:` line."""
+
+
+def t_975(df: int) -> float:
+    """t(0.975, df): the table up to df=30, beyond it the Cornish-Fisher expansion (error below 1e-4)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+# ---------------------------------------------------------------- runs and their metrics
+
+@dataclass(eq=False)
+class Run:
+    name: str      # the run directory (or W&B run path)
+    record: dict   # results.json as tracking.py writes it
+
+    @property
+    def config(self) -> dict:
+        return self.record.get("config") or {}
+
+    @property
+    def status(self) -> str:
+        return self.record.get("status") or "unknown"
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @cached_property
+    def metrics(self) -> dict:
+        return run_metrics(self.record)
+
+
+def run_metrics(record: dict) -> dict:
+    final = record.get("final") or {}
+    history = record.get("history") or []
+    return {
+        "val_top1_err": final.get("val_top1_err"),
+        "val_top5_err": final.get("val_top5_err"),
+        "overfit_gap": final["val_top1_err"] - final["train_top1_err"] if final else None,
+        "steps_to_25_train_err": steps_to_train_err(record, TRAIN_ERR_THRESHOLD),
+        "steps_to_converge": steps_to_converge(history),
+    }
+
+
+def steps_to_train_err(record: dict, threshold: float):
+    """The first step whose running training error is <= threshold; per-epoch history when no step log."""
+    points = [(s["step"], s["train_top1_err"]) for s in record.get("steps") or []]
+    if not points:
+        points = [(m["steps"], m["train_top1_err"]) for m in record.get("history") or []]
+    return next((step for step, err in points if err <= threshold), None)
+
+
+def steps_to_converge(history: list):
+    if not history:
+        return None
+    best = min(m["val_top1_err"] for m in history)
+    return next((m["steps"] for m in history if m["val_top1_err"] <= best + CONVERGED_WITHIN), None)  # None: NaN errors
+
+
+def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
+    """Every results.json under root, plus problems: unreadable files and job dirs without results.json."""
+    runs, problems = [], []
+    for path in sorted(root.rglob(RESULTS_NAME)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME}: {err}"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME} has no config"))
+            continue
+        runs.append(Run(str(path.parent), record))
+    for job_dir in job_dirs(root):
+        if not (job_dir / RESULTS_NAME).is_file():
+            problems.append(problem(job_dir, "missing", f"no {RESULTS_NAME}"))
+    return runs, problems
+
+
+def job_dirs(root: Path):
+    """Dirs Hydra made for one job: they hold .hydra, or are <num>_... subdirs of a multirun dir."""
+    for path in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        if (path / ".hydra").is_dir() or (JOB_DIR_NAME.match(path.name) and (path.parent / "multirun.yaml").is_file()):
+            yield path
+
+
+def problem(run, status: str, error) -> dict:
+    return {"run": str(run), "status": status, "error": error}
+
+
+def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[dict]]:
+    """Completed runs with one config (seed included) repeat one experiment; they are not extra seeds."""
+    latest, problems = {}, []
+    for run in sorted(runs, key=lambda r: str(r.record.get("started_at") or "")):
+        if run.status != "completed":
+            continue
+        key = json.dumps(without(run.config, NOT_THE_EXPERIMENT), sort_keys=True, default=str)
+        if key in latest:
+            problems.append(problem(latest[key].name, "repeat", f"same config and seed as the later {run.name}, used instead"))
+        latest[key] = run
+    kept = set(latest.values())
+    return [r for r in runs if r.status != "completed" or r in kept], problems
+
+
+# ---------------------------------------------------------------- pairing
+
+def without(config: dict, paths) -> dict:
+    stripped = copy.deepcopy(config)
+    for path in paths:
+        *parents, last = path.split(".")
+        node = stripped
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return stripped
+
+
+def comparable_key(config: dict, claim: Claim, ignore: tuple = ()) -> str:
+    """The config as canonical JSON without the claim's factor, its tuned paths and what is not the
+    experiment: a paper run and an ablated run with the same key form a pair (the seed is kept)."""
+    return json.dumps(without(config, (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, *ignore)),
+                      sort_keys=True, default=str)
+
+
+def factor_value(run: Run, claim: Claim):
+    try:
+        return get_path(run.config, claim.factor)
+    except (KeyError, TypeError):
+        return None
+
+
+def metric_score(runs: list[Run], metric: str) -> tuple:
+    """Lower is better; a metric never reached (None) is worse than any number."""
+    values = [r.metrics[metric] for r in runs]
+    reached = [v for v in values if v is not None]
+    return (1 - len(reached) / len(values), float(np.mean(reached)) if reached else math.inf)
+
+
+def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], str | None]:
+    """The runs of the tuned value with the best mean metric, and that value as text."""
+    if not claim.tune or not runs:
+        return runs, None
+    groups = defaultdict(list)
+    for run in runs:
+        groups[", ".join(f"{p}={json.dumps(get_path(run.config, p))}" for p in claim.tune)].append(run)
+    best = min(groups, key=lambda value: metric_score(groups[value], metric))
+    return groups[best], best
+
+
+def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
+    """One row: the claim's ablation against the paper's runs, paired per seed."""
+    sides = {"paper": claim.paper_value, "ablated": claim.ablations[ablation]}
+    contexts = defaultdict(lambda: {"paper": [], "ablated": []})
+    for run in runs:
+        for side, value in sides.items():
+            if factor_value(run, claim) == value:
+                contexts[comparable_key(run.config, claim, ignore=("seed",))][side].append(run)
+    # A set-up counts for this claim when it holds both sides, or when it was launched for this claim;
+    # otherwise a run that only happens to share a factor value (relu's sweep has no dropout) would
+    # show up as a missing pair.
+    relevant = [c for c in contexts.values()
+                if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
+    primary = next(iter(claim.effects))
+    pairs, missing, used, tuned = [], [], [], []
+    for context in relevant:
+        used += context["paper"] + context["ablated"]
+        chosen = {}
+        for side, side_runs in context.items():
+            completed = [r for r in side_runs if r.status == "completed"]
+            completed, value = pick_tuned(completed, claim, primary)
+            chosen[side] = {r.seed: r for r in completed}
+            if value:
+                tuned.append(f"{ablation if side == 'ablated' else 'paper'}: {value}")
+        for seed in sorted({r.seed for r in context["paper"] + context["ablated"]}):
+            if seed in chosen["paper"] and seed in chosen["ablated"]:
+                pairs.append({"seed": seed, "paper": chosen["paper"][seed], "ablated": chosen["ablated"][seed]})
+            else:
+                lacking = "paper" if seed not in chosen["paper"] else ablation
+                missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} (no completed {lacking} run)")
+    row = {"claim": claim.id, "ablation": ablation, "paper_says": claim.paper_says, "metric": primary,
+           "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
+           "tuned": tuned, "used_runs": [r.name for r in used],
+           "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
+           "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()}}
+    if not relevant:
+        row["verdict"], row["reason"] = "not run", (
+            f"no runs with {claim.factor}={json.dumps(sides['ablated'])} beside paper runs to pair them with")
+    elif not pairs:
+        row["verdict"], row["reason"] = "inconclusive", "no completed pair (see the missing pairs)"
+    else:
+        row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
+    return row
+
+
+# ---------------------------------------------------------------- statistics and verdicts
+
+def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
+    ratio = is_ratio(metric)
+    diffs, censored = [], []
+    for pair in pairs:
+        paper, ablated = pair["paper"].metrics[metric], pair["ablated"].metrics[metric]
+        if paper is None or ablated is None:
+            censored.append(pair["seed"])
+        else:
+            diffs.append(math.log(ablated / paper) if ratio else ablated - paper)
+    n = len(diffs)
+    mean = float(np.mean(diffs)) if n else None
+    sd = float(np.std(diffs, ddof=1)) if n >= 2 else None
+    ci = None
+    if sd is not None:
+        half = t_975(n - 1) * sd / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    verdict, reason, seeds_needed = judge(metric, effect, n, mean, sd, ci)
+    if censored:
+        reason += f"; {len(censored)} of {len(pairs)} pairs censored (threshold never reached, seeds {censored})"
+    show = math.exp if ratio else float
+    return {"metric": metric, "paper_effect": effect, "n": n, "censored_seeds": censored,
+            "mean": None if mean is None else show(mean),
+            "ci_low": None if ci is None else show(ci[0]), "ci_high": None if ci is None else show(ci[1]),
+            "sd": sd,  # of the differences as analysed: log ratios for ratio metrics
+            "differences": diffs, "verdict": verdict, "reason": reason, "seeds_needed": seeds_needed}
+
+
+def judge(metric: str, effect, n: int, mean, sd, ci) -> tuple[str, str, int | None]:
+    """The verdict rules of VERDICT_RULES, on the analysis scale (log for ratios)."""
+    if n == 0:
+        return "inconclusive", "no usable pair", None
+    if ci is None:
+        return "inconclusive", "need at least 2 seeds", None
+    direction = paper_direction(metric, effect)
+    target = None if effect is None else (math.log(effect) if is_ratio(metric) else effect)
+    no_effect = "1" if is_ratio(metric) else "0"
+    low, high = ci
+    if (direction > 0 and low > 0) or (direction < 0 and high < 0):
+        return "reproduced", f"the CI excludes {no_effect} on the paper's side", None
+    if (direction > 0 and high < 0) or (direction < 0 and low > 0):
+        return "contradicted", f"the CI excludes {no_effect} on the other side", None
+    if target is not None and ((direction > 0 and high < target) or (direction < 0 and low > target)):
+        return "contradicted", f"the CI rules out the paper's {fmt(metric, effect)}", None
+    size = target if target is not None else mean
+    if size == 0:
+        return "inconclusive", "no effect observed", None
+    seeds_needed = max(2, math.ceil((Z_POWER * sd / abs(size)) ** 2))
+    basis = "the paper's" if target is not None else "the observed"
+    return "inconclusive", f"about {seeds_needed} seeds needed to detect {basis} effect", seeds_needed
+
+
+def fmt(metric: str, value) -> str:
+    if value is None:
+        return "> 0 (direction only)"
+    return f"×{value:.2f}" if is_ratio(metric) else f"{value:+.2f}"
+
+
+def measured_text(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    text = f"{stats['metric']} {fmt(stats['metric'], stats['mean'])}"
+    if stats["ci_low"] is not None:
+        text += f" [{fmt(stats['metric'], stats['ci_low'])}, {fmt(stats['metric'], stats['ci_high'])}]"
+    return text
+
+
+# ---------------------------------------------------------------- cost
+
+def device_seconds(run: Run) -> tuple[float, float]:
+    """(GPU-seconds, CPU-seconds): wall time of runs on cuda, CPU time of runs on the CPU."""
+    if str(run.record.get("device") or "").startswith("cuda"):
+        return run.record.get("wall_time_s") or 0.0, 0.0
+    return 0.0, run.record.get("cpu_time_s") or 0.0
+
+
+def cost_row(label: str, runs: list[Run], shared: int) -> dict:
+    gpu_cpu = [device_seconds(r) for r in runs]
+    return {"claim": label, "runs": len(runs), "shared": shared,
+            "wall_time_s": sum(r.record.get("wall_time_s") or 0.0 for r in runs),
+            "cpu_time_s": sum(r.record.get("cpu_time_s") or 0.0 for r in runs),
+            "gpu_s": sum(g for g, _ in gpu_cpu), "cpu_device_s": sum(c for _, c in gpu_cpu),
+            "images_seen": sum(r.record.get("images_seen") or 0 for r in runs)}
+
+
+def cost_table(rows: list[dict], runs: list[Run]) -> list[dict]:
+    by_name = {r.name: r for r in runs}
+    used = defaultdict(set)
+    for row in rows:
+        used[row["claim"]].update(row["used_runs"])
+    claims_per_run = Counter(name for names in used.values() for name in names)
+    table = [cost_row(claim, [by_name[n] for n in sorted(names)], sum(claims_per_run[n] > 1 for n in names))
+             for claim, names in used.items() if names]
+    return table + [cost_row("all runs (each once)", runs, 0)]
+
+
+# ---------------------------------------------------------------- plots
+
+def band_by_epoch(runs: list[Run]) -> tuple[list, list, list, list]:
+    """Epochs, and the mean, min and max over runs of validation top-1 error at each epoch."""
+    per_epoch = defaultdict(list)
+    for run in runs:
+        for m in run.record.get("history") or []:
+            per_epoch[m["epoch"]].append(m["val_top1_err"])
+    epochs = sorted(per_epoch)
+    return (epochs, [np.mean(per_epoch[e]) for e in epochs], [min(per_epoch[e]) for e in epochs],
+            [max(per_epoch[e]) for e in epochs])
+
+
+def plot_curves(claim: str, variants: dict[str, list[Run]], path: Path) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, runs in variants.items():
+        epochs, mean, low, high = band_by_epoch(runs)
+        line, = ax.plot(epochs, mean, marker="o", label=f"{label} ({len(runs)} seeds)")
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation top-1 error (%)", title=f"{claim}: mean over seeds, min-max band")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def plot_deltas(rows: list[dict], path: Path) -> None:
+    """Measured primary effect with its CI beside the paper's number; ratios on their own log panel."""
+    measured = [r for r in rows if r["metrics"][r["metric"]]["mean"] is not None]
+    panels = [p for p in ([r for r in measured if not is_ratio(r["metric"])],
+                          [r for r in measured if is_ratio(r["metric"])]) if p]
+    fig = Figure(figsize=(4 + 1.2 * len(measured), 4))
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ratio = is_ratio(panel[0]["metric"])
+        base = 1.0 if ratio else 0.0
+        x = np.arange(len(panel))
+        stats = [r["metrics"][r["metric"]] for r in panel]
+        means = np.array([s["mean"] for s in stats])
+        errors = np.array([[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]] if s["ci_low"] is not None
+                           else [0.0, 0.0] for s in stats]).T
+        ax.bar(x, means - base, bottom=base, yerr=errors, capsize=4, color="tab:blue", label="measured (95% CI)")
+        paper = [(i, s["paper_effect"]) for i, s in enumerate(stats) if s["paper_effect"] is not None]
+        if paper:
+            ax.scatter(*zip(*paper), marker="D", color="tab:red", zorder=3, label="paper")
+        ax.axhline(base, color="black", linewidth=0.8)
+        if ratio:
+            ax.set_yscale("log")
+        ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" for r in panel], fontsize=7)
+        ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def plot_relu_fig1(variants: dict[str, list[Run]], path: Path) -> None:
+    """The paper's figure 1: training error against iterations, relu solid, tanh dashed."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for (label, runs), style, color in zip(variants.items(), ("-", "--"), ("tab:blue", "tab:orange")):
+        for i, run in enumerate(runs):
+            points = [(s["step"], s["train_top1_err"]) for s in run.record.get("steps") or []] or \
+                     [(m["steps"], m["train_top1_err"]) for m in run.record.get("history") or []]
+            ax.plot(*zip(*points), style, color=color, alpha=0.7, label=label if i == 0 else None)
+    ax.axhline(TRAIN_ERR_THRESHOLD, color="black", linewidth=0.8)
+    ax.set(xlabel="iterations (optimizer steps)", ylabel="training error (%)", title="relu vs tanh (figure 1)")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
+    by_name = {r.name: r for r in runs}
+    variants = defaultdict(dict)  # claim -> variant label -> runs (shared baselines once)
+    for row in rows:
+        for pair in row["pairs"]:
+            for side, label in (("paper", "paper"), ("ablated", row["ablation"])):
+                variants[row["claim"]].setdefault(label, {})[pair[side]] = by_name[pair[side]]
+    written = []
+    for claim, labels in variants.items():
+        written.append(out_dir / f"curves_{claim}.png")
+        plot_curves(claim, {label: list(rs.values()) for label, rs in labels.items()}, written[-1])
+    if any(r["metrics"][r["metric"]]["mean"] is not None for r in rows):
+        written.append(out_dir / "deltas.png")
+        plot_deltas(rows, written[-1])
+    if "relu" in variants:
+        written.append(out_dir / "relu_fig1.png")
+        relu = variants["relu"]
+        plot_relu_fig1({"relu": list(relu.get("paper", {}).values()), "tanh": list(relu.get("tanh", {}).values())},
+                       written[-1])
+    return written
+
+
+# ---------------------------------------------------------------- the report
+
+def main_table(rows: list[dict]) -> list[str]:
+    lines = ["| claim | paper says | measured (mean of paired differences, 95% CI) | seeds | verdict |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        stats = row["metrics"][row["metric"]]
+        seeds = f"{stats['n']}" + (f" (+{len(stats['censored_seeds'])} censored)" if stats["censored_seeds"] else "")
+        lines.append(f"| {row['claim']}: {row['ablation']} | {row['paper_says']} | {measured_text(stats)} "
+                     f"| {seeds} | {row['verdict']}: {row['reason']} |")
+    return lines
+
+
+def markdown(rows, problems, missing, costs, plots, sources, n_runs) -> str:
+    lines = ["# AlexNet claims: report", "",
+             f"{n_runs} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
+             "", "## Claims", "", *main_table(rows), "", "## Verdict rules", "", VERDICT_RULES, "",
+             "## Metrics", "", *[f"- `{name}`: {text}" for name, text in METRICS.items()], "",
+             "## Detail per metric", "",
+             "| claim | ablation | metric | paper | pairs | mean | sd | 95% CI | verdict | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for metric, s in row["metrics"].items():
+            ci = "" if s["ci_low"] is None else f"[{fmt(metric, s['ci_low'])}, {fmt(metric, s['ci_high'])}]"
+            mean = "" if s["mean"] is None else fmt(metric, s["mean"])
+            sd = "" if s["sd"] is None else f"{s['sd']:.3f}" + (" (log)" if is_ratio(metric) else "")
+            verdict = row["verdict"] if row["verdict"] == "not run" else s["verdict"]
+            notes = "; ".join([s["reason"] if row["n"] else row["reason"], *row["tuned"]])
+            lines.append(f"| {row['claim']} | {row['ablation']} | {metric} | {fmt(metric, s['paper_effect'])} "
+                         f"| {s['n']} | {mean} | {sd} | {ci} | {verdict} | {notes} |")
+    lines += ["", "## Problem runs", ""]
+    lines += [f"- `{p['run']}`: {p['status']}" + (f": {p['error']}" if p["error"] else "") for p in problems] or ["none"]
+    lines += ["", "## Missing pairs", "", *([f"- {m}" for m in missing] or ["none"]), "",
+              "## Cost", "",
+              "Runs a claim used: every run in its paired set-ups, tuning grid and failed runs included. "
+              "Baseline runs shared between claims (the `all` sweep) count in each claim that uses them; "
+              "`shared` says how many. Device-seconds: wall time of cuda runs (GPU-s), CPU time of CPU runs.",
+              "", "| claim | runs | shared | wall s | CPU s | GPU-s | CPU-s (CPU runs) | images |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['runs']} | {c['shared']} | {c['wall_time_s']:.0f} | {c['cpu_time_s']:.0f} "
+              f"| {c['gpu_s']:.0f} | {c['cpu_device_s']:.0f} | {c['images_seen']} |" for c in costs]
+    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots]]
+    return "\n".join(lines) + "\n"
+
+
+def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: list[str]) -> dict:
+    """Judge every claim on these runs and write report.md and the plots into out_dir."""
+    problems = list(problems) + [problem(r.name, r.status, r.record.get("error"))
+                                 for r in runs if r.status != "completed"]
+    analysed, repeats = drop_repeats(runs)
+    problems += repeats
+    rows = [compare(claim, ablation, analysed) for claim in CLAIMS.values() for ablation in claim.ablations]
+    missing = [m for row in rows for m in row["missing"]]
+    costs = cost_table(rows, runs)  # repeats cost time too: they count in the total
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(rows, analysed, out_dir)
+    report_path = out_dir / "report.md"
+    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, len(runs)))
+    # where --log-to-wandb puts the report run: the runs' own project, in their most common group
+    logger = next((r.config["logger"] for r in runs if isinstance(r.config.get("logger"), dict)), {})
+    experiments = Counter(str(r.record.get("experiment")) for r in runs)
+    return {"rows": rows, "problems": problems, "missing": missing, "cost": costs, "plots": plots,
+            "report": report_path, "table": main_table(rows),
+            "experiment": experiments.most_common(1)[0][0] if runs else None,
+            "wandb_project": (logger.get("entity"), logger.get("project") or "alexlab")}
+
+
+def build_report(run_dirs: list[Path], out_dir: Path) -> dict:
+    runs, problems = {}, {}  # by resolved path: nested or repeated dirs read each run once
+    for run_dir in map(Path, run_dirs):
+        if not run_dir.is_dir():
+            raise ReportError(f"{run_dir} is not a directory")
+        found, trouble = load_runs(run_dir)
+        if not found:
+            raise ReportError(f"no {RESULTS_NAME} under {run_dir}")
+        runs.update((Path(r.name).resolve(), r) for r in found)
+        problems.update((Path(p["run"]).resolve(), p) for p in trouble)
+    return report_runs(list(runs.values()), list(problems.values()), Path(out_dir), [str(d) for d in run_dirs])
+
+
+# ---------------------------------------------------------------- Weights & Biases
+
+WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed", "failed": "failed",
+                "killed": "interrupted"}
+
+
+def load_wandb_runs(path: str, group: str) -> list[Run]:
+    """The same records rebuilt from W&B: config, per-epoch history, summary (no per-step log there)."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ReportError(f"--wandb needs the wandb package ({err})") from err
+    runs = []
+    for wb_run in wandb.Api().runs(path, filters={"group": group}):
+        history = [m for m in wb_run.history(pandas=False) if m.get("val_top1_err") is not None]
+        summary = wb_run.summary_metrics or {}
+        record = {"status": summary.get("status") or WANDB_STATES.get(wb_run.state, wb_run.state),
+                  "error": None, "experiment": group, "config": dict(wb_run.config), "history": history,
+                  "steps": [], "final": history[-1] if history else None, "started_at": wb_run.created_at,
+                  "wall_time_s": summary.get("_runtime"), "cpu_time_s": None,
+                  "device": "cuda" if (wb_run.metadata or {}).get("gpu") else "cpu",
+                  "images_seen": history[-1].get("images_seen", 0) if history else 0}
+        runs.append(Run("/".join(wb_run.path), record))
+    return runs
+
+
+def log_to_wandb(result: dict, project: str, entity: str | None, group: str, out_dir: Path) -> None:
+    """The table and the plots as a report run in the runs' group."""
+    import wandb
+    run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report {group}",
+                     dir=str(out_dir), mode=os.environ.get("WANDB_MODE", "offline"))
+    columns = ["claim", "paper says", "measured", "seeds", "verdict"]
+    data = [[f"{r['claim']}: {r['ablation']}", r["paper_says"], measured_text(r["metrics"][r["metric"]]),
+             r["n"], f"{r['verdict']}: {r['reason']}"] for r in result["rows"]]
+    run.log({"claims": wandb.Table(columns=columns, data=data),
+             **{p.stem: wandb.Image(str(p)) for p in result["plots"]}})
+    run.finish()

@@ -1,0 +1,50 @@
+"""Entry point: `python src/report.py multirun/... [DIR ...] [--out OUTDIR]`: the claims table, plots, report.md.
+
+Runs can also come from W&B: `--wandb ENTITY/PROJECT --group G`; `--log-to-wandb` logs the table and
+the plots to a report run in the runs' group (offline unless WANDB_MODE says otherwise).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from alexlab.report import ReportError, build_report, load_wandb_runs, log_to_wandb, report_runs
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Judge the paper's claims on finished runs.")
+    parser.add_argument("dirs", nargs="*", type=Path, help="run or multirun dirs; every results.json below them is read")
+    parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: the first dir)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of dirs")
+    parser.add_argument("--group", help="the W&B group (the experiment name) to read with --wandb")
+    parser.add_argument("--log-to-wandb", action="store_true", help="log the table and plots as a W&B report run")
+    args = parser.parse_args(argv)
+    if bool(args.dirs) == bool(args.wandb):
+        parser.error("give run dirs or --wandb ENTITY/PROJECT, not both")
+    if args.wandb and (not args.group or args.wandb.count("/") != 1):
+        parser.error("--wandb needs ENTITY/PROJECT and --group")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.wandb:
+            runs = load_wandb_runs(args.wandb, args.group)
+            if not runs:
+                raise ReportError(f"no runs in group {args.group} of {args.wandb}")
+            result = report_runs(runs, [], args.out or Path("outputs") / f"report_{args.group}", [args.wandb])
+        else:
+            result = build_report(args.dirs, args.out or args.dirs[0])
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(result["table"]))
+    print(f"\nreport: {result['report']}")
+    if args.log_to_wandb:
+        entity, project = args.wandb.split("/", 1) if args.wandb else result["wandb_project"]
+        log_to_wandb(result, project, entity, args.group or result["experiment"], result["report"].parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""GPU-only checks: skipped without CUDA."""
+import torch
+from torch import nn
+
+from alexlab.lrn import LocalResponseNorm
+from conftest import requires_cuda, requires_fashion, run_cli
+
+pytestmark = requires_cuda
+
+
+def test_lrn_on_the_paper_shape_matches_pytorch_in_fp32_and_bf16():
+    x = torch.rand(32, 96, 55, 55, device="cuda") * 20
+    reference = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)
+    torch.testing.assert_close(LocalResponseNorm()(x), reference, rtol=1e-5, atol=1e-5)
+    ours_bf16 = LocalResponseNorm()(x.bfloat16()).float()
+    torch.testing.assert_close(ours_bf16, reference, rtol=2e-2, atol=2e-2)
+
+
+@requires_fashion
+def test_tiny_run_on_cuda_with_compile(tmp_path):
+    proc = run_cli("scale=tiny", "logger=none", "device=cuda", "trainer.compile=true", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

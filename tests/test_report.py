@@ -1,0 +1,241 @@
+"""The report on constructed results.json files whose answers are known without the code: no training."""
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_cfg
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from alexlab.claims import CLAIMS
+from alexlab.report import build_report, comparable_key, run_metrics, t_975
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EPOCHS = 3
+STEPS_PER_EPOCH = 16
+
+
+@functools.lru_cache(maxsize=None)
+def composed(sweep: str, ablation: str) -> str:
+    cfg = compose_cfg("scale=tiny", f"sweeps={sweep}", f"ablation={ablation}")
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+def make_config(sweep: str, ablation: str, seed: int, lr: float | None = None) -> dict:
+    config = json.loads(composed(sweep, ablation))  # a fresh copy each time
+    config["seed"] = seed
+    if lr is not None:
+        config["optim"]["lr"] = lr
+    return config
+
+
+def write_run(root: Path, name: str, config: dict, val_top1: float, train_top1: float = 20.0,
+              steps: list | None = None, status: str = "completed", error: str | None = None) -> Path:
+    """A schema-complete results.json in a Hydra job dir; errors fall by 5 (val) and 10 (train) per epoch."""
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    history = [{"epoch": e, "train_loss": 1.0, "train_top1_err": train_top1 + 10 * (EPOCHS - e), "val_loss": 1.0,
+                "val_top1_err": val_top1 + 5 * (EPOCHS - e), "val_top5_err": val_top1 / 2 + 5 * (EPOCHS - e),
+                "lr": config["optim"]["lr"], "epoch_time_s": 3.0, "images_per_s": 300.0,
+                "images_seen": 1024 * e, "steps": STEPS_PER_EPOCH * e} for e in range(1, EPOCHS + 1)]
+    record = {"status": status, "error": error, "experiment": config["experiment"], "variant": name,
+              "overrides": name.split("_", 1)[1].split(","), "config": config, "history": history,
+              "steps": steps or [], "final": history[-1], "best": min(history, key=lambda m: m["val_top1_err"]),
+              "notes": [], "images_seen": 1024 * EPOCHS, "wall_time_s": 10.0, "cpu_time_s": 18.0, "device": "cpu",
+              "device_name": "x86_64", "started_at": "2026-11-26T20:40:00+00:00", "run_dir": str(run_dir)}
+    (run_dir / "results.json").write_text(json.dumps(record))
+    return run_dir
+
+
+def lrn_sweep(root: Path, diffs, seeds=None) -> Path:
+    """The lrn sweep: per seed a paper run and a no_lrn run whose top-1 error is higher by diffs[i]."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    for i, (seed, diff) in enumerate(zip(seeds or range(len(diffs)), diffs)):
+        baseline = 30.0 + 0.7 * seed  # seeds differ more than the effect: only pairing sees it clearly
+        write_run(root, f"{2 * i}_ablation=paper,seed={seed}", make_config("lrn", "paper", seed), baseline)
+        write_run(root, f"{2 * i + 1}_ablation=no_lrn,seed={seed}", make_config("lrn", "no_lrn", seed), baseline + diff)
+    return root
+
+
+def step_log(reaches_25_at: int | None, last: int = 1000) -> list:
+    """Running training error every 5 steps, falling linearly from 90% to 25% at the given step."""
+    slope = 65 / (reaches_25_at or 10 * last)
+    return [{"step": s, "train_top1_err": max(10.0, 90 - slope * s)} for s in range(5, last + 1, 5)]
+
+
+def row(result: dict, claim: str, ablation: str) -> dict:
+    return next(r for r in result["rows"] if r["claim"] == claim and r["ablation"] == ablation)
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert len(np.unique(imread(path))) > 1, f"{path.name} is blank"
+
+
+def test_t_quantile_matches_the_tables():
+    for df, t in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045), (40, 2.021), (60, 2.000), (120, 1.980)]:
+        assert t_975(df) == pytest.approx(t, abs=1e-3)
+
+
+def test_metrics_of_one_run():
+    history = [{"epoch": e, "train_top1_err": tr, "val_top1_err": va, "steps": 10 * e}
+               for e, tr, va in [(1, 60, 50), (2, 40, 40), (3, 24, 35.5), (4, 20, 35), (5, 19, 36)]]
+    final = {"val_top1_err": 36, "val_top5_err": 12, "train_top1_err": 19}
+    metrics = run_metrics({"history": history, "steps": [], "final": final})
+    assert metrics["overfit_gap"] == 17
+    assert metrics["steps_to_25_train_err"] == 30  # per-epoch fallback: epoch 3 is the first at <= 25%
+    assert metrics["steps_to_converge"] == 30      # best 35; 35.5 is within 1 point
+    step_errors = [{"step": 5, "train_top1_err": 50.0}, {"step": 10, "train_top1_err": 25.0}]
+    assert run_metrics({"history": history, "steps": step_errors, "final": final})["steps_to_25_train_err"] == 10
+    assert run_metrics({"history": history[:2], "steps": [], "final": final})["steps_to_25_train_err"] is None
+
+
+def test_comparable_key_keeps_the_seed_and_drops_the_factor():
+    lrn = CLAIMS["lrn"]
+    paper, ablated = make_config("lrn", "paper", 0), make_config("all", "no_lrn", 0)
+    assert comparable_key(paper, lrn) == comparable_key(ablated, lrn)  # experiment and logger tags differ
+    assert comparable_key(paper, lrn) != comparable_key(make_config("lrn", "paper", 1), lrn)
+    assert comparable_key(paper, CLAIMS["relu"]) == comparable_key(make_config("lrn", "tanh", 0, lr=0.5), CLAIMS["relu"])
+
+
+def test_clear_effect_is_reproduced_and_ci_matches_numpy(tmp_path):
+    diffs = 2.0 + np.array([0.1, -0.1, 0.05, -0.05, 0.0])
+    result = build_report([lrn_sweep(tmp_path, diffs)], tmp_path)
+    lrn = row(result, "lrn", "no_lrn")
+    stats = lrn["metrics"]["val_top1_err"]
+    assert lrn["verdict"] == "reproduced" and lrn["n"] == 5 and lrn["seeds"] == [0, 1, 2, 3, 4]
+    half = 2.776 * np.std(diffs, ddof=1) / np.sqrt(5)
+    assert stats["mean"] == pytest.approx(2.0)
+    assert stats["ci_low"] == pytest.approx(2.0 - half, abs=1e-3)
+    assert stats["ci_high"] == pytest.approx(2.0 + half, abs=1e-3)
+    assert 0 < stats["ci_low"] < 2.0 < stats["ci_high"]
+    assert row(result, "towers", "one_tower")["verdict"] == "not run"
+    assert result["missing"] == [] and result["problems"] == []
+    report = (tmp_path / "report.md").read_text()
+    assert "| claim | paper says | measured (mean of paired differences, 95% CI) | seeds | verdict |" in report
+    assert "**contradicted**" in report  # the verdict rules are written out
+    for name in ("curves_lrn.png", "deltas.png"):
+        assert_png(tmp_path / name)
+
+
+def test_reverse_effect_is_contradicted(tmp_path):
+    result = build_report([lrn_sweep(tmp_path, -2.0 + np.array([0.1, -0.1, 0.05, -0.05, 0.0]))], tmp_path)
+    lrn = row(result, "lrn", "no_lrn")
+    assert lrn["verdict"] == "contradicted" and "other side" in lrn["reason"]
+
+
+def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):
+    diffs = [3.0, -2.0, 1.0, -4.0, 2.5]  # CI about [-3.6, 3.8]: neither 0 nor the paper's +1.4 is ruled out
+    lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")
+    stats = lrn["metrics"]["val_top1_err"]
+    assert lrn["verdict"] == "inconclusive"
+    assert stats["seeds_needed"] == math.ceil((2.8 * np.std(diffs, ddof=1) / 1.4) ** 2) == 37
+
+
+def test_small_noise_rules_out_the_papers_effect_size(tmp_path):
+    # CI about [-0.36, +0.38] holds 0 but lies below the paper's +1.4: contradicted by the second rule.
+    lrn = row(build_report([lrn_sweep(tmp_path, [0.3, -0.2, 0.1, -0.4, 0.25])], tmp_path), "lrn", "no_lrn")
+    assert lrn["verdict"] == "contradicted" and "paper's +1.40" in lrn["reason"]
+
+
+def test_noise_without_a_paper_number_uses_the_observed_mean(tmp_path):
+    diffs = [0.3, -0.2, 0.1, -0.4, 0.25]  # overfit gap; crop_flip's paper gives a direction only
+    for seed, diff in enumerate(diffs):
+        write_run(tmp_path, f"{2 * seed}_ablation=paper,seed={seed}", make_config("crop_flip", "paper", seed), 30.0)
+        write_run(tmp_path, f"{2 * seed + 1}_ablation=no_crop_flip,seed={seed}",
+                  make_config("crop_flip", "no_crop_flip", seed), 30.0 + diff)
+    crop_flip = row(build_report([tmp_path], tmp_path), "crop_flip", "no_crop_flip")
+    stats = crop_flip["metrics"]["overfit_gap"]
+    assert crop_flip["verdict"] == "inconclusive"
+    assert stats["seeds_needed"] == math.ceil((2.8 * np.std(diffs, ddof=1) / abs(np.mean(diffs))) ** 2)
+
+
+def test_relu_picks_the_best_learning_rate_per_activation(tmp_path):
+    # relu is best at lr 0.05 (100 steps), tanh at lr 0.01 (600 steps; never at 0.05): the answer is 6x.
+    reaches = {("paper", 0.05): [100, 105, 95, 100, 110], ("paper", 0.01): [300, 310, 290, 300, 305],
+               ("tanh", 0.01): [600, 620, 590, 610, 600], ("tanh", 0.05): [None] * 5}
+    for (ablation, lr), per_seed in reaches.items():
+        for seed, at in enumerate(per_seed):
+            write_run(tmp_path, f"{seed}_ablation={ablation},optim.lr={lr},seed={seed}",
+                      make_config("relu", ablation, seed, lr=lr), 40.0, steps=step_log(at))
+    result = build_report([tmp_path], tmp_path)
+    relu = row(result, "relu", "tanh")
+    stats = relu["metrics"]["steps_to_25_train_err"]
+    expected = np.exp(np.mean(np.log(np.array(reaches["tanh", 0.01]) / reaches["paper", 0.05])))
+    assert relu["verdict"] == "reproduced" and relu["n"] == 5
+    assert stats["mean"] == pytest.approx(expected) and stats["mean"] == pytest.approx(6.0, rel=0.05)
+    assert stats["ci_low"] > 1
+    assert sorted(relu["tuned"]) == ["paper: optim.lr=0.05", "tanh: optim.lr=0.01"]
+    assert result["missing"] == []  # the sweep's dropout=0 etc. are not taken for other claims' ablations
+    assert_png(tmp_path / "relu_fig1.png")
+
+
+def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path, f"{seed}_ablation=paper,seed={seed}", make_config("all", "paper", seed), 30.0,
+                  steps=step_log(100))
+        for ablation, diff in [("no_lrn", 1.5), ("no_conv2", 2.0), ("no_conv3", 2.5)]:
+            write_run(tmp_path, f"{seed}_ablation={ablation},seed={seed}", make_config("all", ablation, seed),
+                      30.0 + diff + 0.1 * seed)
+        write_run(tmp_path, f"{seed}_ablation=tanh,seed={seed}", make_config("all", "tanh", seed), 35.0,
+                  steps=step_log(None if seed == 2 else 500 - 50 * seed))
+    result = build_report([tmp_path], tmp_path)
+    assert [row(result, "depth", a)["n"] for a in ("no_conv2", "no_conv3")] == [3, 3]
+    assert row(result, "depth", "no_conv4")["verdict"] == "not run"
+    assert row(result, "lrn", "no_lrn")["verdict"] == "reproduced"
+    relu = row(result, "relu", "tanh")
+    assert relu["metrics"]["steps_to_25_train_err"]["censored_seeds"] == [2]
+    assert relu["verdict"] == "reproduced" and "1 of 3 pairs censored" in relu["reason"]  # ratios 5 and 4.5 remain
+    assert result["missing"] == []
+    lrn_cost = next(c for c in result["cost"] if c["claim"] == "lrn")
+    assert (lrn_cost["runs"], lrn_cost["shared"], lrn_cost["cpu_device_s"]) == (6, 3, 6 * 18.0)
+
+
+def test_failed_and_missing_runs_are_listed_not_averaged(tmp_path):
+    lrn_sweep(tmp_path, [2.0, 2.2, 1.8])
+    write_run(tmp_path, "6_ablation=paper,seed=3", make_config("lrn", "paper", 3), 30.0)
+    failed = write_run(tmp_path, "7_ablation=no_lrn,seed=3", make_config("lrn", "no_lrn", 3), 90.0,
+                       status="failed", error="RuntimeError: boom")
+    never_wrote = tmp_path / "9_ablation=no_lrn,seed=4"
+    (never_wrote / ".hydra").mkdir(parents=True)
+    unreadable = tmp_path / "10_ablation=paper,seed=5"
+    unreadable.mkdir()
+    (unreadable / "results.json").write_text("{not json")
+    result = build_report([tmp_path], tmp_path)
+    problems = {p["run"]: p for p in result["problems"]}
+    assert problems[str(failed)]["status"] == "failed" and problems[str(failed)]["error"] == "RuntimeError: boom"
+    assert problems[str(never_wrote)]["status"] == "missing"
+    assert problems[str(unreadable)]["status"] == "unreadable"
+    assert result["missing"] == ["missing: claim lrn ablation no_lrn seed 3 (no completed no_lrn run)"]
+    lrn = row(result, "lrn", "no_lrn")
+    assert lrn["n"] == 3 and lrn["metrics"]["val_top1_err"]["mean"] == pytest.approx(2.0)
+    report = (tmp_path / "report.md").read_text()
+    for text in (str(failed), str(never_wrote), "RuntimeError: boom", result["missing"][0]):
+        assert text in report
+    assert next(c for c in result["cost"] if c["claim"] == "lrn")["runs"] == 8  # the failed run cost time too
+
+
+def test_repeated_runs_are_not_extra_seeds(tmp_path):
+    first, second = lrn_sweep(tmp_path / "first", [2.0, 2.2, 1.8]), lrn_sweep(tmp_path / "second", [2.0, 2.2, 1.8])
+    result = build_report([first, second], tmp_path / "out")
+    assert row(result, "lrn", "no_lrn")["n"] == 3
+    assert [p["status"] for p in result["problems"]] == ["repeat"] * 6
+    assert result["cost"][-1]["runs"] == 12  # the total still counts what the repeats cost
+
+
+def test_cli_writes_the_report_and_fails_clearly(tmp_path):
+    runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
+    done = subprocess.run([sys.executable, "src/report.py", str(runs)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (runs / "report.md").is_file() and "lrn: no_lrn" in done.stdout
+    missing = subprocess.run([sys.executable, "src/report.py", str(tmp_path / "nonexistent")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nonexistent'} is not a directory"]
