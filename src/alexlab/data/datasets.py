@@ -160,17 +160,12 @@ class ImageFolderSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+        from torchvision.transforms import v2
         path, label = self.samples[i]
+        # Section 2: rescale the shorter side to 256, then crop out the central 256x256 patch.
+        to_square = v2.Compose([v2.PILToTensor(), v2.Resize(self.size, antialias=True), v2.CenterCrop(self.size)])
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = self.size / min(w, h)
-            im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                           Image.Resampling.BILINEAR)
-            left, top = (im.size[0] - self.size) // 2, (im.size[1] - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
-            x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-        return x, label
+            return to_square(im.convert("RGB")), label
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
         index_batches = order[start * batch_size:].split(batch_size)
