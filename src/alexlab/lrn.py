@@ -37,9 +37,15 @@ def _window_sum(t: torch.Tensor, size: int, before: int) -> torch.Tensor:
     return out
 
 
+def _power(d: torch.Tensor, exponent: float) -> torch.Tensor:
+    if exponent == -0.75:  # the paper's beta: two rsqrt are several times faster than pow on a CPU
+        return torch.rsqrt(d) * torch.rsqrt(torch.sqrt(d))
+    return d.pow(exponent)
+
+
 class _LRNFunction(torch.autograd.Function):
     """LRN with a hand-written backward: 4x faster than F.local_response_norm on a CPU (fwd+bwd),
-    and it keeps only x, the denominator base and y for the backward pass.
+    and it keeps x, the denominator base d and d^-beta for the backward pass.
 
         d_i = k + c * sum_{j in window(i)} a_j^2,   b_i = a_i * d_i^-beta
         dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i b_i / d_i
@@ -51,18 +57,19 @@ class _LRNFunction(torch.autograd.Function):
         if dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # the sum of squares needs fp32 under bf16 autocast
         d = _window_sum(x * x, size, size // 2).mul_(coefficient).add_(k)
-        y = x * d.pow(-beta)
-        ctx.save_for_backward(x, d, y)
+        scale = _power(d, -beta)
+        ctx.save_for_backward(x, d, scale)
         ctx.params = (size, coefficient, beta)
-        return y.to(dtype)
+        return (x * scale).to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, d, y = ctx.saved_tensors
+        x, d, scale = ctx.saved_tensors
         size, coefficient, beta = ctx.params
         g = grad.to(x.dtype)
-        back = _window_sum(g * y / d, size, (size - 1) // 2)
-        return (g * d.pow(-beta) - (2 * beta * coefficient) * x * back).to(grad.dtype), None, None, None, None
+        g_scaled = g * scale
+        back = _window_sum(g_scaled * x / d, size, (size - 1) // 2)
+        return (g_scaled - (2 * beta * coefficient) * x * back).to(grad.dtype), None, None, None, None
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
