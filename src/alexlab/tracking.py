@@ -153,7 +153,8 @@ class Tracker:
             project=self.logger_cfg.get("project"), entity=self.logger_cfg.get("entity"),
             group=self.record["experiment"], job_type=self.record["variant"],
             name=" ".join(self.overrides) or "default", config=self.record["config"], tags=tags,
-            dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode)
+            dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
+            settings=wandb.Settings(x_disable_stats=not self.logger_cfg.get("system_stats", True)))
         self.record["wandb"] = {"id": self.wandb_id, "mode": mode, "dir": str(Path(self.wandb_run.dir).parent),
                                 "url": getattr(self.wandb_run, "url", None)}
 
