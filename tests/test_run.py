@@ -47,7 +47,7 @@ def test_multirun_over_lrn_leaves_two_results(tmp_path):
 
 
 def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
-    args = ["scale=tiny", "trainer.epochs=3", "seed=7"]
+    args = ["scale=tiny", "trainer.epochs=3", "seed=7", "trainer.log_every_steps=3"]
     whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
 
@@ -73,6 +73,7 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert resumed["wandb"]["id"] == stopped["wandb"]["id"]  # one variant, one W&B run
     for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err"):
         assert [h[key] for h in resumed["history"]] == [h[key] for h in reference["history"]], key
+    assert resumed["steps"] == reference["steps"]  # the step-level training error log too
 
 
 @pytest.mark.parametrize("override,message", [

@@ -127,7 +127,7 @@ def _to_model(x: torch.Tensor, model) -> torch.Tensor:
 
 
 def fit(cfg, run_dir: Path, tracker) -> dict:
-    """Train `cfg` in `run_dir`, reporting to `tracker`; returns the final metrics."""
+    """Train `cfg` in `run_dir`, reporting to `tracker`; returns the training state (history, steps, ...)."""
     check_config(cfg)
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
@@ -152,8 +152,9 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
                                 weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim)
 
+    # sums: loss, misses and images of the epoch so far; window: misses and images since the last step log.
     state = {"epoch": 0, "step": 0, "history": [], "steps": [], "images_seen": 0, "train_time_s": 0.0,
-             "sums": torch.zeros(3, dtype=torch.float64)}
+             "sums": torch.zeros(3, dtype=torch.float64), "window": torch.zeros(2, dtype=torch.float64)}
     ckpt_path = run_dir / CHECKPOINT_NAME
     if cfg.resume == "auto" and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, model, optimizer, scheduler, device)
@@ -163,7 +164,7 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
     batch_size = int(cfg.trainer.batch_size)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     log_every = int(cfg.trainer.log_every_steps or 0)
-    window = torch.zeros(2, dtype=torch.float64, device=device)
+    window = state["window"].to(device)
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
             model.train()
@@ -182,11 +183,11 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                with torch.no_grad():
-                    wrong = (logits.argmax(1) != labels).sum()
-                    sums += torch.stack([loss.detach().double() * len(labels), wrong.double(),
-                                         torch.tensor(len(labels), dtype=torch.float64, device=device)])
-                    window += torch.stack([wrong.double(), torch.tensor(len(labels), dtype=torch.float64, device=device)])
+                with torch.no_grad():  # accumulated on the device: no host sync per step
+                    wrong = (logits.argmax(1) != labels).sum().double()
+                    count = torch.tensor(len(labels), dtype=torch.float64, device=device)
+                    sums += torch.stack([loss.detach().double() * count, wrong, count])
+                    window += torch.stack([wrong, count])
                 global_step = epoch * steps_per_epoch + step + 1
                 if log_every and global_step % log_every == 0:
                     w = window.tolist()
@@ -196,7 +197,7 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
                 images_this_session += len(labels)
                 progress.update(1)
                 if stop.signum is not None:
-                    state.update(epoch=epoch, step=step + 1, sums=sums.cpu(),
+                    state.update(epoch=epoch, step=step + 1, sums=sums.cpu(), window=window.cpu(),
                                  train_time_s=state["train_time_s"] + time.perf_counter() - tic)
                     progress.close()
                     save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
@@ -218,7 +219,7 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
             else:
                 scheduler.step()
             state["history"].append(metrics)
-            state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64),
+            state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64), window=window.cpu(),
                          train_time_s=state["train_time_s"] + epoch_time)
             tracker.log_epoch(metrics, state["steps"])
             save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
