@@ -6,8 +6,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def _atomic(path, write) -> None:
     path = Path(path)
@@ -30,4 +28,5 @@ def atomic_write_json(obj, path) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    import torch  # here, so that reading and writing JSON does not import torch
     _atomic(path, lambda f: torch.save(obj, f))

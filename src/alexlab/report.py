@@ -20,8 +20,8 @@ from matplotlib.figure import Figure  # the object API renders with Agg and leav
 from matplotlib.ticker import MaxNLocator
 
 from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
+from alexlab.tracking import RESULTS_NAME
 
-RESULTS_NAME = "results.json"      # tracking.RESULTS_NAME; tracking imports torch, so it is not imported here
 JOB_DIR_NAME = re.compile(r"^\d+_")  # Hydra multirun job dirs: <job number>_<overrides>
 TRAIN_ERR_THRESHOLD = 25.0         # figure 1: iterations to 25% training error
 CONVERGED_WITHIN = 1.0             # points above a run's best validation error that count as converged

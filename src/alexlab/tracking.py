@@ -6,6 +6,7 @@ says where the run stands: status running / completed / failed / interrupted.
 """
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -16,8 +17,6 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 from alexlab.io import atomic_write_json
 
@@ -50,6 +49,7 @@ def git_commit() -> dict:
 
 
 def device_name(device: str) -> str:
+    import torch  # here, so that the report can import this module without torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
@@ -119,7 +119,6 @@ class Tracker:
         self._write()
 
     def _previous(self) -> dict:
-        import json
         try:
             return json.loads(self.results_path.read_text())
         except (OSError, ValueError):
