@@ -95,6 +95,8 @@ def test_metrics_of_one_run():
     step_errors = [{"step": 5, "train_top1_err": 50.0}, {"step": 10, "train_top1_err": 25.0}]
     assert run_metrics({"history": history, "steps": step_errors, "final": final})["steps_to_25_train_err"] == 10
     assert run_metrics({"history": history[:2], "steps": [], "final": final})["steps_to_25_train_err"] is None
+    # Still improving by more than a point at its last epoch: not converged, censored.
+    assert run_metrics({"history": history[:3], "steps": [], "final": final})["steps_to_converge"] is None
 
 
 def test_comparable_key_keeps_the_seed_and_drops_the_factor():

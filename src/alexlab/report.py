@@ -31,7 +31,8 @@ METRICS = {
     "val_top5_err": "final validation top-5 error (%)",
     "overfit_gap": "final validation top-1 error minus final training top-1 error (points)",
     "steps_to_25_train_err": "optimizer steps until the running training error first reaches 25% (censored if never)",
-    "steps_to_converge": "optimizer steps until validation top-1 error first comes within 1 point of the run's best",
+    "steps_to_converge": "optimizer steps until validation top-1 error first comes within 1 point of the run's best "
+                         "(censored if that is only at the last epoch: the run was still improving)",
 }
 
 # Config paths that say where or how a run was executed or logged, not what was trained: two runs that
@@ -133,10 +134,15 @@ def steps_to_train_err(record: dict, threshold: float):
 
 
 def steps_to_converge(history: list):
+    """None (censored) when the run only got within reach of its best at its last epoch: it was still
+    improving by more than CONVERGED_WITHIN, so when it would have converged is unknown."""
     if not history:
         return None
     best = min(m["val_top1_err"] for m in history)
-    return next((m["steps"] for m in history if m["val_top1_err"] <= best + CONVERGED_WITHIN), None)  # None: NaN errors
+    first = next((i for i, m in enumerate(history) if m["val_top1_err"] <= best + CONVERGED_WITHIN), None)
+    if first is None or (first == len(history) - 1 and len(history) > 1):  # None: NaN errors
+        return None
+    return history[first]["steps"]
 
 
 def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
