@@ -13,7 +13,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from alexlab.errors import ConfigError
 
@@ -44,18 +43,13 @@ class TensorSource:
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): shorter side to `size`, centre crop."""
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): shorter side to `size`, centre crop (section 2).
+    The one resize of every dataset: in-memory splits at load, ImageFolder images one by one."""
+    from torchvision.transforms.v2 import functional as TF
+    if images.shape[-2:] == (size, size):
         return images
-    scale = size / min(h, w)
-    out = []
-    for chunk in images.split(4096):
-        x = F.interpolate(chunk.float(), size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                          mode="bilinear", antialias=True, align_corners=False)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        out.append(x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    # Chunks bound the float copy that the antialiased resize makes of a whole split.
+    return torch.cat([TF.center_crop(TF.resize(chunk, size, antialias=True), size) for chunk in images.split(4096)])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -160,12 +154,10 @@ class ImageFolderSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        from torchvision.transforms import v2
         path, label = self.samples[i]
-        # Section 2: rescale the shorter side to 256, then crop out the central 256x256 patch.
-        to_square = v2.Compose([v2.PILToTensor(), v2.Resize(self.size, antialias=True), v2.CenterCrop(self.size)])
         with Image.open(path) as im:
-            return to_square(im.convert("RGB")), label
+            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        return resize_square(image[None], self.size)[0], label
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
         index_batches = order[start * batch_size:].split(batch_size)
