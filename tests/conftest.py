@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (the fused LRN, the GPU resize) run in Triton's numpy interpreter on a CPU; the
+    # variable must be set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

@@ -72,8 +72,32 @@ class _LRNFunction(torch.autograd.Function):
         return (g_scaled - (2 * beta * coefficient) * x * back).to(grad.dtype), None, None, None, None
 
 
-def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
-    """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1)."""
+def _fused_lrn():
+    """The Triton op (alexlab.lrn_triton) where Triton is installed, else None."""
+    global _FUSED
+    if _FUSED is None:
+        try:
+            from alexlab.lrn_triton import lrn_forward
+            _FUSED = lrn_forward
+        except ImportError:
+            _FUSED = False
+    return _FUSED or None
+
+
+_FUSED = None
+IMPLEMENTATIONS = ("auto", "fused", "reference")
+
+
+def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
+                        impl: str = "auto") -> torch.Tensor:
+    """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
+    impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | reference."""
+    if impl == "fused" or (impl == "auto" and x.is_cuda):
+        fused = _fused_lrn()
+        if fused is not None:
+            return fused(x, size, coefficient, beta, k)
+        if impl == "fused":
+            raise RuntimeError("LRN impl=fused needs Triton, which is not installed")
     return _LRNFunction.apply(x, size, coefficient, beta, k)
 
 
@@ -81,13 +105,16 @@ class LocalResponseNorm(nn.Module):
     """Across-channel LRN with explicit alpha semantics (see the module docstring)."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                 alpha_mode: str = "per_size"):
+                 alpha_mode: str = "per_size", impl: str = "auto"):
         super().__init__()
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"LRN impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        self.impl = impl
         self.size, self.alpha, self.beta, self.k, self.alpha_mode = size, alpha, beta, k, alpha_mode
         self.coefficient = effective_alpha(alpha, size, alpha_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k)
+        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl)
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "

@@ -12,6 +12,9 @@ Every ablation switch of the paper lives in `build_model`:
     remove            drop middle conv layers and/or fc6, fc7; widths adapt, pooling stays
     init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
 
+Speed only (same function, same parameters): lrn_impl (auto|fused|reference, see lrn.py) and
+grouped_conv (native|split|dense, see TowerConv2d).
+
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from alexlab.errors import ConfigError
 from alexlab.lrn import ALPHA_MODES, LocalResponseNorm
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+GROUPED_CONV_IMPLS = ("native", "split", "dense")
 REMOVABLE_FC = ("fc6", "fc7")
 # Section 5: "We initialized the neuron biases in the second, fourth, and fifth convolutional
 # layers, as well as in the fully-connected hidden layers, with the constant 1."
@@ -53,6 +57,9 @@ def _check(cfg: dict) -> None:
     dropout = cfg.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("grouped_conv", "native") not in GROUPED_CONV_IMPLS:
+        raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, "
+                          f"got {cfg.get('grouped_conv')!r}")
     if cfg.get("init") not in ("paper", "kaiming"):
         raise ConfigError(f"model.init must be paper or kaiming, got {cfg.get('init')!r}")
     remove = cfg.get("remove") or []
@@ -99,13 +106,15 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
             if channels % layer["groups"] or layer["out"] % layer["groups"]:
                 raise ConfigError(f"{layer['name']}: {channels} -> {layer['out']} channels cannot be split "
                                   f"into {layer['groups']} towers")
-            features[layer["name"]] = nn.Conv2d(channels, layer["out"], layer["kernel"],
-                                                stride=layer.get("stride", 1), padding=layer.get("pad", 0),
-                                                groups=layer["groups"])
+            features[layer["name"]] = TowerConv2d(channels, layer["out"], layer["kernel"],
+                                                  stride=layer.get("stride", 1), padding=layer.get("pad", 0),
+                                                  groups=layer["groups"],
+                                                  impl=cfg.get("grouped_conv", "native"))
             features[f"act{n}"] = act()
             if cfg["lrn"] and layer.get("lrn", False):
                 features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
-                                                        lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"])
+                                                        lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"],
+                                                        impl=cfg.get("lrn_impl", "auto"))
             channels = layer["out"]
         # A removed layer's pooling stays, so the later layers see the same spatial size.
         if layer.get("pool", False):
@@ -142,6 +151,35 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     model = AlexNet(feature_net, nn.Sequential(classifier))
     init_weights(model, cfg["init"], cfg["activation"])
     return model
+
+
+class TowerConv2d(nn.Conv2d):
+    """nn.Conv2d whose grouped case (the two towers) can run three ways, same weights and result:
+    native (groups=2 in one call), split (one dense conv per tower, then concatenate) or dense (one
+    dense conv with a block-diagonal weight: twice the multiply-adds, but the fastest kernels)."""
+
+    def __init__(self, *args, impl: str = "native", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 or self.impl == "native":
+            return super().forward(x)
+        if self.impl == "split":
+            xs = x.chunk(self.groups, 1)
+            ws = self.weight.chunk(self.groups, 0)
+            bs = self.bias.chunk(self.groups, 0) if self.bias is not None else [None] * self.groups
+            conv = nn.functional.conv2d
+            return torch.cat([conv(xi, wi, bi, self.stride, self.padding, self.dilation)
+                              for xi, wi, bi in zip(xs, ws, bs)], 1)
+        # dense: weight (out, in/g, k, k) -> block-diagonal (out, in, k, k)
+        blocks = self.weight.chunk(self.groups, 0)
+        rows = [torch.cat([blk if j == i else torch.zeros_like(blk) for j in range(self.groups)], 1)
+                for i, blk in enumerate(blocks)]
+        return nn.functional.conv2d(x, torch.cat(rows, 0), self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", impl={self.impl}" if self.groups > 1 else "")
 
 
 class AlexNet(nn.Module):

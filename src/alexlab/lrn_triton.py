@@ -1,0 +1,132 @@
+"""LRN as two fused Triton kernels (forward, backward), registered as `torch.library` ops so they
+compose with autograd and torch.compile. Used on CUDA; `alexlab.lrn` keeps the reference for CPU.
+
+Each program holds a block of pixels x all channels of one image. The forward reads x once (the
+five shifted loads of the channel window hit L1) and writes y; the backward reads x and the
+incoming gradient and writes dx, recomputing the denominators instead of saving them, so LRN moves
+the same bytes as a ReLU. Sums run in fp32 whatever the input dtype.
+
+    d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
+    dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
+
+On a machine without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1),
+which is how the CPU tests check them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
+    if BETA_IS_075:  # the paper's beta: two rsqrt instead of exp/log
+        return tl.rsqrt(d) * tl.rsqrt(tl.sqrt(d))
+    return tl.exp2(-beta * tl.log2(d))
+
+
+@triton.jit
+def _sum_sq(base, p, c, offset, P, C, stride_c, stride_p, SIZE: tl.constexpr):
+    """sum over the window of channel c+offset of a^2, for a [BLOCK_P, BLOCK_C] tile."""
+    pmask = p < P
+    acc = tl.zeros(p.shape, dtype=tl.float32) + tl.zeros(c.shape, dtype=tl.float32)
+    for j in tl.static_range(SIZE):
+        cc = c + (offset + j - SIZE // 2)
+        v = tl.load(base + cc * stride_c + p * stride_p, mask=pmask & (cc >= 0) & (cc < C), other=0.0)
+        v = v.to(tl.float32)
+        acc += v * v
+    return acc
+
+
+@triton.jit
+def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(1)
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    base = x_ptr + n.to(tl.int64) * stride_n
+    mask = (p < P) & (c < C)
+    d = k + coeff * _sum_sq(base, p, c, 0, P, C, stride_c, stride_p, SIZE)
+    x = tl.load(base + c * stride_c + p * stride_p, mask=mask, other=0.0).to(tl.float32)
+    y = x * _neg_pow(d, beta, BETA_IS_075)
+    out = y_ptr + n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(1)
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    offset_n = n.to(tl.int64) * stride_n
+    xb, gb = x_ptr + offset_n, g_ptr + offset_n
+    pmask = p < P
+    mask = pmask & (c < C)
+    # back_j = sum over the channels i whose window holds j of g_i a_i d_i^(-beta-1)
+    back = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for o in tl.static_range(SIZE):
+        shift = o - (SIZE - 1) // 2
+        ci = c + shift
+        m = pmask & (ci >= 0) & (ci < C)
+        d_i = k + coeff * _sum_sq(xb, p, c, shift, P, C, stride_c, stride_p, SIZE)
+        a_i = tl.load(xb + ci * stride_c + p * stride_p, mask=m, other=0.0).to(tl.float32)
+        g_i = tl.load(gb + ci * stride_c + p * stride_p, mask=m, other=0.0).to(tl.float32)
+        back += g_i * a_i * _neg_pow(d_i, beta, BETA_IS_075) / d_i
+    d = k + coeff * _sum_sq(xb, p, c, 0, P, C, stride_c, stride_p, SIZE)
+    x = tl.load(xb + c * stride_c + p * stride_p, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gb + c * stride_c + p * stride_p, mask=mask, other=0.0).to(tl.float32)
+    dx = g * _neg_pow(d, beta, BETA_IS_075) - (2.0 * beta * coeff) * x * back
+    tl.store(dx_ptr + offset_n + c * stride_c + p * stride_p, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
+    """(x, pixels, channels, stride_n, stride_c, stride_p) for NCHW or NHWC (channels_last) x."""
+    if x.dim() != 4:
+        raise ValueError(f"LRN expects (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    s_n, s_c, s_h, s_w = x.stride()
+    if s_h != w * s_w or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+        s_n, s_c, s_h, s_w = x.stride()
+    return x, h * w, c, s_n, s_c, s_w
+
+
+def _launch(kernel, x, out_like, extra, size, coefficient, beta, k):
+    x, pixels, channels, s_n, s_c, s_p = _layout(x)
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
+    out = torch.empty_like(x)
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(1, 4096 // block_c)
+    grid = (triton.cdiv(pixels, block_p), x.shape[0])
+    torch.library.wrap_triton(kernel)[grid](
+        x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k,
+        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+@torch.library.triton_op("alexlab::lrn_forward", mutates_args=())
+def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
+    return _launch(_lrn_fwd_kernel, x, x, [], size, coefficient, beta, k)
+
+
+@torch.library.triton_op("alexlab::lrn_backward", mutates_args=())
+def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float,
+                 k: float) -> torch.Tensor:
+    return _launch(_lrn_bwd_kernel, x, x, [grad.to(x.dtype)], size, coefficient, beta, k)
+
+
+def _setup_context(ctx, inputs, output):
+    x, size, coefficient, beta, k = inputs
+    ctx.save_for_backward(x)
+    ctx.params = (size, coefficient, beta, k)
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return lrn_backward(x, grad, *ctx.params), None, None, None, None
+
+
+torch.library.register_autograd("alexlab::lrn_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,92 @@
+"""The speed paths compute the same function as the reference paths: the fused Triton LRN against
+PyTorch's nn.LocalResponseNorm (on a CPU through Triton's interpreter, on CUDA for real), the three
+grouped-convolution implementations against each other, and a short training run's loss curve."""
+import pytest
+import torch
+from torch import nn
+
+from alexlab.lrn import LocalResponseNorm
+from alexlab.model import build_model
+from conftest import model_cfg
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("shape,channels_last,alpha_mode", [
+    ((2, 96, 9, 7), False, "per_size"),     # conv1's channel count, NCHW
+    ((2, 96, 9, 7), True, "per_size"),      # ... channels_last, as the trainer runs it
+    ((3, 13, 4, 5), True, "literal"),       # channel count not a power of two, the printed alpha
+    ((1, 256, 5, 5), False, "per_size"),    # conv2's channel count
+])
+def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last, alpha_mode):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=gen) * 30 - 5   # large activations, so the denominator matters
+    grad = torch.randn(shape, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    alpha = 1e-4
+    reference = nn.LocalResponseNorm(5, alpha if alpha_mode == "per_size" else alpha * 5, 0.75, 2.0)
+    x_ref = x.clone().requires_grad_()
+    (reference(x_ref) * grad).sum().backward()
+
+    x_fused = x.clone().to(DEVICE).requires_grad_()
+    y = LocalResponseNorm(5, alpha, 0.75, 2.0, alpha_mode=alpha_mode, impl="fused")(x_fused)
+    (y * grad.to(DEVICE)).sum().backward()
+    assert y.stride() == x_fused.stride()  # the layout is kept
+    torch.testing.assert_close(y.cpu(), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lrn_in_bf16_is_within_bf16_rounding_of_fp32():
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(2, 96, 6, 6, generator=gen) * 20).to(DEVICE)
+    reference = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)
+    y = LocalResponseNorm(impl="fused")(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_lrn_with_another_beta_uses_the_general_power():
+    x = torch.rand(2, 16, 3, 3) * 10
+    reference = nn.LocalResponseNorm(3, 1e-2, 0.5, 1.0)(x)
+    torch.testing.assert_close(LocalResponseNorm(3, 1e-2, 0.5, 1.0, impl="fused")(x.to(DEVICE)).cpu(), reference,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["split", "dense"])
+def test_grouped_conv_impls_give_the_native_result_and_gradients(impl):
+    torch.manual_seed(0)
+    native = build_model(model_cfg("small", init="paper", dropout=0.0), 10)
+    other = build_model(model_cfg("small", init="paper", dropout=0.0, grouped_conv=impl), 10)
+    other.load_state_dict(native.state_dict())  # same parameters, same names
+    x = torch.randn(4, 3, 27, 27)
+    out_native, out_other = native(x), other(x)
+    torch.testing.assert_close(out_other, out_native, rtol=1e-4, atol=1e-5)
+    out_native.square().sum().backward()
+    out_other.square().sum().backward()
+    for (name, p), q in zip(native.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fast_paths_train_like_the_reference_path():
+    """Same seed, same batches: the loss curve of the fused LRN + dense towers net follows the
+    reference net's within float tolerance over a short run."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 8, 3, 27, 27, generator=gen)
+    labels = torch.randint(0, 10, (4, 8), generator=gen)
+    curves = []
+    for changes in ({"lrn_impl": "reference"}, {"lrn_impl": "fused", "grouped_conv": "dense"}):
+        torch.manual_seed(0)
+        model = build_model(model_cfg("small", dropout=0.0, **changes), 10).to(DEVICE)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        losses = []
+        for x, y in zip(images, labels):
+            loss = nn.functional.cross_entropy(model(x.to(DEVICE)), y.to(DEVICE))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0]  # it learns at all
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-4)
