@@ -1,6 +1,7 @@
 """The speed paths compute the same function as the reference paths: the fused Triton LRN against
 PyTorch's nn.LocalResponseNorm (on a CPU through Triton's interpreter, on CUDA for real), the three
 grouped-convolution implementations against each other, and a short training run's loss curve."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -90,3 +91,58 @@ def test_fast_paths_train_like_the_reference_path():
         curves.append(losses)
     assert curves[0][-1] < curves[0][0]  # it learns at all
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-4)
+
+
+# ---- the GPU JPEG pipeline (decode in batches, one resize kernel), here on the CPU ----
+
+def _photos():
+    from skimage import data
+    # parts of the photos, so that Triton's interpreter has few filter taps to loop over on a CPU
+    return {"astronaut": data.astronaut()[100:220, 150:310], "coffee": data.coffee()[100:190, 200:330],
+            "chelsea": data.chelsea()[50:150, 100:240],
+            "tiny": data.coffee()[:30, :50]}  # shorter side under the target: enlarged
+
+
+def test_batched_resize_kernel_matches_torchvision_resize_and_center_crop_on_photos():
+    from alexlab.data.datasets import resize_square
+    from alexlab.data.gpu_decode import resize_square_batch
+    images = [torch.from_numpy(p.copy()).permute(2, 0, 1).contiguous().to(DEVICE) for p in _photos().values()]
+    out = resize_square_batch(images, 40).cpu()
+    assert out.shape == (4, 3, 40, 40) and out.dtype == torch.uint8
+    for image, got in zip(images, out):
+        expected = resize_square(image.cpu()[None], 40)[0]
+        diff = (got.int() - expected.int()).abs()
+        # the CPU's uint8 path rounds between its two passes; this kernel does one pass in fp32
+        assert diff.max() <= 1 and diff.float().mean() < 0.2
+
+
+def test_gpu_jpeg_source_serves_the_files_as_the_cpu_decoder_sees_them(tmp_path):
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+    from alexlab.data.datasets import resize_square
+    from alexlab.data.gpu_decode import GpuJpegSource
+    paths = []
+    for name, pixels in _photos().items():
+        path = tmp_path / f"{name}.JPEG"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    png_named_jpeg = tmp_path / "png.JPEG"  # ImageNet has such files: decoded by content
+    Image.fromarray(_photos()["chelsea"][:60, :90]).save(png_named_jpeg, format="PNG")
+    paths.append(str(png_named_jpeg))
+
+    def cpu_decode(data):
+        return decode_image(data, mode=ImageReadMode.RGB)
+
+    labels = list(range(len(paths)))
+    order = torch.tensor([4, 2, 0, 1, 3])
+    got = {}
+    for workers in (0, 2):
+        source = GpuJpegSource(paths, labels, 32, workers, torch.device(DEVICE), cpu_decode)
+        got[workers] = [(x.cpu(), y.cpu()) for x, y in source.batches(order, 2)]
+    assert [y.tolist() for _, y in got[0]] == [[4, 2], [0, 1], [3]]
+    for (x0, _), (x2, _) in zip(got[0], got[2]):
+        assert torch.equal(x0, x2)  # the worker count changes nothing
+    images = torch.cat([x for x, _ in got[0]])
+    for i, image in zip(order.tolist(), images):
+        expected = resize_square(cpu_decode(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)))[None], 32)[0]
+        assert (image.int() - expected.int()).abs().max() <= 1

@@ -1,0 +1,244 @@
+"""JPEG files to uint8 batches on the GPU: DataLoader workers only read file bytes; the GPU decodes
+them in batches (nvJPEG through `torchvision.io.decode_jpeg(..., device="cuda")`) and one Triton
+kernel resizes every image of the batch at once (shorter side to `size`, centre crop), so the
+CPU does almost nothing per image. A background thread prepares the next batches on a side CUDA
+stream while the current training step runs.
+
+The resize is the one `resize_square` does on the CPU (torchvision's antialiased bilinear resize,
+then `center_crop`): same output size, same crop offsets, same filter; it differs from the CPU
+path by at most one or two grey levels because the CPU's uint8 path rounds between its two passes.
+
+Files that nvJPEG refuses (a PNG named .JPEG, CMYK, ...) are decoded on the CPU by `cpu_decode`
+(bytes -> uint8 (3, H, W)) and resized by the same kernel.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+RESIZE_BLOCK = 1024
+
+
+@triton.jit
+def _tri_weight(j, lo, center, invscale):
+    """Bilinear (triangle) filter weight of input index lo + j for an output centred at `center`."""
+    t = tl.abs((j + lo).to(tl.float32) - center + 0.5) * invscale
+    return tl.maximum(1.0 - t, 0.0)
+
+
+@triton.jit
+def _resize_crop_kernel(src_ptr, offsets_ptr, meta_ptr, scale_ptr, out_ptr, S,
+                        BLOCK: tl.constexpr):
+    """out[n, c, oy, ox] = antialiased bilinear sample of image n, resized to (new_h, new_w) and
+    cropped at (top, left). meta[n] = (h, w, top, left, taps_y, taps_x); scale[n] = (sy, sx)."""
+    n = tl.program_id(1)
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = pix < S * S
+    oy = pix // S
+    ox = pix % S
+    h = tl.load(meta_ptr + n * 6 + 0)
+    w = tl.load(meta_ptr + n * 6 + 1)
+    top = tl.load(meta_ptr + n * 6 + 2)
+    left = tl.load(meta_ptr + n * 6 + 3)
+    taps_y = tl.load(meta_ptr + n * 6 + 4)
+    taps_x = tl.load(meta_ptr + n * 6 + 5)
+    sy = tl.load(scale_ptr + n * 2 + 0)
+    sx = tl.load(scale_ptr + n * 2 + 1)
+    base = src_ptr + tl.load(offsets_ptr + n)
+    # PyTorch's antialias rule: support = scale when shrinking, 1 when enlarging.
+    support_y = tl.maximum(sy, 1.0)
+    support_x = tl.maximum(sx, 1.0)
+    inv_y = 1.0 / support_y
+    inv_x = 1.0 / support_x
+    center_y = sy * ((oy + top).to(tl.float32) + 0.5)
+    center_x = sx * ((ox + left).to(tl.float32) + 0.5)
+    lo_y = tl.maximum((center_y - support_y + 0.5).to(tl.int32), 0)
+    hi_y = tl.minimum((center_y + support_y + 0.5).to(tl.int32), h)
+    lo_x = tl.maximum((center_x - support_x + 0.5).to(tl.int32), 0)
+    hi_x = tl.minimum((center_x + support_x + 0.5).to(tl.int32), w)
+    total_y = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, taps_y):
+        total_y += tl.where(lo_y + j < hi_y, _tri_weight(j, lo_y, center_y, inv_y), 0.0)
+    total_x = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, taps_x):
+        total_x += tl.where(lo_x + j < hi_x, _tri_weight(j, lo_x, center_x, inv_x), 0.0)
+    acc_r = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
+    plane = h * w
+    for jy in range(0, taps_y):
+        y = lo_y + jy
+        wy = tl.where(y < hi_y, _tri_weight(jy, lo_y, center_y, inv_y), 0.0) / total_y
+        for jx in range(0, taps_x):
+            x = lo_x + jx
+            m = inside & (y < hi_y) & (x < hi_x)
+            wgt = wy * tl.where(x < hi_x, _tri_weight(jx, lo_x, center_x, inv_x), 0.0) / total_x
+            at = base + y * w + x
+            acc_r += wgt * tl.load(at, mask=m, other=0).to(tl.float32)
+            acc_g += wgt * tl.load(at + plane, mask=m, other=0).to(tl.float32)
+            acc_b += wgt * tl.load(at + 2 * plane, mask=m, other=0).to(tl.float32)
+    out = out_ptr + n.to(tl.int64) * 3 * S * S + pix
+    tl.store(out, tl.minimum(tl.maximum(acc_r + 0.5, 0.0), 255.0).to(tl.uint8), mask=inside)
+    tl.store(out + S * S, tl.minimum(tl.maximum(acc_g + 0.5, 0.0), 255.0).to(tl.uint8), mask=inside)
+    tl.store(out + 2 * S * S, tl.minimum(tl.maximum(acc_b + 0.5, 0.0), 255.0).to(tl.uint8), mask=inside)
+
+
+def resize_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) exactly as torchvision's resize(size) + center_crop(size)."""
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = size, int(size * long / short)
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def resize_square_batch(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """uint8 (3, H_i, W_i) images of any sizes, on one device -> uint8 (N, 3, size, size), one kernel."""
+    device = images[0].device
+    meta, scales, offsets, position = [], [], [], 0
+    for img in images:
+        if img.dim() != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 (3, H, W) images, got {img.dtype} {tuple(img.shape)}")
+        h, w = img.shape[1:]
+        new_h, new_w, top, left = resize_geometry(h, w, size)
+        sy, sx = h / new_h, w / new_w
+        # enough taps for the widest window: 2 * support + 2
+        meta.append((h, w, top, left, int(math.ceil(2 * max(sy, 1.0))) + 2, int(math.ceil(2 * max(sx, 1.0))) + 2))
+        scales.append((sy, sx))
+        offsets.append(position)
+        position += img.numel()
+    src = torch.cat([img.reshape(-1) for img in images])
+    meta_t = torch.tensor(meta, dtype=torch.int32).to(device, non_blocking=True)
+    scale_t = torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True)
+    offsets_t = torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
+    grid = (triton.cdiv(size * size, RESIZE_BLOCK), len(images))
+    _resize_crop_kernel[grid](src, offsets_t, meta_t, scale_t, out, size, BLOCK=RESIZE_BLOCK, num_warps=8)
+    return out
+
+
+def is_jpeg(data: bytes | np.ndarray | torch.Tensor) -> bool:
+    head = bytes(data[:3].tolist()) if not isinstance(data, bytes) else data[:3]
+    return head == b"\xff\xd8\xff"
+
+
+def decode_batch(datas: list[torch.Tensor], device: torch.device,
+                 cpu_decode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. JPEGs are decoded in
+    one nvJPEG call; what it refuses, and anything not a JPEG, goes through `cpu_decode`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    jpeg_idx = [i for i, d in enumerate(datas) if is_jpeg(d)]
+    if jpeg_idx:
+        try:
+            decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg_idx, decoded):
+                out[i] = img
+        except RuntimeError:
+            for i in jpeg_idx:  # one file spoiled the batch call: find it, keep the others on the GPU
+                try:
+                    out[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+    for i, img in enumerate(out):
+        if img is None or img.shape[0] != 3:
+            out[i] = cpu_decode(datas[i]).to(device)
+    return out
+
+
+class _FileBytes(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.fromfile(self.paths[i], dtype=np.uint8))
+
+
+def _collate(items):
+    return items
+
+
+class GpuJpegSource:
+    """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`, with
+    the interface of the other sources: `batches(order, batch_size, start_step)`."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, workers: int,
+                 device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3):
+        self.paths, self.size, self.workers, self.device = list(paths), size, workers, torch.device(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.cpu_decode, self.prefetch = cpu_decode, prefetch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _loader(self, order: torch.Tensor, batch_size: int, start: int):
+        index_batches = [b.tolist() for b in order[start * batch_size:].split(batch_size)]
+        # Workers hand back one tensor per file; the default fd-passing strategy ran out of file
+        # descriptors on the GPU machine ("Bad file descriptor", then a hang).
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        loader = torch.utils.data.DataLoader(_FileBytes(self.paths), batch_sampler=index_batches,
+                                             num_workers=self.workers, collate_fn=_collate,
+                                             prefetch_factor=8 if self.workers else None,
+                                             persistent_workers=False)
+        return zip(loader, index_batches)
+
+    def _prepare(self, datas, idx):
+        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode), self.size)
+        return images, self.labels[idx].to(self.device, non_blocking=True)
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        if self.device.type != "cuda" or not self.prefetch:
+            for datas, idx in self._loader(order, batch_size, start):
+                yield self._prepare(datas, idx)
+            return
+        yield from self._prefetched(order, batch_size, start)
+
+    def _prefetched(self, order, batch_size, start):
+        """Decode on a side stream in a thread, `prefetch` batches ahead of the training step."""
+        stream = torch.cuda.Stream(self.device)
+        ready: queue.Queue = queue.Queue(self.prefetch)
+        stop = threading.Event()
+
+        def work():
+            try:
+                with torch.cuda.stream(stream):
+                    for datas, idx in self._loader(order, batch_size, start):
+                        images, labels = self._prepare(datas, idx)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        while not stop.is_set():
+                            try:
+                                ready.put((images, labels, event), timeout=0.1)
+                                break
+                            except queue.Full:
+                                pass
+                        if stop.is_set():
+                            return
+                ready.put(None)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+                ready.put(err)
+
+        thread = threading.Thread(target=work, daemon=True, name="gpu-jpeg-prefetch")
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, event = item
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                images.record_stream(current)
+                labels.record_stream(current)
+                yield images, labels
+        finally:
+            stop.set()
+            thread.join(timeout=30)
