@@ -22,8 +22,10 @@ import triton.language as tl
 @triton.jit
 def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
     if BETA_IS_075:  # the paper's beta: two rsqrt instead of exp/log
-        return tl.rsqrt(d) * tl.rsqrt(tl.sqrt(d))
-    return tl.exp2(-beta * tl.log2(d))
+        result = tl.rsqrt(d) * tl.rsqrt(tl.sqrt(d))
+    else:
+        result = tl.exp2(-beta * tl.log2(d))
+    return result
 
 
 @triton.jit

@@ -75,11 +75,12 @@ def _resize_crop_kernel(src_ptr, offsets_ptr, meta_ptr, scale_ptr, out_ptr, S,
     plane = h * w
     for jy in range(0, taps_y):
         y = lo_y + jy
-        wy = tl.where(y < hi_y, _tri_weight(jy, lo_y, center_y, inv_y), 0.0) / total_y
+        wy = tl.where(y < hi_y, _tri_weight(jy, lo_y, center_y, inv_y), 0.0) / tl.maximum(total_y, 1e-20)
         for jx in range(0, taps_x):
             x = lo_x + jx
             m = inside & (y < hi_y) & (x < hi_x)
-            wgt = wy * tl.where(x < hi_x, _tri_weight(jx, lo_x, center_x, inv_x), 0.0) / total_x
+            wx = tl.where(x < hi_x, _tri_weight(jx, lo_x, center_x, inv_x), 0.0) / tl.maximum(total_x, 1e-20)
+            wgt = wy * wx
             at = base + y * w + x
             acc_r += wgt * tl.load(at, mask=m, other=0).to(tl.float32)
             acc_g += wgt * tl.load(at + plane, mask=m, other=0).to(tl.float32)

@@ -1,0 +1,403 @@
+"""Speed benchmark: `python src/bench.py [--out FILE.json]`.
+
+Checks correctness first (fused LRN against nn.LocalResponseNorm in fp32 and bf16 on the paper's
+shapes, the grouped-conv implementations against each other, the GPU resize against torchvision's),
+then times, on synthetic data already on the device:
+  - full training steps (forward, backward, SGD) of torchvision's AlexNet and of the `alexnet` preset
+    with LRN on/off and towers 2/1, in fp32, bf16 + channels_last, and bf16 + channels_last + compile;
+  - LRN alone (fused, reference, PyTorch's, compiled PyTorch's) against a ReLU on the same tensor;
+then the JPEG pipeline alone (files -> augmented batch on the GPU) and end to end (files -> step),
+on generated ImageNet-sized JPEGs. Warm-up excluded, median of repeats, device synchronised.
+Prints a table last and writes JSON with the card, library versions and date.
+
+Without CUDA it runs a tiny version (batch 2, few steps, small images) in seconds, for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from alexlab.io import atomic_write_json  # noqa: E402
+from alexlab.model import build_model  # noqa: E402
+from alexlab.tracking import device_name, library_versions  # noqa: E402
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def model_preset(name: str, **changes) -> dict:
+    """A conf/model preset as a plain dict (its `defaults` list merged), without Hydra."""
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+    for base in reversed([d for d in cfg.pop("defaults", []) if d != "_self_"]):
+        cfg = model_preset(base) | cfg
+    cfg["in_channels"] = 3
+    cfg.update(changes)
+    return cfg
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device, warmup: int, steps: int, repeats: int) -> float:
+    """Median seconds per call of `step` over `repeats` timed runs of `steps` calls each."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - tic) / steps)
+    return statistics.median(times)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.tiny = not self.cuda
+        self.batch = args.batch or (256 if self.cuda else 2)
+        # The tiny CPU version: the `small` preset (27 px) for ours, torchvision's net at 64 px.
+        self.ours, self.ours_size, self.tv_size = ("alexnet", 227, 224) if self.cuda else ("small", 27, 64)
+        self.image_size = 256 if self.cuda else 32
+        self.warmup, self.steps, self.repeats = (5, 10, 3) if self.cuda else (1, 1, 2)
+        self.started = time.perf_counter()
+        self.record = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
+            "versions": library_versions() | {"triton": _version("triton")},
+            "batch_size": self.batch, "tiny": self.tiny,
+            "checks": {}, "train_step": [], "lrn": [], "data": [], "end_to_end": [], "errors": []}
+
+    # ---- bookkeeping ----
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.started > self.args.budget_s
+
+    def save(self):
+        if self.args.out:
+            atomic_write_json(self.record, Path(self.args.out))
+
+    def section(self, name, fn):
+        if self.out_of_time():
+            self.record["errors"].append(f"{name}: skipped, over the {self.args.budget_s} s budget")
+            return
+        print(f"== {name}", flush=True)
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - one broken section must not lose the others' numbers
+            self.record["errors"].append(f"{name}: {traceback.format_exc(limit=3)}")
+            print(traceback.format_exc(), flush=True)
+        self.save()
+
+    # ---- correctness ----
+    def checks(self):
+        from torch import nn
+        from alexlab.lrn import LocalResponseNorm
+        shapes = [(8, 96, 55, 55), (8, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
+        for shape in shapes:
+            x = (torch.rand(shape, device=self.device) * 20).contiguous(memory_format=torch.channels_last)
+            g = torch.randn(shape, device=self.device)
+            ref_x = x.clone().requires_grad_()
+            (nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x) * g).sum().backward()
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+                fx = x.detach().clone().to(dtype).requires_grad_()
+                y = LocalResponseNorm(impl="fused")(fx)
+                (y.float() * g).sum().backward()
+                err_y = ((y.float() - nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)).abs().max()).item()
+                err_g = ((fx.grad.float() - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+                ok = err_y <= tol * 20 and err_g <= tol
+                self.record["checks"][f"lrn_fused_{dtype}_{shape}"] = {"max_abs_err_y": err_y,
+                                                                       "max_rel_err_grad": err_g, "ok": ok}
+        torch.manual_seed(0)
+        x = torch.randn(4 if self.cuda else 1, 3, self.ours_size, self.ours_size, device=self.device)
+        outs = {}
+        for impl in ("native", "split", "dense"):
+            torch.manual_seed(0)
+            model = build_model(model_preset(self.ours, dropout=0.0, grouped_conv=impl), 1000).to(self.device)
+            with torch.no_grad():
+                outs[impl] = model(x)
+        scale = outs["native"].abs().max().item()
+        for impl in ("split", "dense"):
+            err = (outs[impl] - outs["native"]).abs().max().item()
+            self.record["checks"][f"grouped_conv_{impl}"] = {"max_abs_err": err, "scale": scale,
+                                                             "ok": err <= 1e-3 * max(scale, 1e-6)}
+
+    # ---- training steps ----
+    def train_step_fn(self, model, mode: str, size: int):
+        bf16 = mode != "fp32" and self.cuda
+        channels_last = mode != "fp32"
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        step_model = torch.compile(model) if mode.endswith("compile") else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x = torch.randn(self.batch, 3, size, size, device=self.device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (self.batch,), device=self.device)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                logits = step_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def time_model(self, label: str, make_model, mode: str, size: int):
+        if self.out_of_time():
+            self.record["errors"].append(f"train_step {label} {mode}: skipped (budget)")
+            return None
+        torch.manual_seed(0)
+        model = make_model().to(self.device)
+        tic = time.perf_counter()
+        step = self.train_step_fn(model, mode, size)
+        warmup = self.warmup + (2 if mode.endswith("compile") else 0)
+        try:
+            seconds = time_steps(step, self.device, warmup, self.steps, self.repeats)
+        except Exception as err:  # noqa: BLE001
+            self.record["errors"].append(f"train_step {label} {mode}: {type(err).__name__}: {err}")
+            print(f"   {label} {mode}: FAILED {err}", flush=True)
+            return None
+        row = {"model": label, "mode": mode, "images_per_s": self.batch / seconds, "ms_per_step": 1e3 * seconds,
+               "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
+        self.record["train_step"].append(row)
+        print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
+        del model, step
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return row
+
+    def train_steps(self):
+        import torchvision
+        tv = lambda: torchvision.models.alexnet(num_classes=1000)  # noqa: E731
+        ours = lambda **c: (lambda: build_model(model_preset(self.ours, **c), 1000))  # noqa: E731
+        size = self.ours_size
+        eager, best = "bf16+cl", "bf16+cl+compile"
+        modes = ["fp32", eager] + ([best] if self.cuda and not self.args.no_compile else [])
+        for mode in modes:
+            self.time_model("torchvision alexnet", tv, mode, self.tv_size)
+            self.time_model("paper (lrn, towers 2)", ours(), mode, size)
+        self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
+        self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
+        self.time_model("one tower (lrn)", ours(towers=1), eager, size)
+        self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
+        rates = {}
+        for impl in ("native", "split", "dense"):
+            row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
+            rates[impl] = row["images_per_s"] if row else 0
+        fastest = max(rates, key=rates.get)
+        self.record["fastest_grouped_conv"] = fastest
+        if self.cuda and not self.args.no_compile and fastest != "native":
+            self.time_model(f"paper, grouped_conv={fastest}", ours(grouped_conv=fastest), best, size)
+
+    # ---- LRN alone ----
+    def lrn_alone(self):
+        from alexlab.lrn import LocalResponseNorm
+        shape = (256, 96, 55, 55) if self.cuda else (2, 24, 3, 3)
+        for dtype in (torch.float32, torch.bfloat16) if self.cuda else (torch.float32,):
+            x = torch.randn(shape, device=self.device).contiguous(memory_format=torch.channels_last).to(dtype)
+            g = torch.randn_like(x)
+            contenders = {
+                "relu": torch.relu,
+                "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
+                "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
+                "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
+            if self.cuda and not self.args.no_compile:
+                contenders["F.local_response_norm compiled"] = torch.compile(
+                    lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0))
+            for name, fn in contenders.items():
+                xr = x.detach().clone().requires_grad_()
+
+                def step(fn=fn, xr=xr):
+                    xr.grad = None
+                    fn(xr).backward(g)
+                seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
+                row = {"op": name, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
+                       "ms_fwd_bwd": 1e3 * seconds}
+                self.record["lrn"].append(row)
+                print(f"   {name:<40} {row['dtype']:<9} {row['ms_fwd_bwd']:.3f} ms", flush=True)
+
+    # ---- JPEG pipeline ----
+    def jpeg_files(self) -> list[str]:
+        folder = Path(self.args.jpeg_dir)
+        count = self.args.jpegs or (6144 if self.cuda else 6)
+        paths = sorted(str(p) for p in folder.glob("*.JPEG")) if folder.is_dir() else []
+        if len(paths) < count:
+            folder.mkdir(parents=True, exist_ok=True)
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+                scale = 1.0 if self.cuda else 0.1  # the interpreter resizes slowly: small files on a CPU
+                list(pool.map(_make_jpeg, [(folder, i, scale) for i in range(count)], chunksize=64))
+            paths = sorted(str(p) for p in folder.glob("*.JPEG"))
+        sizes = [os.path.getsize(p) for p in paths[:count]]
+        self.record["jpeg_files"] = {"count": count, "mean_kb": sum(sizes) / len(sizes) / 1024,
+                                     "note": "generated from scikit-image photos, ~500x375, quality 90; "
+                                             "in the page cache, so disk speed is not measured"}
+        return paths[:count]
+
+    def pipeline(self, model_step=None, epochs: int = 2):
+        """Images/s from files to augmented batches (and through `model_step` if given)."""
+        from alexlab.data.augment import Augmenter, PixelStats, batch_generator
+        from alexlab.data.gpu_decode import GpuJpegSource
+        from torchvision.io import ImageReadMode, decode_image
+        paths = self.jpeg_files()
+        size, crop = self.image_size, self.ours_size
+        stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
+        augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
+        source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
+                               self.device, lambda b: decode_image(b, mode=ImageReadMode.RGB))
+        rates = []
+        for epoch in range(epochs):
+            order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
+            seen, tic = 0, None
+            for step, (images, labels) in enumerate(source.batches(order, self.batch)):
+                x = augment.train(images, batch_generator(0, epoch, step))
+                if model_step is not None:
+                    model_step(x.contiguous(memory_format=torch.channels_last), labels)
+                if step == 0:  # the first batch pays for the workers' start
+                    sync(self.device)
+                    tic = time.perf_counter()
+                else:
+                    seen += len(labels)
+            sync(self.device)
+            if seen:
+                rates.append(seen / (time.perf_counter() - tic))
+        return statistics.median(rates) if rates else float("nan"), len(paths)
+
+    def data_alone(self):
+        rate, n = self.pipeline()
+        self.record["data"].append({"pipeline": "JPEG files -> nvJPEG -> resize kernel -> augment (GPU)",
+                                    "workers": self.args.workers, "images": n, "images_per_s": rate})
+        print(f"   gpu jpeg pipeline: {rate:.0f} img/s", flush=True)
+        if self.cuda:  # decode alone, bytes already in memory
+            import numpy as np
+            from torchvision.io import ImageReadMode, decode_jpeg
+            datas = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in self.jpeg_files()[:self.batch]]
+            seconds = time_steps(lambda: decode_jpeg(datas, mode=ImageReadMode.RGB, device="cuda"),
+                                 self.device, 2, 5, 3)
+            self.record["data"].append({"pipeline": "nvJPEG batch decode alone (bytes in memory)",
+                                        "images_per_s": len(datas) / seconds})
+            print(f"   nvjpeg decode alone: {len(datas) / seconds:.0f} img/s", flush=True)
+
+    def end_to_end(self):
+        torch.manual_seed(0)
+        impl = self.record.get("fastest_grouped_conv", "native")
+        model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
+        model = model.to(memory_format=torch.channels_last)
+        compiled = self.cuda and not self.args.no_compile
+        step_model = torch.compile(model) if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def model_step(x, y):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                logits = step_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rate, n = self.pipeline(model_step, epochs=4 if self.cuda else 2)
+        mode = "bf16+cl+compile" if compiled else "bf16+cl" if self.cuda else "fp32"
+        days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
+        row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, grouped_conv={impl})",
+               "workers": self.args.workers, "images": n, "images_per_s": rate,
+               "projected_90_epochs_hours": 24 * days}
+        self.record["end_to_end"].append(row)
+        print(f"   end to end: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h", flush=True)
+
+    def table(self) -> str:
+        lines = [f"# {self.record['device']} - {self.record['date']} - torch {self.record['versions'].get('torch')}"
+                 f" - batch {self.batch}{' (tiny CPU version)' if self.tiny else ''}", "",
+                 "| training step | mode | img/s | ms/step |", "|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['mode']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.2f} |"
+                  for r in self.record["train_step"]]
+        lines += ["", "| op on " + ("x".join(map(str, self.record["lrn"][0]["shape"])) if self.record["lrn"] else "")
+                  + " | dtype | fwd+bwd ms |", "|---|---|---:|"]
+        lines += [f"| {r['op']} | {r['dtype']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn"]]
+        lines += ["", "| pipeline | img/s |", "|---|---:|"]
+        lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
+        if self.record["end_to_end"]:
+            lines.append(f"\nprojected 90 epochs of ImageNet-1k (1,281,167 images): "
+                         f"{self.record['end_to_end'][0]['projected_90_epochs_hours']:.1f} h on this card")
+        failed = [k for k, v in self.record["checks"].items() if not v["ok"]]
+        lines.append(f"\nchecks: {len(self.record['checks']) - len(failed)}/{len(self.record['checks'])} ok"
+                     + (f"; FAILED: {failed}" if failed else ""))
+        if self.record["errors"]:
+            lines.append(f"errors: {len(self.record['errors'])} (see the JSON)")
+        return "\n".join(lines)
+
+
+def _version(name):
+    try:
+        import importlib.metadata as md
+        return md.version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _make_jpeg(job):
+    """One ImageNet-like JPEG: a random crop of a scikit-image photo, resized to about 500x375."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    folder, i, scale = job
+    rng = np.random.default_rng(i)
+    photo = [data.astronaut, data.coffee, data.chelsea, data.rocket, data.immunohistochemistry][i % 5]()
+    h, w = photo.shape[:2]
+    ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    image = Image.fromarray(photo[top:top + ch, left:left + cw])
+    size = (round(500 * scale), round(375 * scale))
+    size = size if rng.random() < 0.75 else size[::-1]
+    image.resize(size, Image.BILINEAR).save(Path(folder) / f"{i:06d}.JPEG", quality=90)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/latest.json", help="JSON record (default: bench/latest.json)")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default 256 on CUDA, 2 on CPU)")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--jpeg-dir", default="", help="where generated JPEGs are kept "
+                        "(default /tmp/alexlab-bench-jpeg, -tiny on a CPU)")
+    parser.add_argument("--jpegs", type=int, default=0, help="number of JPEGs (default 6144 on CUDA, 6 on CPU)")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many s")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile modes")
+    parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
+    # train last: its compiles are the slowest part, and the budget should cut there if anywhere
+    parser.add_argument("--only", default="checks,lrn,data,e2e,train", help="comma-separated sections")
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg" + ("" if bench.cuda else "-tiny"))
+    sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
+                "data": bench.data_alone, "e2e": bench.end_to_end}
+    for name in args.only.split(","):
+        bench.section(name, sections[name])
+    table = bench.table()
+    bench.record["table"] = table
+    bench.save()
+    print(table)
+    ok = all(v["ok"] for v in bench.record["checks"].values()) and not bench.record["errors"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

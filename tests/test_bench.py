@@ -1,0 +1,28 @@
+"""The benchmark's tiny CPU version runs end to end and writes a complete record."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "--cpu", "--out", str(out),
+                           "--workers", "0", "--jpeg-dir", str(tmp_path / "jpeg")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["tiny"] and record["errors"] == []
+    assert record["checks"] and all(check["ok"] for check in record["checks"].values())
+    rows = {(r["model"], r["mode"]) for r in record["train_step"]}
+    for model in ("torchvision alexnet", "paper (lrn, towers 2)", "no LRN (towers 2)", "one tower (lrn)",
+                  "no LRN, one tower", "paper, grouped_conv=dense"):
+        assert any(m == model for m, _ in rows), model
+    assert all(r["images_per_s"] > 0 for r in record["train_step"])
+    assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm"}
+    assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
+    assert record["versions"]["torch"] and record["device"] and record["date"]
+    assert "| training step |" in proc.stdout  # the table comes last
