@@ -201,6 +201,8 @@ class Bench:
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
+        if self.cuda and not self.args.no_compile:
+            self.time_model("no LRN (towers 2)", ours(lrn=False), best, size)
         rates = {}
         for impl in ("native", "split", "dense"):
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
@@ -209,9 +211,17 @@ class Bench:
         self.record["fastest_grouped_conv"] = fastest
         if self.cuda and not self.args.no_compile and fastest != "native":
             self.time_model(f"paper, grouped_conv={fastest}", ours(grouped_conv=fastest), best, size)
+        from alexlab import lrn_triton
+        self.record["lrn_layouts_traced_by_compile"] = [list(map(str, t)) for t in lrn_triton.TRACED_LAYOUTS]
+        paper = [r for r in self.record["train_step"] if r["model"].startswith("paper") and "reference" not in r["model"]
+                 and (r["model"] == "paper (lrn, towers 2)" or r["model"].endswith(f"={fastest}"))]
+        if paper:
+            best_row = max(paper, key=lambda r: r["images_per_s"])
+            self.record["fastest_paper_mode"] = best_row["mode"]
 
     # ---- LRN alone ----
     def lrn_alone(self):
+        from alexlab import lrn_triton
         from alexlab.lrn import LocalResponseNorm
         shape = (256, 96, 55, 55) if self.cuda else (2, 24, 3, 3)
         for dtype in (torch.float32, torch.bfloat16) if self.cuda else (torch.float32,):
@@ -220,6 +230,7 @@ class Bench:
             contenders = {
                 "relu": torch.relu,
                 "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
+                "lrn fused, shifted-load kernels": LocalResponseNorm(impl="fused"),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
             if self.cuda and not self.args.no_compile:
@@ -228,9 +239,11 @@ class Bench:
             for name, fn in contenders.items():
                 xr = x.detach().clone().requires_grad_()
 
-                def step(fn=fn, xr=xr):
+                def step(fn=fn, xr=xr, kernels="shifted" if "shifted" in name else "gather"):
+                    lrn_triton.KERNELS = kernels  # forward and backward with the same pair
                     xr.grad = None
                     fn(xr).backward(g)
+                    lrn_triton.KERNELS = "gather"
                 seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
                 row = {"op": name, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
                        "ms_fwd_bwd": 1e3 * seconds}
@@ -255,7 +268,7 @@ class Bench:
                                              "in the page cache, so disk speed is not measured"}
         return paths[:count]
 
-    def pipeline(self, model_step=None, epochs: int = 2):
+    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3):
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import Augmenter, PixelStats, batch_generator
         from alexlab.data.gpu_decode import GpuJpegSource
@@ -265,7 +278,7 @@ class Bench:
         stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
-                               self.device, lambda b: decode_image(b, mode=ImageReadMode.RGB))
+                               self.device, lambda b: decode_image(b, mode=ImageReadMode.RGB), prefetch=prefetch)
         rates = []
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
@@ -285,10 +298,30 @@ class Bench:
         return statistics.median(rates) if rates else float("nan"), len(paths)
 
     def data_alone(self):
-        rate, n = self.pipeline()
-        self.record["data"].append({"pipeline": "JPEG files -> nvJPEG -> resize kernel -> augment (GPU)",
-                                    "workers": self.args.workers, "images": n, "images_per_s": rate})
-        print(f"   gpu jpeg pipeline: {rate:.0f} img/s", flush=True)
+        from alexlab.data.gpu_decode import decode_batch, read_batches, resize_square_batch
+        from torchvision.io import ImageReadMode, decode_image
+        for prefetch, how in ((3, "prefetch thread, side stream"), (0, "inline")):
+            rate, n = self.pipeline(prefetch=prefetch)
+            self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
+                                        "workers": self.args.workers, "images": n, "images_per_s": rate})
+            print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
+        paths = self.jpeg_files()
+        batches = [list(range(i, min(i + self.batch, len(paths)))) for i in range(0, len(paths), self.batch)]
+        tic = time.perf_counter()
+        blobs = list(read_batches(paths, batches, self.args.workers))
+        self.record["data"].append({"pipeline": "file bytes only (DataLoader workers)", "workers": self.args.workers,
+                                    "images_per_s": len(paths) / (time.perf_counter() - tic)})
+        cpu_decode = lambda b: decode_image(b, mode=ImageReadMode.RGB)  # noqa: E731
+        decoded = decode_batch(blobs[0], self.device, cpu_decode)
+        seconds = time_steps(lambda: resize_square_batch(decoded, self.image_size), self.device, 2, 5, 3)
+        self.record["data"].append({"pipeline": "resize kernel alone (decoded images on the device)",
+                                    "images_per_s": len(decoded) / seconds})
+        seconds = time_steps(lambda: resize_square_batch(decode_batch(blobs[0], self.device, cpu_decode),
+                                                         self.image_size), self.device, 2, 5, 3)
+        self.record["data"].append({"pipeline": "decode + resize, bytes in memory",
+                                    "images_per_s": len(blobs[0]) / seconds})
+        for row in self.record["data"][-3:]:
+            print(f"   {row['pipeline']}: {row['images_per_s']:.0f} img/s", flush=True)
         if self.cuda:  # decode alone, bytes already in memory
             import numpy as np
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -304,7 +337,8 @@ class Bench:
         impl = self.record.get("fastest_grouped_conv", "native")
         model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
         model = model.to(memory_format=torch.channels_last)
-        compiled = self.cuda and not self.args.no_compile
+        mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
+        compiled = mode.endswith("compile")
         step_model = torch.compile(model) if compiled else model
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -316,7 +350,6 @@ class Bench:
             loss.backward()
             opt.step()
         rate, n = self.pipeline(model_step, epochs=4 if self.cuda else 2)
-        mode = "bf16+cl+compile" if compiled else "bf16+cl" if self.cuda else "fp32"
         days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
         row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, grouped_conv={impl})",
                "workers": self.args.workers, "images": n, "images_per_s": rate,
@@ -382,8 +415,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many s")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile modes")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
-    # train last: its compiles are the slowest part, and the budget should cut there if anywhere
-    parser.add_argument("--only", default="checks,lrn,data,e2e,train", help="comma-separated sections")
+    parser.add_argument("--only", default="checks,lrn,train,data,e2e", help="comma-separated sections")
     args = parser.parse_args(argv)
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg" + ("" if bench.cuda else "-tiny"))

@@ -11,6 +11,8 @@ picks which reading is built:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -92,7 +94,10 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
                         impl: str = "auto") -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | reference."""
-    if impl == "fused" or (impl == "auto" and x.is_cuda):
+    # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
+    # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.
+    runnable = x.is_cuda or (impl == "fused" and os.environ.get("TRITON_INTERPRET") == "1")
+    if impl != "reference" and runnable:
         fused = _fused_lrn()
         if fused is not None:
             return fused(x, size, coefficient, beta, k)

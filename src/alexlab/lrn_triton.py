@@ -1,10 +1,11 @@
 """LRN as two fused Triton kernels (forward, backward), registered as `torch.library` ops so they
 compose with autograd and torch.compile. Used on CUDA; `alexlab.lrn` keeps the reference for CPU.
 
-Each program holds a block of pixels x all channels of one image. The forward reads x once (the
-five shifted loads of the channel window hit L1) and writes y; the backward reads x and the
-incoming gradient and writes dx, recomputing the denominators instead of saving them, so LRN moves
-the same bytes as a ReLU. Sums run in fp32 whatever the input dtype.
+Each program holds a block of pixels x all channels of one image in registers; the window sums
+across channels move values between threads (tl.gather), not through memory. The forward reads x
+once and writes y; the backward reads x and the incoming gradient and writes dx, recomputing the
+denominators instead of saving them, so LRN moves the same bytes as a ReLU. Sums run in fp32
+whatever the input dtype.
 
     d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
     dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
@@ -29,6 +30,54 @@ def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
 
 
 @triton.jit
+def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a [BLOCK_P, BLOCK_C] tile held in registers, zero
+    outside [0, BLOCK_C) (channels >= C are zero in t). tl.gather moves values between threads, so
+    each input element is read from memory once."""
+    out = tl.zeros(t.shape, dtype=tl.float32)
+    for o in tl.static_range(lo, hi + 1):
+        idx = c + o
+        valid = (idx >= 0) & (idx < BLOCK_C)
+        picked = tl.gather(t, tl.broadcast_to(tl.minimum(tl.maximum(idx, 0), BLOCK_C - 1), t.shape), axis=1)
+        out += tl.where(valid, picked, 0.0)
+    return out
+
+
+@triton.jit
+def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(1)
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
+    mask = (p < P) & (c < C)
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
+    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C)
+    y = x * _neg_pow(d, beta, BETA_IS_075)
+    tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(1)
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
+    mask = (p < P) & (c < C)
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C)
+    scale = _neg_pow(d, beta, BETA_IS_075)
+    # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
+    back = _window_sum(g * x * scale / d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C)
+    dx = g * scale - (2.0 * beta * coeff) * x * back
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# The first version, kept while the two are compared on a GPU: shifted loads instead of tl.gather.
+@triton.jit
 def _sum_sq(base, p, c, offset, P, C, stride_c, stride_p, SIZE: tl.constexpr):
     """sum over the window of channel c+offset of a^2, for a [BLOCK_P, BLOCK_C] tile."""
     pmask = p < P
@@ -42,7 +91,7 @@ def _sum_sq(base, p, c, offset, P, C, stride_c, stride_p, SIZE: tl.constexpr):
 
 
 @triton.jit
-def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+def _lrn_fwd_kernel_shifted(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(1)
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
@@ -57,7 +106,7 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 
 
 @triton.jit
-def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+def _lrn_bwd_kernel_shifted(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(1)
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
@@ -96,6 +145,8 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 
 
 def _launch(kernel, x, out_like, extra, size, coefficient, beta, k):
+    if torch.compiler.is_compiling():
+        TRACED_LAYOUTS.append((tuple(x.shape), tuple(x.stride()), str(x.dtype)))
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
@@ -109,15 +160,21 @@ def _launch(kernel, x, out_like, extra, size, coefficient, beta, k):
     return out
 
 
+KERNELS = "gather"  # or "shifted" (the first version), for the benchmark's comparison
+TRACED_LAYOUTS: list = []  # (shape, strides, dtype) seen while torch.compile traced the op
+
+
 @torch.library.triton_op("alexlab::lrn_forward", mutates_args=())
 def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
-    return _launch(_lrn_fwd_kernel, x, x, [], size, coefficient, beta, k)
+    kernel = _lrn_fwd_kernel if KERNELS == "gather" else _lrn_fwd_kernel_shifted
+    return _launch(kernel, x, x, [], size, coefficient, beta, k)
 
 
 @torch.library.triton_op("alexlab::lrn_backward", mutates_args=())
 def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float,
                  k: float) -> torch.Tensor:
-    return _launch(_lrn_bwd_kernel, x, x, [grad.to(x.dtype)], size, coefficient, beta, k)
+    kernel = _lrn_bwd_kernel if KERNELS == "gather" else _lrn_bwd_kernel_shifted
+    return _launch(kernel, x, x, [grad.to(x.dtype)], size, coefficient, beta, k)
 
 
 def _setup_context(ctx, inputs, output):

@@ -153,19 +153,29 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
     return out
 
 
-class _FileBytes(torch.utils.data.Dataset):
+class _BatchBytes(torch.utils.data.Dataset):
+    """Item = a whole batch: the files' bytes in one uint8 tensor and their lengths, so a worker
+    hands two tensors per batch to the main process, not one per file (each shared tensor costs a
+    file descriptor or a shared-memory file, and hundreds per batch were the bottleneck)."""
+
     def __init__(self, paths: Sequence[str]):
         self.paths = paths
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.fromfile(self.paths[i], dtype=np.uint8))
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        blobs = [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        return torch.from_numpy(np.concatenate(blobs)), torch.tensor([len(b) for b in blobs])
 
 
-def _collate(items):
-    return items
+def read_batches(paths: Sequence[str], index_batches: list[list[int]], workers: int) -> Iterator[list[torch.Tensor]]:
+    """The bytes of each batch's files, read by `workers` processes, as lists of 1-D uint8 tensors."""
+    torch.multiprocessing.set_sharing_strategy("file_system")  # "Bad file descriptor" otherwise (GPU host)
+    loader = torch.utils.data.DataLoader(_BatchBytes(paths), sampler=index_batches, batch_size=None,
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    for blob, lengths in loader:
+        yield list(blob.split(lengths.tolist()))
 
 
 class GpuJpegSource:
@@ -183,14 +193,7 @@ class GpuJpegSource:
 
     def _loader(self, order: torch.Tensor, batch_size: int, start: int):
         index_batches = [b.tolist() for b in order[start * batch_size:].split(batch_size)]
-        # Workers hand back one tensor per file; the default fd-passing strategy ran out of file
-        # descriptors on the GPU machine ("Bad file descriptor", then a hang).
-        torch.multiprocessing.set_sharing_strategy("file_system")
-        loader = torch.utils.data.DataLoader(_FileBytes(self.paths), batch_sampler=index_batches,
-                                             num_workers=self.workers, collate_fn=_collate,
-                                             prefetch_factor=8 if self.workers else None,
-                                             persistent_workers=False)
-        return zip(loader, index_batches)
+        return zip(read_batches(self.paths, index_batches, self.workers), index_batches)
 
     def _prepare(self, datas, idx):
         images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode), self.size)
