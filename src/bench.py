@@ -211,8 +211,6 @@ class Bench:
         self.record["fastest_grouped_conv"] = fastest
         if self.cuda and not self.args.no_compile and fastest != "native":
             self.time_model(f"paper, grouped_conv={fastest}", ours(grouped_conv=fastest), best, size)
-        from alexlab import lrn_triton
-        self.record["lrn_layouts_traced_by_compile"] = [list(map(str, t)) for t in lrn_triton.TRACED_LAYOUTS]
         paper = [r for r in self.record["train_step"] if r["model"].startswith("paper") and "reference" not in r["model"]
                  and (r["model"] == "paper (lrn, towers 2)" or r["model"].endswith(f"={fastest}"))]
         if paper:
@@ -221,7 +219,6 @@ class Bench:
 
     # ---- LRN alone ----
     def lrn_alone(self):
-        from alexlab import lrn_triton
         from alexlab.lrn import LocalResponseNorm
         shape = (256, 96, 55, 55) if self.cuda else (2, 24, 3, 3)
         for dtype in (torch.float32, torch.bfloat16) if self.cuda else (torch.float32,):
@@ -230,7 +227,6 @@ class Bench:
             contenders = {
                 "relu": torch.relu,
                 "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
-                "lrn fused, shifted-load kernels": LocalResponseNorm(impl="fused"),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
             if self.cuda and not self.args.no_compile:
@@ -239,11 +235,9 @@ class Bench:
             for name, fn in contenders.items():
                 xr = x.detach().clone().requires_grad_()
 
-                def step(fn=fn, xr=xr, kernels="shifted" if "shifted" in name else "gather"):
-                    lrn_triton.KERNELS = kernels  # forward and backward with the same pair
+                def step(fn=fn, xr=xr):
                     xr.grad = None
                     fn(xr).backward(g)
-                    lrn_triton.KERNELS = "gather"
                 seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
                 row = {"op": name, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
                        "ms_fwd_bwd": 1e3 * seconds}
