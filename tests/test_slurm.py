@@ -27,6 +27,17 @@ SLURM = ["hydra/launcher=slurm_1gpu", "hydra.launcher.gpus_per_node=0", "hydra.l
 TINY = ["scale=tiny", "trainer.threads=1"]
 
 
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs(tmp_path, slurm_env):
+    """A failed test must not leave its jobs running on the cluster: cancel this test's jobs (a
+    finished job may still be leaving the queue for a few seconds: give it that time first)."""
+    yield
+    job_ids = sorted({p.name for p in tmp_path.glob("**/.submitit/*") if p.is_dir()})
+    if job_ids:
+        wait_until_idle(slurm_env, timeout=15, jobs=job_ids, fail=False)
+        subprocess.run(["scancel", *job_ids], env=dict(os.environ, **slurm_env), capture_output=True)
+
+
 def records(sweep: Path) -> dict:
     """results.json of every job below `sweep`, by job directory name."""
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("**/results.json"))}
@@ -36,15 +47,18 @@ def job_logs(sweep: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(sweep.glob("**/.submitit/*/*_log.*")))
 
 
-def wait_until_idle(env: dict, timeout: float = 60) -> None:
-    """Jobs a failed sweep left behind keep running on the cluster: wait for them."""
+def wait_until_idle(env: dict, timeout: float = 60, jobs: list | None = None, fail: bool = True) -> None:
+    """Wait until the queue has none of `jobs` (default: no jobs at all)."""
     deadline = time.time() + timeout
+    select = ["-j", ",".join(jobs)] if jobs else []
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-o", "%i"], env=dict(os.environ, **env), capture_output=True, text=True)
+        out = subprocess.run(["squeue", "-h", "-o", "%i", *select], env=dict(os.environ, **env),
+                             capture_output=True, text=True)
         if not out.stdout.strip():
             return
         time.sleep(0.5)
-    raise AssertionError(f"jobs still queued after {timeout} s: {out.stdout}")
+    if fail:
+        raise AssertionError(f"jobs still queued after {timeout} s: {out.stdout}")
 
 
 def test_two_job_sweep_through_a_slurm_preset(tmp_path, slurm_env):
@@ -78,7 +92,7 @@ def test_warning_signal_requeues_and_the_job_resumes_in_place(tmp_path, slurm_en
     else:
         sweep.kill()
         pytest.fail(f"the job never finished its first epoch: {sweep.communicate()}")
-    job_id = next((tmp_path / "sweep").glob("*/.submitit/*_0")).name
+    (job_id,) = [p.name for p in (tmp_path / "sweep").glob("*/.submitit/*") if p.is_dir()]  # one job: no array
     # What SLURM sends before the time limit (and what submitit's own job._interrupt() does).
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
     _, err = sweep.communicate(timeout=300)
@@ -121,7 +135,10 @@ def test_a_failing_array_task_fails_the_sweep_and_keeps_the_others(tmp_path, slu
 
 
 def test_two_task_ddp_matches_one_process(tmp_path, slurm_env):
-    args = [*TINY, "trainer.epochs=1", "model.dropout=0", "seed=3", "logger=none"]
+    # 4 steps of a global batch of 256 (128 per task). Float summation order is the only difference:
+    # about 5e-6 after 4 steps here (it grows with steps as ReLU/max-pool ties flip), while a wrong
+    # shard or gradient scale moves weights by ~1e-2.
+    args = [*TINY, "trainer.epochs=1", "trainer.batch_size=256", "model.dropout=0", "seed=3", "logger=none"]
     single = run_cli(*args, "hydra.run.dir=single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_cli("-m", *args, *SLURM, "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep",
@@ -135,6 +152,8 @@ def test_two_task_ddp_matches_one_process(tmp_path, slurm_env):
     two = torch.load(Path(record["run_dir"]) / "checkpoint.pt", weights_only=True)["model"]
     assert one.keys() == two.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
-    for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err"):
-        assert record["final"][key] == pytest.approx(reference["final"][key], rel=1e-4, abs=0.2), key
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
+    for key in ("train_loss", "val_loss"):
+        assert record["final"][key] == pytest.approx(reference["final"][key], rel=1e-4), key
+    for key in ("train_top1_err", "val_top1_err"):  # at most one image (of 1024 / 512) on the other side
+        assert record["final"][key] == pytest.approx(reference["final"][key], abs=0.2), key
