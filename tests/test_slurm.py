@@ -6,7 +6,6 @@ Jobs are tiny (scale=tiny, one thread each: the test machine has 2 cores) and go
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -73,7 +72,13 @@ def test_two_job_sweep_through_a_slurm_preset(tmp_path, slurm_env):
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*_[01]"))) == 2
 
 
-def test_warning_signal_requeues_and_the_job_resumes_in_place(tmp_path, slurm_env):
+# USR2: SLURM's warning before the time limit (what submitit's job._interrupt() sends too): submitit
+# requeues. `scontrol requeue` (as preemption does) sends SIGTERM and SLURM requeues by itself.
+STOPS = {"usr2": ["scancel", "--signal=USR2"], "requeue": ["scontrol", "requeue"]}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stopped_job_is_requeued_and_resumes_in_place(tmp_path, slurm_env, stop):
     args = [*TINY, "trainer.epochs=3", "seed=7", "trainer.log_every_steps=3"]
     whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -93,8 +98,7 @@ def test_warning_signal_requeues_and_the_job_resumes_in_place(tmp_path, slurm_en
         sweep.kill()
         pytest.fail(f"the job never finished its first epoch: {sweep.communicate()}")
     (job_id,) = [p.name for p in (tmp_path / "sweep").glob("*/.submitit/*") if p.is_dir()]  # one job: no array
-    # What SLURM sends before the time limit (and what submitit's own job._interrupt() does).
-    subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+    subprocess.run([*STOPS[stop], job_id], env=env, check=True)
     _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, err[-3000:]
 
@@ -103,7 +107,9 @@ def test_warning_signal_requeues_and_the_job_resumes_in_place(tmp_path, slurm_en
     assert len(found) == 1  # one variant, one results.json
     resumed, reference = next(iter(found.values())), json.loads((tmp_path / "whole" / "results.json").read_text())
     logs = job_logs(tmp_path / "sweep")
-    assert "Caught signal SIGUSR2" in logs and re.search(r"Requeued job", logs), logs[-3000:]
+    if stop == "usr2":
+        assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs, logs[-3000:]
+    assert "interrupted: stopped by signal" in logs and "DUE TO JOB REQUEUE" in logs, logs[-3000:]
     assert resumed["status"] == "completed"
     assert any("resumed from" in note for note in resumed["notes"])
     for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err"):

@@ -189,11 +189,14 @@ class Tracker:
         self.record["finished_at"] = datetime.now(timezone.utc).isoformat()
         self._write()
         if self.wandb_run is not None:
-            if history:
-                self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
-                self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
-            self.wandb_run.summary["status"] = status
-            self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            try:
+                if history:
+                    self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
+                    self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
+                self.wandb_run.summary["status"] = status
+                self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            except Exception as err:  # noqa: BLE001 - e.g. SLURM's SIGTERM killed W&B's service process too
+                log.warning("W&B could not finish the run (%s); results.json has the record", err)
             self.wandb_run = None
         return self.record
 
