@@ -46,3 +46,21 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300, env_extra: dict | None = 
             env[key] = value
     return subprocess.run([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# The `slurm` tests talk to a real cluster: tests/slurm/cluster.sh start (state in ALEXLAB_SLURM_DIR).
+SLURM_DIR = Path(os.environ.get("ALEXLAB_SLURM_DIR", "/tmp/alexlab-slurm"))
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    """The environment that reaches the test cluster (SLURM_CONF); skips the test when none runs."""
+    conf = os.environ.get("SLURM_CONF") or str(SLURM_DIR / "etc" / "slurm.conf")
+    env = dict(os.environ, SLURM_CONF=conf)
+    try:
+        up = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        up = None
+    if not Path(conf).is_file() or up is None or up.returncode != 0 or not up.stdout.strip():
+        pytest.skip("no SLURM cluster running: start one with tests/slurm/cluster.sh start")
+    return {"SLURM_CONF": conf}

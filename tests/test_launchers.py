@@ -13,11 +13,16 @@ def test_slurm_presets_compose_with_site_overrides(preset, tasks, gpus, nodes):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
                       overrides=[f"hydra/launcher={preset}", "hydra.launcher.partition=gpu",
-                                 "hydra.launcher.timeout_min=30"])
+                                 "hydra.launcher.timeout_min=30", "hydra.launcher.account=proj",
+                                 "hydra.launcher.mem_gb=32", "hydra.launcher.cpus_per_task=4",
+                                 "hydra.launcher.signal_delay_s=300", "hydra.launcher.max_num_timeout=3",
+                                 "hydra.launcher.setup=[module load cuda]"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (tasks, gpus, nodes)
-    assert launcher.partition == "gpu" and launcher.timeout_min == 30 and launcher.max_num_timeout == 20
+    assert (launcher.partition, launcher.account, launcher.timeout_min, launcher.mem_gb, launcher.cpus_per_task,
+            launcher.signal_delay_s, launcher.max_num_timeout) == ("gpu", "proj", 30, 32, 4, 300, 3)
+    assert list(launcher.setup) == ["module load cuda"]
 
 
 @requires_fashion
@@ -29,3 +34,20 @@ def test_local_submitit_launcher_runs_two_jobs(tmp_path):
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert sorted(r["config"]["model"]["lrn"] for r in records) == [False, True]
     assert all(r["status"] == "completed" for r in records)
+
+
+def test_process_layout_comes_from_torchrun_or_an_srun_step():
+    from alexlab.distributed import World, world_from_env
+
+    assert world_from_env({}) == (World(), {})
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert world_from_env(torchrun) == (World(3, 8, 1), {})
+    step = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "123", "SLURM_STEP_NODELIST": "node1", "MASTER_ADDR": "node1"}
+    world, rendezvous = world_from_env(step)
+    assert world == World(1, 2, 1)
+    assert rendezvous == {"MASTER_ADDR": "node1", "MASTER_PORT": "20123", "RANK": "1", "WORLD_SIZE": "2",
+                          "LOCAL_RANK": "1"}
+    # The batch script itself (no srun step) is one process, whatever the allocation's task count.
+    batch = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
+    assert world_from_env(batch) == (World(), {})

@@ -2,19 +2,23 @@
 
 Bad input (ConfigError) becomes one line on stderr and exit status 2; any other crash leaves
 status=failed with the error and re-raises; a stop signal leaves status=interrupted (exit 3)
-with a checkpoint that `resume=auto` continues from.
+with a checkpoint that `resume=auto` continues from. Under submitit, the warning signal (USR2) then
+also requeues the job (see `requeue_under_submitit`). With several processes (alexlab.distributed)
+only rank 0 writes results.json and W&B.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from alexlab import distributed
 from alexlab.errors import ConfigError
-from alexlab.tracking import Tracker
+from alexlab.tracking import NullTracker, Tracker
 from alexlab.train import Interrupted, fit
 
 log = logging.getLogger("alexlab")
@@ -29,14 +33,39 @@ def resolved_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"config does not resolve: {err}") from err
 
 
+def requeue_under_submitit(signum: int) -> None:
+    """Hand a stopped run back to submitit, which requeues the job.
+
+    Our StopFlag replaced submitit's USR2 handler while training (so the step in flight finishes and
+    the checkpoint is written first) and restored it when fit returned. Calling that handler now does
+    what submitit always does: rank 0 asks the launcher for its `checkpoint()` (the same Hydra job
+    with the same arguments, so the same output directory), counts timeouts against
+    max_num_timeout, runs `scontrol requeue` and exits. The requeued job resumes from checkpoint.pt
+    and the Tracker reuses the W&B id kept in wandb_id.txt. SIGTERM (preemption, scancel, scontrol
+    requeue) is left to SLURM: it requeues preempted jobs itself.
+    """
+    from submitit.core.job_environment import SignalHandler
+    handler = signal.getsignal(signum)
+    if getattr(handler, "__func__", None) is SignalHandler.checkpoint_and_try_requeue:
+        handler(signum, None)
+
+
 def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     run_dir = Path(run_dir)
     tracker = None
+    world = distributed.World()
     try:
         config = resolved_config(cfg)
-        tracker = Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")))
-        state = fit(cfg, run_dir, tracker)
+        world = distributed.init(cuda=config["device"] != "cpu" and _cuda_available())
+        if world.is_main:
+            tracker = Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")),
+                              processes=world.size)
+        else:
+            tracker = NullTracker(run_dir)
+        state = fit(cfg, run_dir, tracker, world)
         record = tracker.finish("completed", state=state)
+        if not world.is_main:
+            return record
         final = record["final"] or {}
         log.info("completed: val top-1 error %.2f%%, top-5 %.2f%%, %.0f s; results in %s",
                  final.get("val_top1_err", float("nan")), final.get("val_top5_err", float("nan")),
@@ -50,8 +79,16 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     except Interrupted as err:
         tracker.finish("interrupted", error=str(err))
         print(f"interrupted: {err}", file=sys.stderr, flush=True)
+        requeue_under_submitit(err.signum)
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as err:
         if tracker is not None:
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
+    finally:
+        world.close()
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()

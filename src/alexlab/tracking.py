@@ -80,7 +80,8 @@ class _Silent:
 class Tracker:
     """Writes results.json and mirrors epochs to W&B. `variant` names what the run changes."""
 
-    def __init__(self, run_dir, config: dict, overrides: list[str], logger_cfg: dict, experiment: str):
+    def __init__(self, run_dir, config: dict, overrides: list[str], logger_cfg: dict, experiment: str,
+                 processes: int = 1):
         self.run_dir = Path(run_dir)
         self.results_path = self.run_dir / RESULTS_NAME
         self.overrides = list(overrides)
@@ -107,6 +108,7 @@ class Tracker:
             "cpu_time_s": previous.get("cpu_time_s", 0.0),
             "device": config.get("device"),
             "device_name": None,
+            "processes": processes,  # data parallel ranks (alexlab.distributed)
             "versions": library_versions(),
             "git": git_commit(),
             "host": platform.node(),
@@ -187,13 +189,38 @@ class Tracker:
         self.record["finished_at"] = datetime.now(timezone.utc).isoformat()
         self._write()
         if self.wandb_run is not None:
-            if history:
-                self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
-                self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
-            self.wandb_run.summary["status"] = status
-            self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            try:
+                if history:
+                    self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
+                    self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
+                self.wandb_run.summary["status"] = status
+                self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            except Exception as err:  # noqa: BLE001 - e.g. SLURM's SIGTERM killed W&B's service process too
+                log.warning("W&B could not finish the run (%s); results.json has the record", err)
             self.wandb_run = None
         return self.record
+
+
+class NullTracker:
+    """What ranks other than 0 report to: nothing (rank 0 writes results.json and W&B)."""
+
+    def __init__(self, run_dir):
+        self.results_path = Path(run_dir) / RESULTS_NAME
+
+    def note(self, text: str) -> None:
+        pass
+
+    def start(self, resumed_history: list, device: str | None = None) -> None:
+        pass
+
+    def progress(self, total: int, initial: int, desc: str):
+        return _Silent()
+
+    def log_epoch(self, metrics: dict, steps: list) -> None:
+        pass
+
+    def finish(self, status: str, error: str | None = None, state: dict | None = None) -> dict:
+        return {"status": status, "error": error}
 
 
 def variant_name(overrides: list[str]) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from alexlab.data import build_data
 from alexlab.data.augment import batch_generator
+from alexlab.distributed import World
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
 from alexlab.model import build_model
@@ -74,11 +75,13 @@ def check_config(cfg) -> None:
         raise ConfigError(f"resume must be auto or never, got {cfg.resume!r}")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str, world: World = World()) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.size > 1:  # one GPU per process
+        name = f"cuda:{world.local_rank}"
     return torch.device(name)
 
 
@@ -99,10 +102,10 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return (~hit[:, 0]).sum(), (~hit.any(1)).sum()
 
 
-def evaluate(model, data, batch_size: int, ten_crop: bool, autocast) -> dict:
+def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: World = World()) -> dict:
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=data.augmenter.stats.mean_image.device)
-    order = torch.arange(len(data.val))
+    order = world.shard(torch.arange(len(data.val)))  # each rank tests its part; the sums are added up
     with torch.no_grad(), autocast():
         for images, labels in data.val.batches(order, batch_size):
             images, labels = images.to(sums.device, non_blocking=True), labels.to(sums.device, non_blocking=True)
@@ -118,7 +121,7 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast) -> dict:
                 loss = F.cross_entropy(scores, labels, reduction="sum")
             top1, top5 = topk_errors(scores, labels)
             sums += torch.stack([loss.double(), top1.double(), top5.double()])
-    loss, top1, top5 = (sums / len(data.val)).tolist()
+    loss, top1, top5 = (world.sum(sums) / len(data.val)).tolist()
     return {"val_loss": loss, "val_top1_err": 100 * top1, "val_top5_err": 100 * top5}
 
 
@@ -126,11 +129,15 @@ def _to_model(x: torch.Tensor, model) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
 
 
-def fit(cfg, run_dir: Path, tracker) -> dict:
-    """Train `cfg` in `run_dir`, reporting to `tracker`; returns the training state (history, steps, ...)."""
+def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
+    """Train `cfg` in `run_dir`, reporting to `tracker`; returns the training state (history, steps, ...).
+
+    With world.size > 1 this is one rank of data parallel training (see alexlab.distributed): each
+    rank trains on its slice of every global batch and only rank 0 writes the checkpoint.
+    """
     check_config(cfg)
     run_dir = Path(run_dir)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, world)
     torch.manual_seed(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -142,7 +149,10 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
     if cfg.trainer.channels_last:  # faster convolutions and pooling on both cuDNN and oneDNN (CPU)
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True
-    step_model = torch.compile(model) if cfg.trainer.compile else model
+    step_model = model
+    if world.size > 1:  # averages the gradients across ranks; rank 0's initial weights are broadcast
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    step_model = torch.compile(step_model) if cfg.trainer.compile else step_model
     use_bf16 = cuda and cfg.trainer.amp
 
     def autocast():
@@ -158,6 +168,9 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
     ckpt_path = run_dir / CHECKPOINT_NAME
     if cfg.resume == "auto" and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, model, optimizer, scheduler, device)
+        if not world.is_main:  # the checkpoint holds the sums over all ranks: count them once
+            state["sums"].zero_()
+            state["window"].zero_()
         tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}")
     tracker.start(state["history"], str(device))
 
@@ -176,12 +189,17 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
             progress = tracker.progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
             for step, (images, labels) in enumerate(data.train.batches(order, batch_size, start_step), start_step):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                x = _to_model(data.augmenter.train(images, batch_generator(cfg.seed, epoch, step)), model)
+                x = data.augmenter.train(images, batch_generator(cfg.seed, epoch, step))
+                global_count = len(labels)
+                x, labels = _to_model(world.shard(x), model), world.shard(labels)
                 with autocast():
                     logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if world.size == 1:
+                    loss.backward()
+                else:  # DDP averages over ranks: weight each slice so the result is the global batch's mean
+                    (loss * (len(labels) * world.size / global_count)).backward()
                 optimizer.step()
                 with torch.no_grad():  # accumulated on the device: no host sync per step
                     wrong = (logits.argmax(1) != labels).sum().double()
@@ -190,28 +208,33 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
                     window += torch.stack([wrong, count])
                 global_step = epoch * steps_per_epoch + step + 1
                 if log_every and global_step % log_every == 0:
-                    w = window.tolist()
+                    w = world.sum(window.clone()).tolist()
                     state["steps"].append({"step": global_step, "train_top1_err": 100 * w[0] / w[1]})
                     window.zero_()
-                state["images_seen"] += len(labels)
-                images_this_session += len(labels)
+                state["images_seen"] += global_count
+                images_this_session += global_count
                 progress.update(1)
-                if stop.signum is not None:
-                    state.update(epoch=epoch, step=step + 1, sums=sums.cpu(), window=window.cpu(),
+                # Every rank stops after the same step, whichever of them got the signal.
+                signum = world.max_int(stop.signum or 0, device) if world.size > 1 else stop.signum
+                if signum:
+                    state.update(epoch=epoch, step=step + 1, sums=world.sum(sums.clone()).cpu(),
+                                 window=world.sum(window.clone()).cpu(),
                                  train_time_s=state["train_time_s"] + time.perf_counter() - tic)
                     progress.close()
-                    save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
-                    raise Interrupted(stop.signum)
+                    if world.is_main:
+                        save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+                    raise Interrupted(signum)
             progress.close()
             if cuda:
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
-            loss_sum, wrong, seen = sums.tolist()
+            loss_sum, wrong, seen = world.sum(sums).tolist()
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1_err": 100 * wrong / seen,
                        "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
                        "images_per_s": images_this_session / epoch_time,
                        "images_seen": state["images_seen"], "steps": (epoch + 1) * steps_per_epoch}
-            metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop), autocast))
+            metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop), autocast,
+                                    world))
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
                 tracker.note(f"epoch {epoch + 1}: loss is not finite (diverged)")
             if cfg.optim.schedule == "plateau":
@@ -219,10 +242,11 @@ def fit(cfg, run_dir: Path, tracker) -> dict:
             else:
                 scheduler.step()
             state["history"].append(metrics)
-            state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64), window=window.cpu(),
-                         train_time_s=state["train_time_s"] + epoch_time)
+            state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64),
+                         window=world.sum(window.clone()).cpu(), train_time_s=state["train_time_s"] + epoch_time)
             tracker.log_epoch(metrics, state["steps"])
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+            if world.is_main:
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
     return state
 
 

@@ -1,0 +1,89 @@
+"""Data parallel training across processes: SLURM tasks (srun, as submitit runs them) or torchrun.
+
+    world = init(cuda)   # from the environment; World() (rank 0 of 1) for a single process
+    ...
+    world.close()
+
+Every rank loads the same global batch (trainer.batch_size images, same order), augments all of it
+with the same (seed, epoch, step) generator as a one-process run, and trains on its contiguous
+slice; DistributedDataParallel averages the gradients. So 1 and N processes see the same samples
+with the same crops, and only the float summation order differs. Rank 0 alone writes results.json,
+checkpoints and W&B.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+        return x if self.size == 1 else x.tensor_split(self.size)[self.rank]
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """In place: the sum over ranks."""
+        if self.size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def max_int(self, value: int, device) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[01-04]" -> "gpu01")."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    return out[0]
+
+
+def world_from_env(env=os.environ) -> tuple[World, dict]:
+    """The process layout and the rendezvous variables torch.distributed's env:// needs."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or a user's own launcher) set everything
+        world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return world, {}
+    # Inside an srun step (submitit runs every task through srun): one process per task.
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        world = World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        rendezvous = {"MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(nodelist),
+                      # one port per job, the same after a requeue (the old processes are gone by then)
+                      "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
+                      "RANK": str(world.rank), "WORLD_SIZE": str(world.size), "LOCAL_RANK": str(world.local_rank)}
+        return world, rendezvous
+    return World(), {}
+
+
+def init(cuda: bool) -> World:
+    """Join the process group when there is more than one process (NCCL on GPUs, gloo on CPUs)."""
+    world, rendezvous = world_from_env()
+    if world.size == 1:
+        return world
+    os.environ.update(rendezvous)
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=world.rank,
+                            world_size=world.size)
+    return world
