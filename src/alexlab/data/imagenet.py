@@ -48,7 +48,8 @@ log = logging.getLogger("alexlab")
 INDEX_NAME = "index.pt"
 INDEX_VERSION = 1
 EXIF_ORIENTATION = 0x0112
-CHECKPOINT_EVERY = 5000  # images between two partial-progress files (about a minute of scanning)
+CHECKPOINT_EVERY = 5000  # files between two partial-progress saves (about a minute of scanning)
+SCAN_BATCH = 32          # files per worker task during the scan
 
 
 # ---------------------------------------------------------------- decoding
@@ -282,7 +283,7 @@ def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: i
     if workers:
         _use_file_system_sharing()
     todo = list(range(state["done"], len(paths)))
-    batch = 32
+    batch = SCAN_BATCH
     loader = torch.utils.data.DataLoader(_Decode(root, paths, resize, size),
                                          batch_sampler=[todo[i:i + batch] for i in range(0, len(todo), batch)],
                                          num_workers=workers, collate_fn=list)
