@@ -264,7 +264,7 @@ def test_flat_official_validation_with_kaggle_csv_or_devkit(tmp_path):
     assert files["val_layout"].startswith("csv") and files["classes"] == wnids
     assert [label for _, label in files["val"]] == [wnids.index(w) for w in truth]
     # The devkit: 1-based ILSVRC2012 IDs, mapped to wnids by meta.mat's leaf synsets.
-    from scipy.io import savemat
+    savemat = pytest.importorskip("scipy.io").savemat
     devkit = tmp_path / "ILSVRC2012_devkit_t12"
     (devkit / "data").mkdir(parents=True)
     ids = {"n02102040": 1, "n03000684": 2, "n01440764": 3}  # IDs are not in sorted-wnid order
@@ -278,7 +278,7 @@ def test_flat_official_validation_with_kaggle_csv_or_devkit(tmp_path):
     assert [label for _, label in files["val"]] == [wnids.index(w) for w in truth]
 
 
-def test_an_interrupted_preparation_continues_to_the_same_statistics(tmp_path, monkeypatch):
+def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "a", odd=False, truncated=False)
     monkeypatch.setattr(imagenet, "SCAN_BATCH", 2)
     monkeypatch.setattr(imagenet, "CHECKPOINT_EVERY", 2)
@@ -286,21 +286,27 @@ def test_an_interrupted_preparation_continues_to_the_same_statistics(tmp_path, m
     whole = torch.load(root / ".alexlab" / imagenet.stats_name(data_cfg(root)), weights_only=True)
     shutil.rmtree(root / ".alexlab")
 
-    real_getitem = imagenet._Decode.__getitem__
+    real_getitem = imagenet._ScanBatch.__getitem__
 
-    def stop_at_file_7(self, i):  # Ctrl-C in the middle of the scan
-        if i == 7:
+    def stop_at_batch_3(self, b):  # Ctrl-C in the middle of the scan, at files 6 and 7
+        if b == 3:
             raise KeyboardInterrupt
-        return real_getitem(self, i)
+        return real_getitem(self, b)
 
-    monkeypatch.setattr(imagenet._Decode, "__getitem__", stop_at_file_7)
+    monkeypatch.setattr(imagenet._ScanBatch, "__getitem__", stop_at_batch_3)
     with pytest.raises(KeyboardInterrupt):
         imagenet.prepare(data_cfg(root))
     partial = torch.load(root / ".alexlab" / "prepare-index.partial", weights_only=True)
     assert partial["done"] == 6 and not (root / ".alexlab" / imagenet.INDEX_NAME).exists()
-    monkeypatch.setattr(imagenet._Decode, "__getitem__", real_getitem)
+    monkeypatch.setattr(imagenet._ScanBatch, "__getitem__", real_getitem)
     imagenet.prepare(data_cfg(root))
     resumed = torch.load(root / ".alexlab" / imagenet.stats_name(data_cfg(root)), weights_only=True)
     for key in ("mean_image", "eigval", "eigvec"):
         assert torch.equal(whole[key], resumed[key]), key
     assert not (root / ".alexlab" / "prepare-index.partial").exists()
+    # Workers sum their batches; the batches are added in order, so two workers give the same bits.
+    two = data_cfg(root, "data.workers=2", f"data.prepared_dir={tmp_path / 'two'}")
+    imagenet.prepare(two)
+    parallel = torch.load(tmp_path / "two" / imagenet.stats_name(two), weights_only=True)
+    for key in ("mean_image", "eigval", "eigvec"):
+        assert torch.equal(whole[key], parallel[key]), key

@@ -245,30 +245,54 @@ def prepare_command(cfg) -> str:
 
 # ---------------------------------------------------------------- the scan
 
-class _Decode(torch.utils.data.Dataset):
-    """For the scan: decode file i fully; resize it too when it feeds the statistics."""
+class _ScanBatch(torch.utils.data.Dataset):
+    """For the scan, item b = the files of batch b, decoded fully in a worker: their sizes, notes
+    and errors, and the partial statistics sums of those that feed the statistics. Summing in the
+    workers keeps the main process from being the bottleneck; adding the partial sums in batch
+    order keeps the result the same for every worker count."""
 
-    def __init__(self, root: Path, paths: list[str], resize: list[bool], size: int):
-        self.root, self.paths, self.resize, self.size = root, paths, resize, size
+    def __init__(self, root: Path, paths: list[str], resize: list[bool], size: int, batches: list[list[int]]):
+        self.root, self.paths, self.resize, self.size, self.batches = root, paths, resize, size, batches
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.batches)
 
-    def __getitem__(self, i):
-        try:
-            rgb, notes = read_rgb(self.root / self.paths[i])
-        except Exception as err:  # noqa: BLE001 - any failure to decode is a bad file, named below
-            return i, None, (0, 0), [], f"{type(err).__name__}: {err}"
-        image = resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], self.size)[0] \
-            if self.resize[i] else None
-        return i, image, (rgb.shape[1], rgb.shape[0]), notes, None
+    def __getitem__(self, b):
+        records, images = [], []
+        for i in self.batches[b]:
+            try:
+                rgb, notes = read_rgb(self.root / self.paths[i])
+            except Exception as err:  # noqa: BLE001 - any failure to decode is a bad file, named later
+                records.append((i, (0, 0), [], f"{type(err).__name__}: {err}"))
+                continue
+            records.append((i, (rgb.shape[1], rgb.shape[0]), notes, None))
+            if self.resize[i]:
+                images.append(resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], self.size)[0])
+        acc = StatsAccumulator()
+        if images:
+            acc.add(torch.stack(images))
+        return records, dict(vars(acc))
+
+
+def _add_sums(acc: StatsAccumulator, part: dict) -> None:
+    if not part["count"]:
+        return
+    if acc.image_sum is None:
+        acc.__dict__.update({k: v.clone() if torch.is_tensor(v) else v for k, v in part.items()})
+        return
+    for key in ("count", "image_sum", "pixel_sum", "pixel_outer", "pixels"):
+        setattr(acc, key, getattr(acc, key) + part[key])
+
+
+def _first(x):
+    return x
 
 
 def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: int, partial: Path,
          desc: str) -> dict:
-    """Decode every file once (in order), accumulate the statistics of those marked `resize`.
-    Progress goes to `partial` every CHECKPOINT_EVERY files; a later call with the same file list
-    continues from there (the sums are added in the same order, so the result is the same)."""
+    """Decode every file once, in batches of SCAN_BATCH; accumulate the statistics of those marked
+    `resize`. Progress goes to `partial` every CHECKPOINT_EVERY files; a later call with the same
+    file list continues from there (the same batches, summed in the same order: the same result)."""
     from tqdm import tqdm
     key = hashlib.sha1("\n".join(paths).encode() + bytes(resize) + str(size).encode()).hexdigest()
     state = {"key": key, "done": 0, "sizes": torch.zeros(len(paths), 2, dtype=torch.int32),
@@ -282,30 +306,26 @@ def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: i
     acc.__dict__.update(state["acc"])
     if workers:
         _use_file_system_sharing()
-    todo = list(range(state["done"], len(paths)))
-    batch = SCAN_BATCH
-    loader = torch.utils.data.DataLoader(_Decode(root, paths, resize, size),
-                                         batch_sampler=[todo[i:i + batch] for i in range(0, len(todo), batch)],
-                                         num_workers=workers, collate_fn=list)
+    batches = [list(range(i, min(i + SCAN_BATCH, len(paths)))) for i in range(state["done"], len(paths), SCAN_BATCH)]
+    loader = torch.utils.data.DataLoader(_ScanBatch(root, paths, resize, size, batches), batch_size=None,
+                                         num_workers=workers, collate_fn=_first)
     last_saved = state["done"]
     with tqdm(total=len(paths), initial=state["done"], desc=desc, unit="img", mininterval=2) as bar:
-        for items in loader:
-            images = [im for _, im, _, _, _ in items if im is not None]
-            if images:
-                acc.add(torch.stack(images))
-            for i, _, wh, notes, error in items:
+        for records, sums in loader:
+            _add_sums(acc, sums)
+            for i, wh, notes, error in records:
                 state["sizes"][i] = torch.tensor(wh)
                 if error:
                     state["bad"][paths[i]] = error
                 for note in notes:
                     state["notes"].setdefault(note, []).append(paths[i])
-            state["done"] = items[-1][0] + 1
-            bar.update(len(items))
+            state["done"] = records[-1][0] + 1
+            bar.update(len(records))
             if state["done"] - last_saved >= CHECKPOINT_EVERY and state["done"] < len(paths):
-                state["acc"] = dict(acc.__dict__)
+                state["acc"] = dict(vars(acc))
                 atomic_torch_save(state, partial)
                 last_saved = state["done"]
-    state["acc"] = dict(acc.__dict__)
+    state["acc"] = dict(vars(acc))
     state["accumulator"] = acc
     return state
 
@@ -457,6 +477,8 @@ def load_imagenet(cfg, cache_dir=None):
     index = torch.load(out / INDEX_NAME, weights_only=True)
     if index.get("version") != INDEX_VERSION:
         raise ConfigError(f"{out / INDEX_NAME} is from another version of alexlab: delete {out} and prepare again")
+    root = _root(cfg)  # paths in the index are relative: a copied or moved dataset keeps its <root>/.alexlab
+    index["root"] = str(root)
     skipped = check_bad_files(index, cfg)
     stats_path = out / stats_name(cfg)
     if not stats_path.is_file():
@@ -467,7 +489,6 @@ def load_imagenet(cfg, cache_dir=None):
     stats = PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"])
     picked = pick_classes(len(index["classes"]), cfg.get("classes"))
     relabel = {old: new for new, old in enumerate(picked)}
-    root = Path(index["root"])
     size, workers = int(cfg.image_size), int(cfg.workers)
     names = [index["classes"][i] for i in picked]
     splits = []
