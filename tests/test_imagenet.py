@@ -121,6 +121,8 @@ def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
     root = write_dataset(tmp_path, per_class=1, odd=False, truncated=False)
     with pytest.raises(ConfigError, match=r"not prepared: run `python src/prepare.py data.root=.* data.image_size=32`"):
         build_data(data_cfg(root), 27, torch.device("cpu"), tmp_path / "cache")
+    with pytest.raises(ConfigError, match="data.root is not set"):  # not the parent preset's root
+        imagenet.prepare(compose_cfg("scale=imagenet").data)
 
 
 def test_layout_labels_and_odd_file_notes(prepared):
