@@ -137,6 +137,8 @@ def test_layout_labels_and_odd_file_notes(prepared):
     assert data.skipped_files == [{"path": str(prepared / "train" / ODD / "truncated.JPEG"),
                                    "reason": index["bad"][f"train/{ODD}/truncated.JPEG"]}]
     assert [label for _, label in data.val.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    some = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.train_subset=5"), 27, torch.device("cpu"), None)
+    assert len(some.train) == 5 and set(some.train.samples) <= set(data.train.samples)
 
 
 def test_each_image_is_the_centre_square_of_the_photo_resized_by_pil(prepared):

@@ -496,5 +496,9 @@ def load_imagenet(cfg, cache_dir=None):
         entry = index[split]
         samples = [(str(root / p), relabel[int(c)]) for p, c in zip(entry["paths"], entry["labels"].tolist())
                    if int(c) in relabel and p not in index["bad"]]
+        limit = cfg.get(f"{split}_subset")  # a fixed random subset (seed 0), as for the small datasets;
+        if limit and int(limit) < len(samples):  # the statistics stay those of the prepared classes
+            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:int(limit)]
+            samples = [samples[int(i)] for i in keep.sort().values]
         splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
