@@ -1,7 +1,6 @@
 """Data: the IDX reader against torchvision's, the paper's transforms against direct numpy slicing,
 PCA lighting against numpy's covariance, on real images."""
 import gzip
-import json
 import shutil
 
 import numpy as np
@@ -134,48 +133,6 @@ def test_paper_eigenvalues_give_the_papers_noise_scale():
     shifts = aug.train(torch.zeros(20000, 3, 4, 4, dtype=torch.uint8), batch_generator(0, 0, 0))[:, :, 0, 0]
     projected = shifts.double() @ stats.eigvec.double()  # back onto the principal axes
     np.testing.assert_allclose(projected.std(0).numpy(), (0.1 * stats.eigval).numpy(), rtol=0.03)
-
-
-def write_image_folder(root, photos_per_class=3, size=(48, 40)):
-    """root/{train,val}/<class>/*.JPEG from scikit-image's real photographs."""
-    skdata = pytest.importorskip("skimage.data")
-    from PIL import Image
-    sources = {"n01": (skdata.astronaut, skdata.coffee), "n02": (skdata.chelsea, skdata.rocket)}
-    for split in ("train", "val"):
-        for wnid, funcs in sources.items():
-            (root / split / wnid).mkdir(parents=True)
-            for i in range(photos_per_class):
-                photo = Image.fromarray(funcs[i % 2]()).convert("RGB")
-                w, h = photo.size
-                photo = photo.crop((i * 7, i * 5, w - i * 3, h)).resize(size)
-                photo.save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
-
-
-def test_image_folder_gives_the_centre_square_of_the_resized_photo(tmp_path):
-    write_image_folder(tmp_path, size=(60, 40))
-    cfg = compose_cfg("data=imagenet", f"data.root={tmp_path}", "data.image_size=32", "data.workers=0")
-    data = build_data(cfg.data, 27, torch.device("cpu"), None)
-    assert data.num_classes == 2 and len(data.train) == 6
-    image, label = data.train[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 0
-    # A 60x40 photo: shorter side 40 -> 32 gives 48x32, and the centre 32 columns start at 8.
-    from PIL import Image
-    with Image.open(data.train.samples[0][0]) as im:
-        resized = np.asarray(im.convert("RGB").resize((48, 32), Image.Resampling.BILINEAR)).astype(float)
-    diff = np.abs(image.permute(1, 2, 0).numpy().astype(float) - resized[:, 8:40])
-    assert diff.mean() < 3  # resampling filters differ slightly; a wrong crop or axis gives tens
-
-
-@requires_fashion
-def test_training_on_an_image_folder_of_real_photos(tmp_path):
-    from conftest import run_cli
-    write_image_folder(tmp_path / "data")
-    proc = run_cli("scale=tiny", "data=imagenet", f"data.root={tmp_path / 'data'}", "data.image_size=32",
-                   "data.pixel_scale=1", "data.workers=2", "logger=none", "eval.ten_crop=true",
-                   "hydra.run.dir=run", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["status"] == "completed" and record["images_seen"] == 2 * 6
 
 
 def test_synthetic_data_has_the_configured_shape(tmp_path):

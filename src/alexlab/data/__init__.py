@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from alexlab.data.augment import Augmenter, PixelStats, StatsAccumulator
-from alexlab.data.datasets import TensorSource, load_image_folders, load_in_memory
+from alexlab.data.datasets import TensorSource, load_in_memory
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
 
@@ -25,6 +25,7 @@ class Data:
     num_classes: int
     augmenter: Augmenter
     stats_path: Path | None
+    skipped_files: list = field(default_factory=list)  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
 
 
 def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str | os.PathLike | None = None) -> Data:
@@ -33,17 +34,24 @@ def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str |
     if int(data_cfg.image_size) < input_size:
         raise ConfigError(f"data.image_size={data_cfg.image_size} is smaller than the model's input "
                           f"{input_size}: the crops are taken from the image")
-    if data_cfg.name == "imagenet":
-        train, val, num_classes = load_image_folders(data_cfg)
+    skipped = []
+    if data_cfg.name == "imagenet":  # statistics come from the one-time preparation (src/prepare.py)
+        from alexlab.data.imagenet import load_imagenet
+        train, val, num_classes, stats, stats_path, skipped = load_imagenet(data_cfg, cache_dir)
     else:
         train, val, num_classes = load_in_memory(data_cfg)
-    stats, stats_path = pixel_stats(data_cfg, train, cache_dir)
+        stats, stats_path = pixel_stats(data_cfg, train, cache_dir)
+    mean = data_cfg.get("mean", "image")
+    if mean == "channel":  # one mean per colour channel instead of the paper's mean image
+        stats = PixelStats(stats.mean_image.mean((1, 2), keepdim=True), stats.eigval, stats.eigvec)
+    elif mean != "image":
+        raise ConfigError(f"data.mean must be image or channel, got {mean!r}")
     if isinstance(train, TensorSource):
         train, val = train.to(device), val.to(device)
     augmenter = Augmenter(stats.to(device), input_size, crop_flip=bool(data_cfg.crop_flip),
                           pca_lighting=bool(data_cfg.pca_lighting), pca_sigma=float(data_cfg.pca_sigma),
                           pixel_scale=float(data_cfg.pixel_scale))
-    return Data(train, val, num_classes, augmenter, stats_path)
+    return Data(train, val, num_classes, augmenter, stats_path, skipped)
 
 
 def pixel_stats(data_cfg, train, cache_dir) -> tuple[PixelStats, Path | None]:

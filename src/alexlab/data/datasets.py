@@ -1,8 +1,9 @@
 """Datasets as sources of uint8 image batches at `data.image_size`, plus their labels.
 
 Small datasets (Fashion-MNIST, CIFAR-10, synthetic) live in memory as one uint8 tensor, resized
-once at load; ImageNet-style folders are decoded by DataLoader workers (shorter side to
-image_size, centre crop). Either way `batches(order, batch_size)` yields (uint8 images, labels).
+once at load; ImageNet's files are decoded by DataLoader workers (alexlab.data.imagenet, shorter
+side to image_size, centre crop, through the same resize_square). Either way
+`batches(order, batch_size, start_step)` yields (uint8 images, labels).
 """
 from __future__ import annotations
 
@@ -134,41 +135,3 @@ def load_in_memory(cfg) -> tuple[TensorSource, TensorSource, int]:
     val = _subset(*splits["val"], cfg.get("val_subset"))
     return (TensorSource(resize_square(train[0], size), train[1]),
             TensorSource(resize_square(val[0], size), val[1]), num_classes)
-
-
-class ImageFolderSource(torch.utils.data.Dataset):
-    """`root/<class>/*.JPEG`, classes in sorted order; each image: shorter side to `size`, centre crop."""
-
-    def __init__(self, root: Path, size: int, workers: int, classes: list[str] | None = None):
-        self.root, self.size, self.workers = root, size, workers
-        if not root.is_dir():
-            raise ConfigError(f"no image folder at {root} (expected {root}/<class>/*.JPEG)")
-        self.classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.samples = [(str(p), i) for i, c in enumerate(self.classes) if (root / c).is_dir()
-                        for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not self.samples:
-            raise ConfigError(f"no images found under {root} (expected {root}/<class>/*.JPEG)")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        return resize_square(image[None], self.size)[0], label
-
-    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        index_batches = order[start * batch_size:].split(batch_size)
-        loader = torch.utils.data.DataLoader(self, batch_sampler=[b.tolist() for b in index_batches],
-                                             num_workers=self.workers, pin_memory=torch.cuda.is_available())
-        yield from loader
-
-
-def load_image_folders(cfg) -> tuple[ImageFolderSource, ImageFolderSource, int]:
-    root = Path(os.path.expanduser(str(cfg.root)))
-    size, workers = int(cfg.image_size), int(cfg.workers)
-    train = ImageFolderSource(root / "train", size, workers)
-    val = ImageFolderSource(root / "val", size, workers, classes=train.classes)
-    return train, val, len(train.classes)

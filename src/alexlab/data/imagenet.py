@@ -1,0 +1,504 @@
+"""ImageNet (ILSVRC-2012) from the files people actually have: layouts, decoding, the bad-file
+policy, and the one-time preparation (file index + the training set's pixel statistics).
+
+Layouts under `data.root`:
+    train/<wnid>/*.JPEG                     always (the official train tar, unpacked per class)
+    val/<wnid>/*.JPEG                       ImageFolder validation, or
+    val/ILSVRC2012_val_00000001.JPEG ...    the official flat validation set, labelled by
+        LOC_val_solution.csv (Kaggle; looked for in root and up to 3 folders above it), or the
+        devkit (ILSVRC2012_devkit_t12/data/: ILSVRC2012_validation_ground_truth.txt + meta.mat),
+        or `data.val_labels=PATH` (the CSV or the devkit folder).
+Class indices follow the sorted wnids of train/ (torchvision's ImageFolder order, which its
+weights use). `data.classes=N` keeps N classes evenly spaced in that order: positions
+floor(i * K / N), i = 0..N-1, of the K sorted wnids (1000 -> 100 keeps every 10th wnid), relabelled
+0..N-1. No randomness, so every machine picks the same subset.
+
+Preparation (`python src/prepare.py data.root=DIR`) decodes every file once, fully, and writes
+into `<root>/.alexlab/` (or, where root is read-only, `<data.cache_dir>/imagenet-<hash of root>/`):
+    index.pt            paths, labels, sizes of train and val, the unreadable files, the odd files
+    stats-*.pt          mean image (3, S, S) and RGB covariance eigenpairs of the training images
+                        at data.image_size, for the chosen classes
+    prepare-*.partial   running position and partial sums, so an interrupted run continues
+Training never scans: it loads these, and stops at once with the command to run when they are missing.
+
+Decoding (`read_rgb`) is by content, not extension (ImageNet has a PNG named .JPEG), fully (a
+truncated file raises; PIL's LOAD_TRUNCATED_IMAGES is forced off), to RGB (greyscale replicated,
+CMYK converted by PIL), and does NOT apply EXIF orientation, as PIL's open and torchvision's
+ImageFolder do not: the same pixels the torchvision weights were trained on.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from alexlab.data.augment import PixelStats, StatsAccumulator
+from alexlab.data.datasets import IMAGE_EXTENSIONS, resize_square
+from alexlab.errors import ConfigError
+from alexlab.io import atomic_torch_save
+
+log = logging.getLogger("alexlab")
+INDEX_NAME = "index.pt"
+INDEX_VERSION = 1
+EXIF_ORIENTATION = 0x0112
+CHECKPOINT_EVERY = 5000  # files between two partial-progress saves (about a minute of scanning)
+SCAN_BATCH = 32          # files per worker task during the scan
+
+
+# ---------------------------------------------------------------- decoding
+
+def read_rgb(path) -> tuple[np.ndarray, list[str]]:
+    """The whole file as RGB uint8 (H, W, 3), plus what was odd about it (see the module doc)."""
+    from PIL import Image, ImageFile
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # some library turned it on: truncated files would pass, grey-filled
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; turned it off so truncated files are errors")
+    notes = []
+    with Image.open(path) as im:
+        im.load()
+        if im.format != "JPEG":
+            notes.append(f"format_{im.format}")
+        if im.info.get("progressive") or im.info.get("progression"):
+            notes.append("progressive")
+        if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+            notes.append("greyscale")
+        elif im.mode == "CMYK":
+            notes.append("cmyk")
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            notes.append("exif_orientation_not_applied")
+        rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return rgb, notes
+
+
+def load_image(path, size: int) -> torch.Tensor:
+    """uint8 (3, size, size): decoded, shorter side to `size` (up or down), centre crop."""
+    rgb, _ = read_rgb(path)
+    return resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], size)[0]
+
+
+def _use_file_system_sharing() -> None:
+    # Workers hand back one tensor per image; with the default file-descriptor strategy a GPU
+    # machine ran out of descriptors ("Bad file descriptor"). Harmless on a CPU.
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class ImageFolderSource(torch.utils.data.Dataset):
+    """A list of (path, label) decoded by DataLoader workers into uint8 (3, size, size).
+
+    Workers only decode and resize; the order and every random draw are made in the main process,
+    so any `workers` value yields the same batches, bit for bit."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, workers: int, classes: list[str]):
+        self.samples, self.size, self.workers, self.classes = samples, size, workers, classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            image = load_image(path, self.size)
+        except Exception as err:  # it decoded at preparation: say which file changed since
+            raise OSError(f"{path}: {type(err).__name__}: {err} (it decoded when the dataset was prepared; "
+                          f"has the file changed since?)") from err
+        return image, label
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        index_batches = order[start * batch_size:].split(batch_size)
+        if self.workers:
+            _use_file_system_sharing()
+        loader = torch.utils.data.DataLoader(self, batch_sampler=[b.tolist() for b in index_batches],
+                                             num_workers=self.workers, pin_memory=torch.cuda.is_available())
+        yield from loader
+
+
+# ---------------------------------------------------------------- layouts
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def find_val_labels(root: Path, given) -> tuple[str, dict[str, str]]:
+    """(how, {file stem: wnid}) for the flat validation layout."""
+    candidates = [Path(os.path.expanduser(str(given)))] if given else \
+        [d / "LOC_val_solution.csv" for d in (root, *list(root.parents)[:3])] + [root / "ILSVRC2012_devkit_t12"]
+    for path in candidates:
+        if path.is_file() and path.suffix == ".csv":
+            return f"csv {path}", read_loc_csv(path)
+        if path.is_dir() and (path / "data" / "meta.mat").is_file():
+            return f"devkit {path}", read_devkit(path)
+    raise ConfigError(
+        f"{root / 'val'} holds the flat official validation files but no labels were found: put "
+        f"LOC_val_solution.csv (Kaggle) or the unpacked ILSVRC2012_devkit_t12/ in {root}, or set "
+        f"data.val_labels=PATH (either of them), or sort val/ into val/<wnid>/ folders")
+
+
+def read_loc_csv(path: Path) -> dict[str, str]:
+    """Kaggle's LOC_val_solution.csv: ImageId,PredictionString; the first token is the wnid."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "ImageId" not in rows[0] or "PredictionString" not in rows[0]:
+        raise ConfigError(f"{path}: expected the columns ImageId,PredictionString")
+    return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+
+
+def read_devkit(devkit: Path) -> dict[str, str]:
+    """ILSVRC2012_devkit_t12: line i of the ground truth is the 1-based ILSVRC2012_ID of
+    ILSVRC2012_val_{i:08d}; meta.mat maps the IDs of its 1000 leaf synsets to wnids (as
+    torchvision's parse_devkit_archive reads it)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as err:
+        raise ConfigError("reading the devkit's meta.mat needs scipy (pip install scipy), or use "
+                          "LOC_val_solution.csv via data.val_labels") from err
+    synsets = loadmat(str(devkit / "data" / "meta.mat"), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    truth = devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    if not truth.is_file():
+        raise ConfigError(f"{truth} is missing from the devkit")
+    ids = [int(line) for line in truth.read_text().split()]
+    return {f"ILSVRC2012_val_{i:08d}": id_to_wnid[k] for i, k in enumerate(ids, 1)}
+
+
+def list_files(root: Path, val_labels=None) -> dict:
+    """Every image file of both splits with its wnid index, in a fixed order (class, then name)."""
+    train_dir, val_dir = root / "train", root / "val"
+    for d in (train_dir, val_dir):
+        if not d.is_dir():
+            raise ConfigError(f"no {d}: expected {root}/train/<wnid>/*.JPEG and {root}/val/ (see README, ImageNet)")
+    classes = [d.name for d in _class_dirs(train_dir)]
+    if not classes:
+        raise ConfigError(f"no class folders in {train_dir} (expected {train_dir}/<wnid>/*.JPEG)")
+    index_of = {c: i for i, c in enumerate(classes)}
+    train = [(str(p.relative_to(root)), index_of[d.name]) for d in _class_dirs(train_dir) for p in _images_in(d)]
+    flat = _images_in(val_dir)
+    if flat:
+        how, labels = find_val_labels(root, val_labels)
+        unlabelled = [p.name for p in flat if p.stem not in labels]
+        if unlabelled:
+            raise ConfigError(f"{len(unlabelled)} validation files have no label in {how} (first: {unlabelled[0]})")
+        val_pairs = [(p, labels[p.stem]) for p in flat]
+    else:
+        how = "folders"
+        val_pairs = [(p, d.name) for d in _class_dirs(val_dir) for p in _images_in(d)]
+    unknown = sorted({w for _, w in val_pairs if w not in index_of})
+    if unknown:
+        raise ConfigError(f"validation classes not in {train_dir}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    val = [(str(p.relative_to(root)), index_of[w]) for p, w in val_pairs]
+    if not train or not val:
+        raise ConfigError(f"no images found under {train_dir if not train else val_dir}")
+    return {"classes": classes, "val_layout": how, "train": train, "val": val}
+
+
+def pick_classes(num_classes: int, wanted) -> list[int]:
+    """The class subset: `wanted` of `num_classes` sorted wnids at positions floor(i * K / N)."""
+    if wanted is None:
+        return list(range(num_classes))
+    wanted = int(wanted)
+    if not 1 <= wanted <= num_classes:
+        raise ConfigError(f"data.classes={wanted}: must be between 1 and the {num_classes} classes found")
+    return [i * num_classes // wanted for i in range(wanted)]
+
+
+# ---------------------------------------------------------------- where prepared files live
+
+def _root(cfg) -> Path:
+    from omegaconf import OmegaConf
+    if OmegaConf.is_missing(cfg, "root") or cfg.root in (None, "", "none"):
+        raise ConfigError("data.root is not set: data.root=/path/to/imagenet")
+    return Path(os.path.expanduser(str(cfg.root))).resolve()
+
+
+def prepared_dirs(cfg, cache_dir) -> list[Path]:
+    """Where the prepared files may be, in the order looked at: data.prepared_dir if set, else
+    <root>/.alexlab, then <cache_dir>/imagenet-<hash of the resolved root>."""
+    root = _root(cfg)
+    if cfg.get("prepared_dir"):
+        return [Path(os.path.expanduser(str(cfg.prepared_dir)))]
+    cache = Path(os.path.expanduser(str(cache_dir or "~/.cache/alexlab")))
+    return [root / ".alexlab", cache / f"imagenet-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"]
+
+
+def stats_name(cfg) -> str:
+    classes = cfg.get("classes") or "all"
+    n = cfg.get("stats_images") or "all"
+    return f"stats-{int(cfg.image_size)}px-classes{classes}-images{n}.pt"
+
+
+def prepare_command(cfg) -> str:
+    parts = ["python src/prepare.py", f"data.root={cfg.root}"]
+    parts += [f"data.{k}={cfg.get(k)}" for k in ("image_size", "classes", "stats_images", "prepared_dir", "val_labels")
+              if cfg.get(k) is not None and not (k == "image_size" and int(cfg.get(k)) == 256)]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- the scan
+
+class _ScanBatch(torch.utils.data.Dataset):
+    """For the scan, item b = the files of batch b, decoded fully in a worker: their sizes, notes
+    and errors, and the partial statistics sums of those that feed the statistics. Summing in the
+    workers keeps the main process from being the bottleneck; adding the partial sums in batch
+    order keeps the result the same for every worker count."""
+
+    def __init__(self, root: Path, paths: list[str], resize: list[bool], size: int, batches: list[list[int]]):
+        self.root, self.paths, self.resize, self.size, self.batches = root, paths, resize, size, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, b):
+        records, images = [], []
+        for i in self.batches[b]:
+            try:
+                rgb, notes = read_rgb(self.root / self.paths[i])
+            except Exception as err:  # noqa: BLE001 - any failure to decode is a bad file, named later
+                records.append((i, (0, 0), [], f"{type(err).__name__}: {err}"))
+                continue
+            records.append((i, (rgb.shape[1], rgb.shape[0]), notes, None))
+            if self.resize[i]:
+                images.append(resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], self.size)[0])
+        acc = StatsAccumulator()
+        if images:
+            acc.add(torch.stack(images))
+        return records, dict(vars(acc))
+
+
+def _add_sums(acc: StatsAccumulator, part: dict) -> None:
+    if not part["count"]:
+        return
+    if acc.image_sum is None:
+        acc.__dict__.update({k: v.clone() if torch.is_tensor(v) else v for k, v in part.items()})
+        return
+    for key in ("count", "image_sum", "pixel_sum", "pixel_outer", "pixels"):
+        setattr(acc, key, getattr(acc, key) + part[key])
+
+
+def _first(x):
+    return x
+
+
+def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: int, partial: Path,
+         desc: str) -> dict:
+    """Decode every file once, in batches of SCAN_BATCH; accumulate the statistics of those marked
+    `resize`. Progress goes to `partial` every CHECKPOINT_EVERY files; a later call with the same
+    file list continues from there (the same batches, summed in the same order: the same result)."""
+    from tqdm import tqdm
+    key = hashlib.sha1("\n".join(paths).encode() + bytes(resize) + str(size).encode()).hexdigest()
+    state = {"key": key, "done": 0, "sizes": torch.zeros(len(paths), 2, dtype=torch.int32),
+             "bad": {}, "notes": {}, "acc": {}}
+    if partial.is_file():
+        saved = torch.load(partial, weights_only=True)
+        if saved.get("key") == key:
+            state = saved
+            log.info("continuing an interrupted scan: %d of %d files were done", state["done"], len(paths))
+    acc = StatsAccumulator()
+    acc.__dict__.update(state["acc"])
+    if workers:
+        _use_file_system_sharing()
+    batches = [list(range(i, min(i + SCAN_BATCH, len(paths)))) for i in range(state["done"], len(paths), SCAN_BATCH)]
+    loader = torch.utils.data.DataLoader(_ScanBatch(root, paths, resize, size, batches), batch_size=None,
+                                         num_workers=workers, collate_fn=_first)
+    last_saved = state["done"]
+    with tqdm(total=len(paths), initial=state["done"], desc=desc, unit="img", mininterval=2) as bar:
+        for records, sums in loader:
+            _add_sums(acc, sums)
+            for i, wh, notes, error in records:
+                state["sizes"][i] = torch.tensor(wh)
+                if error:
+                    state["bad"][paths[i]] = error
+                for note in notes:
+                    state["notes"].setdefault(note, []).append(paths[i])
+            state["done"] = records[-1][0] + 1
+            bar.update(len(records))
+            if state["done"] - last_saved >= CHECKPOINT_EVERY and state["done"] < len(paths):
+                state["acc"] = dict(vars(acc))
+                atomic_torch_save(state, partial)
+                last_saved = state["done"]
+    state["acc"] = dict(vars(acc))
+    state["accumulator"] = acc
+    return state
+
+
+def stats_selection(paths: list[str], labels: list[int], bad: dict, classes: list[int], limit) -> list[bool]:
+    """Which training files feed the statistics: the chosen classes; with data.stats_images, a fixed
+    random subset of those (seed 0); never a bad file."""
+    chosen = set(classes)
+    candidates = [i for i, label in enumerate(labels) if label in chosen]
+    if limit and int(limit) < len(candidates):
+        keep = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:int(limit)]
+        candidates = [candidates[int(k)] for k in keep.sort().values]
+    mask = [False] * len(paths)
+    for i in candidates:
+        mask[i] = paths[i] not in bad
+    return mask
+
+
+def prepare(cfg, cache_dir=None) -> Path:
+    """Index the dataset and compute the statistics for this config, unless already there.
+    Returns the prepared folder. Raises ConfigError for unreadable files unless data.on_bad_file=skip."""
+    root = _root(cfg)
+    check_options(cfg)
+    size, workers = int(cfg.image_size), int(cfg.workers)
+    existing = find_prepared(cfg, cache_dir)
+    out = existing or _writable_dir(cfg, cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    index = torch.load(out / INDEX_NAME, weights_only=True) if existing else None
+    if index is None:
+        files = list_files(root, cfg.get("val_labels"))
+        log.info("preparing %s (%d classes, %d training and %d validation files, validation labels: %s) into %s",
+                 root, len(files["classes"]), len(files["train"]), len(files["val"]), files["val_layout"], out)
+        train_paths, train_labels = [p for p, _ in files["train"]], [c for _, c in files["train"]]
+        paths = train_paths + [p for p, _ in files["val"]]
+        picked = pick_classes(len(files["classes"]), cfg.get("classes"))
+        resize = stats_selection(train_paths, train_labels, {}, picked, cfg.get("stats_images")) + [False] * len(files["val"])
+        state = scan(root, paths, resize, size, workers, out / "prepare-index.partial", "scanning")
+        index = _make_index(root, files, state, time.perf_counter() - tic)
+        _save(index, out / INDEX_NAME)
+        (out / "prepare-index.partial").unlink(missing_ok=True)
+        _save_stats(out / stats_name(cfg), state["accumulator"], cfg)
+        log.info("wrote %s and %s in %.1f s (%.1f ms per file)", out / INDEX_NAME, stats_name(cfg),
+                 index["prepare_s"], 1000 * index["prepare_s"] / len(paths))
+    elif not (out / stats_name(cfg)).is_file():
+        train = index["train"]
+        picked = pick_classes(len(index["classes"]), cfg.get("classes"))
+        mask = stats_selection(train["paths"], train["labels"].tolist(), index["bad"], picked, cfg.get("stats_images"))
+        chosen = [p for p, m in zip(train["paths"], mask) if m]
+        log.info("computing pixel statistics at %d px from %d training images (%s)", size, len(chosen), stats_name(cfg))
+        partial = out / (stats_name(cfg) + ".partial")
+        state = scan(root, chosen, [True] * len(chosen), size, workers, partial, "statistics")
+        if state["bad"]:
+            raise ConfigError(f"files that decoded at preparation no longer do: {_listing(state['bad'])}")
+        _save_stats(out / stats_name(cfg), state["accumulator"], cfg)
+        partial.unlink(missing_ok=True)
+    else:
+        log.info("%s is already prepared for this configuration (%s); nothing to do", root, out)
+    log.info(summary(index, size))
+    check_bad_files(index, cfg)
+    return out
+
+
+def _writable_dir(cfg, cache_dir) -> Path:
+    first, *rest = prepared_dirs(cfg, cache_dir)
+    try:
+        first.mkdir(parents=True, exist_ok=True)
+        if os.access(first, os.W_OK):
+            return first
+    except OSError:
+        pass
+    if not rest:
+        raise ConfigError(f"cannot write to data.prepared_dir={first}")
+    log.info("%s is not writable; the prepared files go to %s", first, rest[0])
+    return rest[0]
+
+
+def find_prepared(cfg, cache_dir) -> Path | None:
+    return next((d for d in prepared_dirs(cfg, cache_dir) if (d / INDEX_NAME).is_file()), None)
+
+
+def _save(obj, path: Path) -> None:
+    """atomic_torch_save, readable by others as the umask allows: a shared dataset's prepared files
+    are read by every user of it (mkstemp alone leaves them 0600)."""
+    atomic_torch_save(obj, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _make_index(root: Path, files: dict, state: dict, seconds: float) -> dict:
+    n_train = len(files["train"])
+    index = {"version": INDEX_VERSION, "root": str(root), "classes": files["classes"],
+             "val_layout": files["val_layout"], "bad": state["bad"], "notes": state["notes"], "prepare_s": seconds}
+    for split, lo, hi in (("train", 0, n_train), ("val", n_train, n_train + len(files["val"]))):
+        index[split] = {"paths": [p for p, _ in files[split]],
+                        "labels": torch.tensor([c for _, c in files[split]], dtype=torch.int64),
+                        "sizes": state["sizes"][lo:hi].clone()}
+    return index
+
+
+def _save_stats(path: Path, acc: StatsAccumulator, cfg) -> None:
+    stats = acc.result()
+    _save({"mean_image": stats.mean_image, "eigval": stats.eigval, "eigvec": stats.eigvec,
+                       "images": acc.count, "image_size": int(cfg.image_size), "classes": cfg.get("classes"),
+                       "stats_images": cfg.get("stats_images")}, path)
+
+
+def summary(index: dict, size: int) -> str:
+    """One line per kind of odd file, so nothing about the dataset changes unseen."""
+    lines = [f"{len(index['train']['paths'])} training, {len(index['val']['paths'])} validation files, "
+             f"{len(index['classes'])} classes; unreadable: {len(index['bad'])}"]
+    for kind, paths in sorted(index["notes"].items()):
+        lines.append(f"  {kind}: {len(paths)} (first: {paths[0]})")
+    sizes = torch.cat([index["train"]["sizes"], index["val"]["sizes"]])
+    small = int(((sizes.min(1).values < size) & (sizes.min(1).values > 0)).sum())
+    lines.append(f"  shorter side under {size} px (upscaled): {small}")
+    return "\n".join(lines)
+
+
+def _listing(bad: dict, limit: int = 10) -> str:
+    items = [f"{p} ({reason})" for p, reason in sorted(bad.items())]
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_options(cfg) -> None:
+    if cfg.get("on_bad_file", "error") not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
+
+
+def check_bad_files(index: dict, cfg) -> list[dict]:
+    """The unreadable files as [{path, reason}]; an error naming them unless data.on_bad_file=skip."""
+    if index["bad"] and cfg.get("on_bad_file", "error") != "skip":
+        raise ConfigError(f"{len(index['bad'])} unreadable file(s) under {index['root']}: {_listing(index['bad'])}. "
+                          f"Replace them and delete the prepared folder to rescan, or set data.on_bad_file=skip "
+                          f"to leave them out (they are then listed in results.json)")
+    return [{"path": str(Path(index["root"]) / p), "reason": r} for p, r in sorted(index["bad"].items())]
+
+
+# ---------------------------------------------------------------- loading for training
+
+def load_imagenet(cfg, cache_dir=None):
+    """(train, val, num_classes, stats, stats_path, skipped files) from the prepared folder."""
+    check_options(cfg)
+    out = find_prepared(cfg, cache_dir)
+    if out is None:
+        raise ConfigError(f"{_root(cfg)} is not prepared: run `{prepare_command(cfg)}` once first (it decodes "
+                          f"every file to find unreadable ones and computes the mean image; see README, ImageNet)")
+    index = torch.load(out / INDEX_NAME, weights_only=True)
+    if index.get("version") != INDEX_VERSION:
+        raise ConfigError(f"{out / INDEX_NAME} is from another version of alexlab: delete {out} and prepare again")
+    root = _root(cfg)  # paths in the index are relative: a copied or moved dataset keeps its <root>/.alexlab
+    index["root"] = str(root)
+    skipped = check_bad_files(index, cfg)
+    stats_path = out / stats_name(cfg)
+    if not stats_path.is_file():
+        raise ConfigError(f"no pixel statistics for data.image_size={cfg.image_size}, data.classes={cfg.get('classes')}, "
+                          f"data.stats_images={cfg.get('stats_images')} in {out}: run `{prepare_command(cfg)}` "
+                          f"(the index is reused; only the statistics are computed)")
+    saved = torch.load(stats_path, weights_only=True)
+    stats = PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"])
+    picked = pick_classes(len(index["classes"]), cfg.get("classes"))
+    relabel = {old: new for new, old in enumerate(picked)}
+    size, workers = int(cfg.image_size), int(cfg.workers)
+    names = [index["classes"][i] for i in picked]
+    splits = []
+    for split in ("train", "val"):
+        entry = index[split]
+        samples = [(str(root / p), relabel[int(c)]) for p, c in zip(entry["paths"], entry["labels"].tolist())
+                   if int(c) in relabel and p not in index["bad"]]
+        limit = cfg.get(f"{split}_subset")  # a fixed random subset (seed 0), as for the small datasets;
+        if limit and int(limit) < len(samples):  # the statistics stay those of the prepared classes
+            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:int(limit)]
+            samples = [samples[int(i)] for i in keep.sort().values]
+        splits.append(ImageFolderSource(samples, size, workers, names))
+    return splits[0], splits[1], len(picked), stats, stats_path, skipped

@@ -1,0 +1,316 @@
+"""ImageNet on real files: a tiny ImageFolder of scikit-image's colour photographs plus every odd
+kind of file ImageNet has, prepared through the command line and trained on with scale=tiny;
+the layouts, the preparation's statistics against numpy, the decoding of each odd file, the
+bad-file policy, resuming an interrupted preparation, and worker-count determinism."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from alexlab.data import build_data
+from alexlab.data import imagenet
+from alexlab.data.augment import batch_generator
+from alexlab.errors import ConfigError
+from conftest import ROOT, compose_cfg, run_cli
+
+skdata = pytest.importorskip("skimage.data")
+from PIL import Image  # noqa: E402 - after the skip
+
+SIZE = 32  # data.image_size in these tests: the small model's 27 px crops come from it
+PHOTOS = {"n01440764": (skdata.astronaut, skdata.coffee), "n02102040": (skdata.chelsea, skdata.rocket),
+          "n03000684": (skdata.immunohistochemistry, skdata.coffee)}
+ODD = "n01440764"  # the class that holds the odd files
+
+
+def photo(func, i, size=(60, 40)) -> Image.Image:
+    """A real photograph, cropped a little differently per index, at a small size for speed."""
+    im = Image.fromarray(func()).convert("RGB")
+    w, h = im.size
+    return im.crop((i * 7, i * 5, w - i * 3, h)).resize(size)
+
+
+def jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def write_odd_files(folder):
+    """Each kind of file real ImageNet copies contain, with a photograph inside."""
+    base = photo(skdata.astronaut, 5)
+    base.convert("L").save(folder / "grey.JPEG", quality=90)
+    base.convert("CMYK").save(folder / "cmyk.JPEG", quality=90)
+    base.save(folder / "png_inside.JPEG", format="PNG")                # PNG content, .JPEG name
+    base.save(folder / "progressive.JPEG", quality=90, progressive=True)
+    exif = Image.Exif()
+    exif[imagenet.EXIF_ORIENTATION] = 6                                # "rotate 90 degrees to display"
+    base.save(folder / "exif_rotated.JPEG", quality=90, exif=exif)
+    photo(skdata.chelsea, 0, size=(20, 12)).save(folder / "tiny.JPEG", quality=90)  # shorter side 12 < 32
+
+
+def write_truncated(path):
+    path.write_bytes(jpeg_bytes(photo(skdata.rocket, 1))[:-200])  # the end of the JPEG stream is missing
+
+
+def write_dataset(root, per_class=3, odd=True, truncated=True):
+    for split in ("train", "val"):
+        for wnid, funcs in PHOTOS.items():
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(per_class):
+                photo(funcs[i % 2], i).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+    if odd:
+        write_odd_files(root / "train" / ODD)
+    if truncated:
+        write_truncated(root / "train" / ODD / "truncated.JPEG")
+    return root
+
+
+def data_cfg(root, *overrides):
+    return compose_cfg("data=imagenet", f"data.root={root}", f"data.image_size={SIZE}", "data.workers=0",
+                       "data.pixel_scale=1", *overrides).data
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A dataset with the odd files and one truncated file, prepared with on_bad_file=skip."""
+    root = write_dataset(tmp_path_factory.mktemp("imagenet"))
+    imagenet.prepare(data_cfg(root, "data.on_bad_file=skip"))
+    return root
+
+
+def prepared_images(source) -> torch.Tensor:
+    return torch.cat([images for images, _ in source.batches(torch.arange(len(source)), 64)])
+
+
+def run_prepare(*args, cwd):
+    env = dict(os.environ, HOME=str(cwd))
+    return subprocess.run([sys.executable, str(ROOT / "src" / "prepare.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_prepare_then_train_tiny_through_the_command_line(tmp_path):
+    root = write_dataset(tmp_path / "imagenet")
+    common = [f"data.root={root}", f"data.image_size={SIZE}", "data.workers=2"]
+    # The default policy: the truncated file stops the preparation, named, with what to do.
+    proc = run_prepare(*common, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "truncated.JPEG" in proc.stderr and "data.on_bad_file=skip" in proc.stderr
+    # Training on that root stops at start-up with the same message, before any epoch.
+    train_args = ["scale=tiny", "data=imagenet", *common, "data.pixel_scale=1", "logger=none", "eval.ten_crop=true"]
+    proc = run_cli(*train_args, "hydra.run.dir=strict", cwd=tmp_path)
+    assert proc.returncode == 2 and "truncated.JPEG" in proc.stderr and "epoch 1" not in proc.stderr
+    # With skip, the index is reused (no second scan) and training runs on the good files.
+    proc = run_prepare(*common, "data.on_bad_file=skip", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stderr and "unreadable: 1" in proc.stderr
+    proc = run_cli(*train_args, "data.on_bad_file=skip", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    good_train = 3 * 3 + 6  # three photos per class plus the six odd files
+    assert record["status"] == "completed" and record["images_seen"] == 2 * good_train
+
+
+def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
+    root = write_dataset(tmp_path, per_class=1, odd=False, truncated=False)
+    with pytest.raises(ConfigError, match=r"not prepared: run `python src/prepare.py data.root=.* data.image_size=32`"):
+        build_data(data_cfg(root), 27, torch.device("cpu"), tmp_path / "cache")
+    with pytest.raises(ConfigError, match="data.root is not set"):  # not the parent preset's root
+        imagenet.prepare(compose_cfg("scale=imagenet").data)
+
+
+def test_layout_labels_and_odd_file_notes(prepared):
+    index = torch.load(prepared / ".alexlab" / imagenet.INDEX_NAME, weights_only=True)
+    assert index["classes"] == sorted(PHOTOS) and index["val_layout"] == "folders"
+    assert list(index["bad"]) == [f"train/{ODD}/truncated.JPEG"] and "truncated" in index["bad"][f"train/{ODD}/truncated.JPEG"]
+    notes = {kind: [p.rsplit("/", 1)[1] for p in paths] for kind, paths in index["notes"].items()}
+    assert notes == {"greyscale": ["grey.JPEG"], "cmyk": ["cmyk.JPEG"], "format_PNG": ["png_inside.JPEG"],
+                     "progressive": ["progressive.JPEG"], "exif_orientation_not_applied": ["exif_rotated.JPEG"]}
+    data = build_data(data_cfg(prepared, "data.on_bad_file=skip"), 27, torch.device("cpu"), None)
+    assert data.num_classes == 3 and len(data.train) == 15 and len(data.val) == 9
+    assert data.skipped_files == [{"path": str(prepared / "train" / ODD / "truncated.JPEG"),
+                                   "reason": index["bad"][f"train/{ODD}/truncated.JPEG"]}]
+    assert [label for _, label in data.val.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    some = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.train_subset=5"), 27, torch.device("cpu"), None)
+    assert len(some.train) == 5 and set(some.train.samples) <= set(data.train.samples)
+
+
+def test_each_image_is_the_centre_square_of_the_photo_resized_by_pil(prepared):
+    data = build_data(data_cfg(prepared, "data.on_bad_file=skip"), 27, torch.device("cpu"), None)
+    for path, _ in data.train.samples:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # plain PIL: no EXIF rotation, as torchvision's ImageFolder
+            w, h = im.size
+            nw, nh = (SIZE, int(h * SIZE / w)) if w <= h else (int(w * SIZE / h), SIZE)
+            want = np.asarray(im.resize((nw, nh), Image.Resampling.BILINEAR)).astype(int)
+        top, left = round((nh - SIZE) / 2), round((nw - SIZE) / 2)
+        got = imagenet.load_image(path, SIZE).permute(1, 2, 0).numpy().astype(int)
+        # torchvision's antialiased bilinear and PIL's agree up to rounding; a crop off by one pixel gives tens
+        diff = np.abs(got - want[top:top + SIZE, left:left + SIZE])
+        assert diff.max() <= 2 and diff.mean() < 0.1, (path, diff.max(), diff.mean())
+
+
+def test_odd_files_decode_to_the_right_rgb_pixels(prepared):
+    folder = prepared / "train" / ODD
+    base = np.asarray(photo(skdata.astronaut, 5))
+    png, _ = imagenet.read_rgb(folder / "png_inside.JPEG")
+    np.testing.assert_array_equal(png, base)  # decoded by content: lossless PNG gives the photo back
+    grey, _ = imagenet.read_rgb(folder / "grey.JPEG")
+    assert grey.shape == (40, 60, 3) and (grey == grey[..., :1]).all()  # replicated into R, G and B
+    cmyk, _ = imagenet.read_rgb(folder / "cmyk.JPEG")
+    assert np.abs(cmyk.astype(int) - base).mean() < 6  # PIL's CMYK conversion lands on the photo
+    progressive, _ = imagenet.read_rgb(folder / "progressive.JPEG")
+    assert np.abs(progressive.astype(int) - base).mean() < 6
+    rotated, notes = imagenet.read_rgb(folder / "exif_rotated.JPEG")
+    # EXIF orientation is recorded but not applied: the stored 60x40, not the displayed 40x60.
+    assert rotated.shape == (40, 60, 3) and notes == ["exif_orientation_not_applied"]
+    assert np.abs(rotated.astype(int) - base).mean() < 6
+    tiny = imagenet.load_image(folder / "tiny.JPEG", SIZE)
+    assert tiny.shape == (3, SIZE, SIZE)  # 20x12 upscaled: shorter side to 32, centre crop
+
+
+def test_truncated_files_raise_even_if_a_library_turned_on_truncated_loading(prepared):
+    from PIL import ImageFile
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with pytest.raises(OSError, match="truncated"):
+            imagenet.read_rgb(prepared / "train" / ODD / "truncated.JPEG")
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def test_prepared_statistics_equal_numpy_on_the_prepared_images(prepared):
+    cfg = data_cfg(prepared, "data.on_bad_file=skip")
+    data = build_data(cfg, 27, torch.device("cpu"), None)
+    x = prepared_images(data.train).numpy().astype(np.float64) / 255
+    np.testing.assert_allclose(data.augmenter.stats.mean_image.numpy(), x.mean(0), atol=1e-6)
+    cov = np.cov(x.transpose(1, 0, 2, 3).reshape(3, -1), bias=True)
+    eigval, eigvec = np.linalg.eigh(cov)
+    np.testing.assert_allclose(data.augmenter.stats.eigval.numpy(), eigval[::-1], rtol=1e-4)
+    np.testing.assert_allclose(np.abs(data.augmenter.stats.eigvec.numpy()), np.abs(eigvec[:, ::-1]), atol=1e-4)
+    # data.mean=channel: one mean per channel, the same statistics otherwise
+    channel = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.mean=channel"), 27, torch.device("cpu"), None)
+    np.testing.assert_allclose(channel.augmenter.stats.mean_image.numpy().ravel(), x.mean((0, 2, 3)), atol=1e-6)
+
+
+def test_the_papers_transforms_on_the_prepared_images(prepared):
+    data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.pixel_scale=255"), 27, torch.device("cpu"), None)
+    images = prepared_images(data.val)
+    aug, n, crop = data.augmenter, len(images), 27
+    centred = (images.numpy() / 255.0 - aug.stats.mean_image.numpy()) * 255  # raw pixel units minus the mean image
+    np.testing.assert_allclose(aug.eval(images).numpy(), centred[:, :, 2:29, 2:29], atol=1e-3)
+    far = SIZE - crop
+    corners = [centred[:, :, t:t + crop, l:l + crop] for t, l in ((0, 0), (0, far), (far, 0), (far, far), (2, 2))]
+    np.testing.assert_allclose(aug.ten_crop(images).numpy(), np.stack(corners + [c[..., ::-1] for c in corners]), atol=1e-3)
+    out = aug.train(images, batch_generator(3, 1, 4)).numpy()
+    gen = batch_generator(3, 1, 4)  # replay the draws: crop offsets, mirrors, then the PCA coefficients
+    tops, lefts = torch.randint(0, far + 1, (n,), generator=gen), torch.randint(0, far + 1, (n,), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    alphas = torch.randn(n, 3, generator=gen).numpy() * 0.1
+    lam, vec = aug.stats.eigval.numpy(), aug.stats.eigvec.numpy()
+    for i in range(n):
+        patch = centred[i, :, int(tops[i]):int(tops[i]) + crop, int(lefts[i]):int(lefts[i]) + crop]
+        patch = patch[:, :, ::-1] if flips[i] else patch
+        np.testing.assert_allclose(out[i], patch + 255 * (vec @ (alphas[i] * lam))[:, None, None], atol=1e-3)
+
+
+def test_every_worker_count_gives_the_same_batches(prepared):
+    order = torch.randperm(15, generator=batch_generator(0, 0, -1))
+    runs = []
+    for workers in (0, 2):
+        data = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.workers={workers}"), 27,
+                          torch.device("cpu"), None)
+        runs.append([(images, labels, data.augmenter.train(images, batch_generator(0, 0, step)))
+                     for step, (images, labels) in enumerate(data.train.batches(order, 4, 1), 1)])
+    assert len(runs[0]) == len(runs[1]) == 3  # 15 images in batches of 4, resumed at step 1
+    for (a_img, a_lab, a_aug), (b_img, b_lab, b_aug) in zip(*runs):
+        assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab) and torch.equal(a_aug, b_aug)
+
+
+def test_class_subset_is_evenly_spaced_in_sorted_order(prepared):
+    assert imagenet.pick_classes(1000, 100) == list(range(0, 1000, 10))
+    assert imagenet.pick_classes(10, 3) == [0, 3, 6]
+    with pytest.raises(ConfigError, match="data.classes=4"):
+        imagenet.pick_classes(3, 4)
+    cfg = data_cfg(prepared, "data.on_bad_file=skip", "data.classes=2")
+    with pytest.raises(ConfigError, match="no pixel statistics .* data.classes=2"):
+        build_data(cfg, 27, torch.device("cpu"), None)
+    imagenet.prepare(cfg)  # only the statistics of the subset: the index is reused
+    data = build_data(cfg, 27, torch.device("cpu"), None)
+    assert data.num_classes == 2 and data.train.classes == ["n01440764", "n02102040"]
+    assert len(data.train) == 3 + 6 + 3 and sorted({label for _, label in data.val.samples}) == [0, 1]
+    x = prepared_images(data.train).numpy().astype(np.float64) / 255
+    np.testing.assert_allclose(data.augmenter.stats.mean_image.numpy(), x.mean(0), atol=1e-6)
+
+
+def test_flat_official_validation_with_kaggle_csv_or_devkit(tmp_path):
+    root = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    write_dataset(root, per_class=1, odd=False, truncated=False)
+    wnids = sorted(PHOTOS)
+    # Flatten val/ the official way: ILSVRC2012_val_<8 digits>.JPEG, wnids in a non-sorted order.
+    truth = ["n03000684", "n01440764", "n02102040"]
+    for i, wnid in enumerate(truth, 1):
+        (root / "val" / wnid / f"{wnid}_0.JPEG").rename(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+        (root / "val" / wnid).rmdir()
+    with pytest.raises(ConfigError, match="no labels were found"):
+        imagenet.list_files(root)
+    # Kaggle: LOC_val_solution.csv at the top of the download, three folders above CLS-LOC.
+    rows = [f"ILSVRC2012_val_{i:08d},{w} 1 2 30 40 {w} 5 6 20 30" for i, w in enumerate(truth, 1)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    files = imagenet.list_files(root)
+    assert files["val_layout"].startswith("csv") and files["classes"] == wnids
+    assert [label for _, label in files["val"]] == [wnids.index(w) for w in truth]
+    # The devkit: 1-based ILSVRC2012 IDs, mapped to wnids by meta.mat's leaf synsets.
+    savemat = pytest.importorskip("scipy.io").savemat
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    ids = {"n02102040": 1, "n03000684": 2, "n01440764": 3}  # IDs are not in sorted-wnid order
+    synsets = np.array([(k, w, w, "", 0) for w, k in ids.items()] + [(1001, "n00000001", "entity", "", 3)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
+                              ("num_children", "O")])
+    savemat(str(devkit / "data" / "meta.mat"), {"synsets": synsets})
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in truth))
+    files = imagenet.list_files(root, val_labels=devkit)
+    assert files["val_layout"].startswith("devkit")
+    assert [label for _, label in files["val"]] == [wnids.index(w) for w in truth]
+
+
+def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "a", odd=False, truncated=False)
+    monkeypatch.setattr(imagenet, "SCAN_BATCH", 2)
+    monkeypatch.setattr(imagenet, "CHECKPOINT_EVERY", 2)
+    imagenet.prepare(data_cfg(root))
+    whole = torch.load(root / ".alexlab" / imagenet.stats_name(data_cfg(root)), weights_only=True)
+    shutil.rmtree(root / ".alexlab")
+
+    real_getitem = imagenet._ScanBatch.__getitem__
+
+    def stop_at_batch_3(self, b):  # Ctrl-C in the middle of the scan, at files 6 and 7
+        if b == 3:
+            raise KeyboardInterrupt
+        return real_getitem(self, b)
+
+    monkeypatch.setattr(imagenet._ScanBatch, "__getitem__", stop_at_batch_3)
+    with pytest.raises(KeyboardInterrupt):
+        imagenet.prepare(data_cfg(root))
+    partial = torch.load(root / ".alexlab" / "prepare-index.partial", weights_only=True)
+    assert partial["done"] == 6 and not (root / ".alexlab" / imagenet.INDEX_NAME).exists()
+    monkeypatch.setattr(imagenet._ScanBatch, "__getitem__", real_getitem)
+    imagenet.prepare(data_cfg(root))
+    resumed = torch.load(root / ".alexlab" / imagenet.stats_name(data_cfg(root)), weights_only=True)
+    for key in ("mean_image", "eigval", "eigvec"):
+        assert torch.equal(whole[key], resumed[key]), key
+    assert not (root / ".alexlab" / "prepare-index.partial").exists()
+    # Workers sum their batches; the batches are added in order, so two workers give the same bits.
+    two = data_cfg(root, "data.workers=2", f"data.prepared_dir={tmp_path / 'two'}")
+    imagenet.prepare(two)
+    parallel = torch.load(tmp_path / "two" / imagenet.stats_name(two), weights_only=True)
+    for key in ("mean_image", "eigval", "eigvec"):
+        assert torch.equal(whole[key], parallel[key]), key
