@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,7 @@ def test_prepare_then_train_tiny_through_the_command_line(tmp_path):
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     good_train = 3 * 3 + 6  # three photos per class plus the six odd files
     assert record["status"] == "completed" and record["images_seen"] == 2 * good_train
+    assert [Path(f["path"]).name for f in record["skipped_files"]] == ["truncated.JPEG"]
 
 
 def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
@@ -314,3 +316,20 @@ def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp
     parallel = torch.load(tmp_path / "two" / imagenet.stats_name(two), weights_only=True)
     for key in ("mean_image", "eigval", "eigvec"):
         assert torch.equal(whole[key], parallel[key]), key
+
+
+def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared):
+    """data.decode=gpu: nvJPEG in batches (on a CPU machine torchvision's CPU decoder stands in) and the
+    Triton resize kernel (Triton's interpreter here). The odd files go to PIL, so every image equals
+    the CPU path's within the resize kernel's rounding (and, on CUDA, nvJPEG's)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu"), 27, torch.device("cpu"), None)
+    gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu"), 27, device, None)
+    assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
+    assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
+    order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
+    for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
+        assert torch.equal(a_labels, b_labels.cpu())
+        diff = (a.int() - b.cpu().int()).abs()
+        limit = 1 if device.type == "cpu" else 6  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
+        assert diff.max() <= limit, diff.flatten(1).max(1).values

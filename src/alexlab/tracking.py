@@ -103,6 +103,7 @@ class Tracker:
             "final": None,
             "best": None,
             "notes": [],
+            "skipped_files": [],  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
             "images_seen": 0,
             "wall_time_s": previous.get("wall_time_s", 0.0),
             "cpu_time_s": previous.get("cpu_time_s", 0.0),
@@ -134,6 +135,11 @@ class Tracker:
     def note(self, text: str) -> None:
         log.info(text)
         self.record["notes"].append(text)
+
+    def skipped_files(self, files: list[dict]) -> None:
+        self.record["skipped_files"] = list(files)
+        if files:
+            self.note(f"{len(files)} unreadable file(s) left out (data.on_bad_file=skip); listed in skipped_files")
 
     def start(self, resumed_history: list, device: str | None = None) -> None:
         self.record["history"] = list(resumed_history)
@@ -208,6 +214,9 @@ class NullTracker:
         self.results_path = Path(run_dir) / RESULTS_NAME
 
     def note(self, text: str) -> None:
+        pass
+
+    def skipped_files(self, files: list[dict]) -> None:
         pass
 
     def start(self, resumed_history: list, device: str | None = None) -> None:

@@ -37,7 +37,7 @@ def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str |
     skipped = []
     if data_cfg.name == "imagenet":  # statistics come from the one-time preparation (src/prepare.py)
         from alexlab.data.imagenet import load_imagenet
-        train, val, num_classes, stats, stats_path, skipped = load_imagenet(data_cfg, cache_dir)
+        train, val, num_classes, stats, stats_path, skipped = load_imagenet(data_cfg, cache_dir, device)
     else:
         train, val, num_classes = load_in_memory(data_cfg)
         stats, stats_path = pixel_stats(data_cfg, train, cache_dir)

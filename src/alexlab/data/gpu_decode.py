@@ -130,12 +130,14 @@ def is_jpeg(data: bytes | np.ndarray | torch.Tensor) -> bool:
 
 
 def decode_batch(datas: list[torch.Tensor], device: torch.device,
-                 cpu_decode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+                 cpu_decode: Callable[[torch.Tensor], torch.Tensor], on_cpu: Sequence[bool] = ()) -> list[torch.Tensor]:
     """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. JPEGs are decoded in
-    one nvJPEG call; what it refuses, and anything not a JPEG, goes through `cpu_decode`."""
+    one nvJPEG call; what it refuses, anything not a JPEG, and the files marked `on_cpu` go
+    through `cpu_decode`."""
     from torchvision.io import ImageReadMode, decode_jpeg
     out: list[torch.Tensor | None] = [None] * len(datas)
-    jpeg_idx = [i for i, d in enumerate(datas) if is_jpeg(d)]
+    on_cpu = list(on_cpu) or [False] * len(datas)
+    jpeg_idx = [i for i, d in enumerate(datas) if is_jpeg(d) and not on_cpu[i]]
     if jpeg_idx:
         try:
             decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
@@ -183,10 +185,11 @@ class GpuJpegSource:
     the interface of the other sources: `batches(order, batch_size, start_step)`."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, workers: int,
-                 device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3):
+                 device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3,
+                 cpu_files: set[int] = frozenset()):
         self.paths, self.size, self.workers, self.device = list(paths), size, workers, torch.device(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.cpu_decode, self.prefetch = cpu_decode, prefetch
+        self.cpu_decode, self.prefetch, self.cpu_files = cpu_decode, prefetch, set(cpu_files)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -196,7 +199,8 @@ class GpuJpegSource:
         return zip(read_batches(self.paths, index_batches, self.workers), index_batches)
 
     def _prepare(self, datas, idx):
-        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode), self.size)
+        on_cpu = [i in self.cpu_files for i in idx]
+        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode, on_cpu), self.size)
         return images, self.labels[idx].to(self.device, non_blocking=True)
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:

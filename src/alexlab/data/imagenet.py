@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import time
@@ -81,6 +82,37 @@ def load_image(path, size: int) -> torch.Tensor:
     """uint8 (3, size, size): decoded, shorter side to `size` (up or down), centre crop."""
     rgb, _ = read_rgb(path)
     return resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], size)[0]
+
+
+def decode_bytes(data: torch.Tensor) -> torch.Tensor:
+    """A file's bytes (uint8 1-D tensor) -> uint8 (3, H, W), exactly as read_rgb decodes files: the
+    GPU pipeline's decoder for the files nvJPEG is not given (see GPU_DECODER_SKIPS)."""
+    rgb, _ = read_rgb(io.BytesIO(data.numpy().tobytes()))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+# Odd files (index notes) that data.decode=gpu hands to the CPU decoder: nvJPEG's colour conversion
+# of CMYK and greyscale, and its support of progressive files, are not PIL's.
+GPU_DECODER_SKIPS = ("cmyk", "greyscale", "progressive")
+
+
+def resolve_decode(cfg, device: torch.device) -> str:
+    """data.decode: auto -> gpu when training on CUDA with Triton installed, else cpu."""
+    decode = cfg.get("decode", "auto")
+    if decode not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"data.decode must be auto, cpu or gpu, got {decode!r}")
+    try:
+        import triton  # noqa: F401
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    if decode == "auto":
+        return "gpu" if device.type == "cuda" and has_triton else "cpu"
+    if decode == "gpu" and not has_triton:
+        raise ConfigError("data.decode=gpu needs Triton (it comes with PyTorch's CUDA wheels); use data.decode=cpu")
+    if decode == "gpu" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"data.decode=gpu needs a CUDA device (training runs on {device}); use data.decode=cpu")
+    return decode
 
 
 def _use_file_system_sharing() -> None:
@@ -467,9 +499,11 @@ def check_bad_files(index: dict, cfg) -> list[dict]:
 
 # ---------------------------------------------------------------- loading for training
 
-def load_imagenet(cfg, cache_dir=None):
-    """(train, val, num_classes, stats, stats_path, skipped files) from the prepared folder."""
+def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu")):
+    """(train, val, num_classes, stats, stats_path, skipped files) from the prepared folder.
+    The splits decode on the CPU (ImageFolderSource) or on the GPU (GpuJpegSource): data.decode."""
     check_options(cfg)
+    decode = resolve_decode(cfg, device)
     out = find_prepared(cfg, cache_dir)
     if out is None:
         raise ConfigError(f"{_root(cfg)} is not prepared: run `{prepare_command(cfg)}` once first (it decodes "
@@ -500,5 +534,12 @@ def load_imagenet(cfg, cache_dir=None):
         if limit and int(limit) < len(samples):  # the statistics stay those of the prepared classes
             keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:int(limit)]
             samples = [samples[int(i)] for i in keep.sort().values]
-        splits.append(ImageFolderSource(samples, size, workers, names))
+        if decode == "gpu":
+            from alexlab.data.gpu_decode import GpuJpegSource
+            to_cpu = {str(root / p) for kind in GPU_DECODER_SKIPS for p in index["notes"].get(kind, [])}
+            paths = [p for p, _ in samples]
+            splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
+                                        cpu_files={i for i, p in enumerate(paths) if p in to_cpu}))
+        else:
+            splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
