@@ -99,6 +99,16 @@ def test_train_transform_is_a_crop_a_mirror_and_a_colour_shift_of_the_centred_im
         np.testing.assert_allclose(out[i].numpy(), patch, atol=1e-5)
 
 
+def test_a_part_of_a_batch_is_augmented_as_in_the_whole_batch():
+    """What a data parallel rank does: it holds images 1..2 of a batch of 3 and must get the same
+    crops, mirrors and colour shifts as a single process that holds all three."""
+    photos = real_photos()
+    aug = photo_augmenter(photos)
+    whole = aug.train(photos, batch_generator(4, 1, 7))
+    part = aug.train(photos[1:3], batch_generator(4, 1, 7), offset=1, total=len(photos))
+    assert len(photos) == 3 and torch.equal(part, whole[1:3])
+
+
 def test_switches_off_give_the_centre_crop_and_seeds_differ():
     photos = real_photos()
     plain = photo_augmenter(photos, crop_flip=False, pca=False)

@@ -4,9 +4,9 @@
     ...
     world.close()
 
-Every rank loads the same global batch (trainer.batch_size images, same order), augments all of it
-with the same (seed, epoch, step) generator as a one-process run, and trains on its contiguous
-slice; DistributedDataParallel averages the gradients. So 1 and N processes see the same samples
+Every rank loads only its contiguous part of each global batch (trainer.batch_size images, same
+order), augments it with the draws a one-process run makes for the whole batch (same (seed, epoch,
+step) generator), and trains on it; DistributedDataParallel averages the gradients. So 1 and N processes see the same samples
 with the same crops, and only the float summation order differs. Rank 0 alone writes results.json,
 checkpoints and W&B.
 """
@@ -30,9 +30,15 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def part(self, n: int) -> slice:
+        """This rank's contiguous part of n items (sizes differ by at most one, as tensor_split's)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous part of a global batch (sizes differ by at most one)."""
-        return x if self.size == 1 else x.tensor_split(self.size)[self.rank]
+        """This rank's contiguous part of a tensor (sizes differ by at most one)."""
+        return x if self.size == 1 else x[self.part(len(x))]
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """In place: the sum over ranks."""

@@ -188,11 +188,16 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
             tic = time.perf_counter()
             images_this_session = 0
             progress = tracker.progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
-            for step, (images, labels) in enumerate(data.train.batches(order, batch_size, start_step), start_step):
+            # Each rank loads (and decodes) only its part of every global batch; the augmentation
+            # draws are made for the whole global batch, so any number of ranks sees the same crops.
+            global_batches = order[start_step * batch_size:].split(batch_size)
+            parts = [world.part(len(b)) for b in global_batches]
+            local_batches = [b[part] for b, part in zip(global_batches, parts)]
+            for step, (images, labels) in enumerate(data.train.batches_of(local_batches), start_step):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                x = data.augmenter.train(images, batch_generator(cfg.seed, epoch, step))
-                global_count = len(labels)
-                x, labels = _to_model(world.shard(x), model), world.shard(labels)
+                part, global_count = parts[step - start_step], len(global_batches[step - start_step])
+                x = data.augmenter.train(images, batch_generator(cfg.seed, epoch, step), part.start, global_count)
+                x = _to_model(x, model)
                 with autocast():
                     logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), labels)

@@ -113,16 +113,22 @@ class Augmenter:
     def _centred(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return x_uint8.float() / 255.0 - self.stats.mean_image
 
-    def train(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def train(self, x_uint8: torch.Tensor, gen: torch.Generator, offset: int = 0, total: int | None = None
+              ) -> torch.Tensor:
+        """x_uint8 holds images offset .. offset+N-1 of a batch of `total` (default N): the random draws
+        are made for the whole batch and this part's are used, so a data parallel rank that loads
+        only its part of the global batch augments it exactly as a single process would."""
         x = self._centred(x_uint8)
         n, size = x.shape[0], x.shape[-1]
-        top, left = crop_offsets(gen, n, size, self.input_size, random=self.crop_flip)
-        x = crop_batch(x, top, left, self.input_size)
+        total = n if total is None else total
+        part = slice(offset, offset + n)
+        top, left = crop_offsets(gen, total, size, self.input_size, random=self.crop_flip)
+        x = crop_batch(x, top[part], left[part], self.input_size)
         if self.crop_flip:
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+            flip = (torch.rand(total, generator=gen)[part] < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.pca_lighting:
-            x = x + pca_noise(gen, n, self.stats, self.pca_sigma)[:, :, None, None]
+            x = x + pca_noise(gen, total, self.stats, self.pca_sigma)[part, :, None, None]
         return x * self.pixel_scale
 
     def eval(self, x_uint8: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,12 @@ class TensorSource:
         return TensorSource(self.images.to(device), self.labels.to(device))
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        order = order.to(self.images.device)
-        for i in range(start * batch_size, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        return self.batches_of(order[start * batch_size:].split(batch_size))
+
+    def batches_of(self, index_batches) -> Iterator:
+        """(images, labels) for each tensor of indices."""
+        for idx in index_batches:
+            idx = idx.to(self.images.device)
             yield self.images[idx], self.labels[idx]
 
 

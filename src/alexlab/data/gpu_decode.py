@@ -194,8 +194,8 @@ class GpuJpegSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _loader(self, order: torch.Tensor, batch_size: int, start: int):
-        index_batches = [b.tolist() for b in order[start * batch_size:].split(batch_size)]
+    def _loader(self, index_batches):
+        index_batches = [b.tolist() for b in index_batches]
         return zip(read_batches(self.paths, index_batches, self.workers), index_batches)
 
     def _prepare(self, datas, idx):
@@ -204,13 +204,17 @@ class GpuJpegSource:
         return images, self.labels[idx].to(self.device, non_blocking=True)
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        return self.batches_of(order[start * batch_size:].split(batch_size))
+
+    def batches_of(self, index_batches) -> Iterator:
+        """(images, labels) on the device for each tensor of indices."""
         if self.device.type != "cuda" or not self.prefetch:
-            for datas, idx in self._loader(order, batch_size, start):
+            for datas, idx in self._loader(index_batches):
                 yield self._prepare(datas, idx)
             return
-        yield from self._prefetched(order, batch_size, start)
+        yield from self._prefetched(index_batches)
 
-    def _prefetched(self, order, batch_size, start):
+    def _prefetched(self, index_batches):
         """Decode on a side stream in a thread, `prefetch` batches ahead of the training step."""
         stream = torch.cuda.Stream(self.device)
         ready: queue.Queue = queue.Queue(self.prefetch)
@@ -219,7 +223,7 @@ class GpuJpegSource:
         def work():
             try:
                 with torch.cuda.stream(stream):
-                    for datas, idx in self._loader(order, batch_size, start):
+                    for datas, idx in self._loader(index_batches):
                         images, labels = self._prepare(datas, idx)
                         event = torch.cuda.Event()
                         event.record(stream)

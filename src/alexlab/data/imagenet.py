@@ -143,7 +143,10 @@ class ImageFolderSource(torch.utils.data.Dataset):
         return image, label
 
     def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        index_batches = order[start * batch_size:].split(batch_size)
+        return self.batches_of(order[start * batch_size:].split(batch_size))
+
+    def batches_of(self, index_batches) -> Iterator:
+        """(images, labels) for each tensor of indices."""
         if self.workers:
             _use_file_system_sharing()
         loader = torch.utils.data.DataLoader(self, batch_sampler=[b.tolist() for b in index_batches],
