@@ -200,6 +200,17 @@ def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):
     assert (lrn_cost["runs"], lrn_cost["shared"], lrn_cost["cpu_device_s"]) == (6, 3, 6 * 18.0)
 
 
+def test_a_run_at_chance_level_is_named_and_kept(tmp_path):
+    # Fashion-MNIST has 10 classes: guessing gives 90% top-1 error. Seed 2's no-LRN run ends at 89.5%.
+    result = build_report([lrn_sweep(tmp_path / "sweep", [1.0, 1.2, 89.5 - (30.0 + 0.7 * 2)])], tmp_path / "report")
+    lrn = row(result, "lrn", "no_lrn")
+    assert lrn["n"] == 3  # kept in the pairs
+    assert [Path(name).name for name in lrn["at_chance"]] == ["5_ablation=no_lrn,seed=2"]
+    assert "stayed at chance level" in lrn["reason"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Runs at chance level\n" in text and "5_ablation=no_lrn,seed=2`" in text
+
+
 def test_failed_and_missing_runs_are_listed_not_averaged(tmp_path):
     lrn_sweep(tmp_path, [2.0, 2.2, 1.8])
     write_run(tmp_path, "6_ablation=paper,seed=3", make_config("lrn", "paper", 3), 30.0)

@@ -113,6 +113,21 @@ class Run:
         return run_metrics(self.record)
 
 
+CLASSES_BY_DATASET = {"fashion_mnist": 10, "cifar10": 10, "imagenet": 1000}
+CHANCE_MARGIN = 1.0  # percentage points: a final error this close to chance means the run did not learn
+
+
+def at_chance(run: Run) -> bool:
+    """A completed run whose final validation error is within CHANCE_MARGIN of guessing. Such runs
+    stay in the analysis (not learning can be the effect of an ablation), but a verdict that rests
+    on one says so."""
+    data = run.config.get("data") or {}
+    classes = run.record.get("num_classes") or data.get("classes") or data.get("num_classes") \
+        or CLASSES_BY_DATASET.get(data.get("name"))
+    err = run.metrics["val_top1_err"]
+    return bool(classes) and err is not None and err >= 100 * (1 - 1 / classes) - CHANCE_MARGIN
+
+
 def run_metrics(record: dict) -> dict:
     final = record.get("final") or {}
     history = record.get("history") or []
@@ -269,7 +284,8 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
            "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
            "tuned": tuned, "used_runs": [r.name for r in used],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
-           "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()}}
+           "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
+           "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
     if not relevant:
         row["verdict"], row["reason"] = "not run", (
             f"no runs with {claim.factor}={json.dumps(sides['ablated'])} beside paper runs to pair them with")
@@ -277,6 +293,8 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
         row["verdict"], row["reason"] = "inconclusive", "no completed pair (see the missing pairs)"
     else:
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
+    if row["at_chance"]:
+        row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
     return row
 
 
@@ -499,6 +517,12 @@ def markdown(rows, problems, missing, costs, plots, sources, n_runs) -> str:
                          f"| {s['n']} | {mean} | {sd} | {ci} | {verdict} | {notes} |")
     lines += ["", "## Problem runs", ""]
     lines += [f"- `{p['run']}`: {p['status']}" + (f": {p['error']}" if p["error"] else "") for p in problems] or ["none"]
+    chance = sorted({name for row in rows for name in row.get("at_chance", [])})
+    lines += ["", "## Runs at chance level", "",
+              f"Completed runs whose final validation error is within {CHANCE_MARGIN:g} point of guessing: they "
+              "did not learn. They stay in the pairs (not learning can be what an ablation does), but a mean "
+              "over seeds that includes them says more about that seed than about the claim.", "",
+              *([f"- `{name}`" for name in chance] or ["none"])]
     lines += ["", "## Missing pairs", "", *([f"- {m}" for m in missing] or ["none"]), "",
               "## Cost", "",
               "Runs a claim used: every run in its paired set-ups, tuning grid and failed runs included. "

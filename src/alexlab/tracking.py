@@ -103,6 +103,7 @@ class Tracker:
             "final": None,
             "best": None,
             "notes": [],
+            "num_classes": None,
             "skipped_files": [],  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
             "images_seen": 0,
             "wall_time_s": previous.get("wall_time_s", 0.0),
@@ -136,8 +137,10 @@ class Tracker:
         log.info(text)
         self.record["notes"].append(text)
 
-    def skipped_files(self, files: list[dict]) -> None:
-        self.record["skipped_files"] = list(files)
+    def dataset(self, num_classes: int, skipped_files: list[dict]) -> None:
+        self.record["num_classes"] = num_classes  # the report's chance level: 100 * (1 - 1/num_classes)
+        self.record["skipped_files"] = list(skipped_files)
+        files = skipped_files
         if files:
             self.note(f"{len(files)} unreadable file(s) left out (data.on_bad_file=skip); listed in skipped_files")
 
@@ -216,7 +219,7 @@ class NullTracker:
     def note(self, text: str) -> None:
         pass
 
-    def skipped_files(self, files: list[dict]) -> None:
+    def dataset(self, num_classes: int, skipped_files: list[dict]) -> None:
         pass
 
     def start(self, resumed_history: list, device: str | None = None) -> None:

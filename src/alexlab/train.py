@@ -142,7 +142,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     data = build_data(cfg.data, int(cfg.model.input_size), device, cfg.data.cache_dir)
-    tracker.skipped_files(data.skipped_files)
+    tracker.dataset(data.num_classes, data.skipped_files)
     model = build_model(cfg.model, data.num_classes).to(device)
     cuda = device.type == "cuda"
     if cuda:
