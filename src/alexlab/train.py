@@ -27,6 +27,7 @@ from alexlab.io import atomic_torch_save
 from alexlab.model import build_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
+STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
 
 
 class Interrupted(Exception):
@@ -220,8 +221,14 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                 state["images_seen"] += global_count
                 images_this_session += global_count
                 progress.update(1)
-                # Every rank stops after the same step, whichever of them got the signal.
-                signum = world.max_int(stop.signum or 0, device) if world.size > 1 else stop.signum
+                # Every rank stops after the same step, whichever of them got the signal. Asking the
+                # others is a collective plus a host sync, so ranks ask every STOP_CHECK_STEPS steps.
+                if world.size == 1:
+                    signum = stop.signum
+                elif (step + 1) % STOP_CHECK_STEPS == 0 or step + 1 == steps_per_epoch:
+                    signum = world.max_int(stop.signum or 0, device)
+                else:
+                    signum = None
                 if signum:
                     state.update(epoch=epoch, step=step + 1, sums=world.sum(sums.clone()).cpu(),
                                  window=world.sum(window.clone()).cpu(),
