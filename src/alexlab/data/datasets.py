@@ -24,7 +24,26 @@ FASHION_FILES = {
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-class TensorSource:
+def use_file_system_sharing() -> None:
+    """Before DataLoader workers start: with the default file-descriptor strategy, workers handing
+    back many tensors ran out of descriptors on the GPU machine ("Bad file descriptor", then a hang).
+    Harmless on a CPU."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class BatchSource:
+    """What every split offers the trainer: `batches(order, batch_size, start_step)` cuts the
+    epoch's order into batches (resuming at `start_step`); subclasses serve `batches_of`."""
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
+        return self.batches_of(order[start * batch_size:].split(batch_size))
+
+    def batches_of(self, index_batches) -> Iterator:
+        """(uint8 images, labels) for each tensor of indices."""
+        raise NotImplementedError
+
+
+class TensorSource(BatchSource):
     """A whole split in memory: images (N, C, S, S) uint8, labels (N,) int64."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -36,11 +55,7 @@ class TensorSource:
     def to(self, device) -> "TensorSource":
         return TensorSource(self.images.to(device), self.labels.to(device))
 
-    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        return self.batches_of(order[start * batch_size:].split(batch_size))
-
     def batches_of(self, index_batches) -> Iterator:
-        """(images, labels) for each tensor of indices."""
         for idx in index_batches:
             idx = idx.to(self.images.device)
             yield self.images[idx], self.labels[idx]

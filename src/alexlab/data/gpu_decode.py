@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from alexlab.data.datasets import BatchSource, use_file_system_sharing
+
 RESIZE_BLOCK = 1024
 
 
@@ -173,16 +175,16 @@ class _BatchBytes(torch.utils.data.Dataset):
 
 def read_batches(paths: Sequence[str], index_batches: list[list[int]], workers: int) -> Iterator[list[torch.Tensor]]:
     """The bytes of each batch's files, read by `workers` processes, as lists of 1-D uint8 tensors."""
-    torch.multiprocessing.set_sharing_strategy("file_system")  # "Bad file descriptor" otherwise (GPU host)
+    if workers:
+        use_file_system_sharing()
     loader = torch.utils.data.DataLoader(_BatchBytes(paths), sampler=index_batches, batch_size=None,
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     for blob, lengths in loader:
         yield list(blob.split(lengths.tolist()))
 
 
-class GpuJpegSource:
-    """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`, with
-    the interface of the other sources: `batches(order, batch_size, start_step)`."""
+class GpuJpegSource(BatchSource):
+    """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, workers: int,
                  device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3,
@@ -203,11 +205,7 @@ class GpuJpegSource:
         images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode, on_cpu), self.size)
         return images, self.labels[idx].to(self.device, non_blocking=True)
 
-    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        return self.batches_of(order[start * batch_size:].split(batch_size))
-
     def batches_of(self, index_batches) -> Iterator:
-        """(images, labels) on the device for each tensor of indices."""
         if self.device.type != "cuda" or not self.prefetch:
             for datas, idx in self._loader(index_batches):
                 yield self._prepare(datas, idx)

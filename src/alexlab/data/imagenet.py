@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from alexlab.data.augment import PixelStats, StatsAccumulator
-from alexlab.data.datasets import IMAGE_EXTENSIONS, resize_square
+from alexlab.data.datasets import IMAGE_EXTENSIONS, BatchSource, resize_square, use_file_system_sharing
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
 
@@ -115,13 +115,7 @@ def resolve_decode(cfg, device: torch.device) -> str:
     return decode
 
 
-def _use_file_system_sharing() -> None:
-    # Workers hand back one tensor per image; with the default file-descriptor strategy a GPU
-    # machine ran out of descriptors ("Bad file descriptor"). Harmless on a CPU.
-    torch.multiprocessing.set_sharing_strategy("file_system")
-
-
-class ImageFolderSource(torch.utils.data.Dataset):
+class ImageFolderSource(torch.utils.data.Dataset, BatchSource):
     """A list of (path, label) decoded by DataLoader workers into uint8 (3, size, size).
 
     Workers only decode and resize; the order and every random draw are made in the main process,
@@ -142,13 +136,9 @@ class ImageFolderSource(torch.utils.data.Dataset):
                           f"has the file changed since?)") from err
         return image, label
 
-    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator:
-        return self.batches_of(order[start * batch_size:].split(batch_size))
-
     def batches_of(self, index_batches) -> Iterator:
-        """(images, labels) for each tensor of indices."""
         if self.workers:
-            _use_file_system_sharing()
+            use_file_system_sharing()
         loader = torch.utils.data.DataLoader(self, batch_sampler=[b.tolist() for b in index_batches],
                                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
         yield from loader
@@ -340,7 +330,7 @@ def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: i
     acc = StatsAccumulator()
     acc.__dict__.update(state["acc"])
     if workers:
-        _use_file_system_sharing()
+        use_file_system_sharing()
     batches = [list(range(i, min(i + SCAN_BATCH, len(paths)))) for i in range(state["done"], len(paths), SCAN_BATCH)]
     loader = torch.utils.data.DataLoader(_ScanBatch(root, paths, resize, size, batches), batch_size=None,
                                          num_workers=workers, collate_fn=_first)
