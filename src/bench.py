@@ -15,6 +15,7 @@ Without CUDA it runs a tiny version (batch 2, few steps, small images) in second
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -249,7 +250,9 @@ class Bench:
                 print(f"   {name:<40} {row['dtype']:<9} {row['ms_fwd_bwd']:.3f} ms", flush=True)
 
     # ---- JPEG pipeline ----
+    @functools.cached_property
     def jpeg_files(self) -> list[str]:
+        """The benchmark's JPEGs, generated once (and kept in --jpeg-dir for later runs)."""
         folder = Path(self.args.jpeg_dir)
         count = self.args.jpegs or (6144 if self.cuda else 6)
         paths = sorted(str(p) for p in folder.glob("*.JPEG")) if folder.is_dir() else []
@@ -270,13 +273,13 @@ class Bench:
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import Augmenter, PixelStats, batch_generator
         from alexlab.data.gpu_decode import GpuJpegSource
-        from torchvision.io import ImageReadMode, decode_image
-        paths = self.jpeg_files()
+        from alexlab.data.imagenet import decode_bytes
+        paths = self.jpeg_files
         size, crop = self.image_size, self.ours_size
         stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
-                               self.device, lambda b: decode_image(b, mode=ImageReadMode.RGB), prefetch=prefetch)
+                               self.device, decode_bytes, prefetch=prefetch)
         rates = []
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
@@ -297,24 +300,23 @@ class Bench:
 
     def data_alone(self):
         from alexlab.data.gpu_decode import decode_batch, read_batches, resize_square_batch
-        from torchvision.io import ImageReadMode, decode_image
+        from alexlab.data.imagenet import decode_bytes
         for prefetch, how in ((3, "prefetch thread, side stream"), (0, "inline")):
             rate, n = self.pipeline(prefetch=prefetch)
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
                                         "workers": self.args.workers, "images": n, "images_per_s": rate})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
-        paths = self.jpeg_files()
+        paths = self.jpeg_files
         batches = [list(range(i, min(i + self.batch, len(paths)))) for i in range(0, len(paths), self.batch)]
         tic = time.perf_counter()
         blobs = list(read_batches(paths, batches, self.args.workers))
         self.record["data"].append({"pipeline": "file bytes only (DataLoader workers)", "workers": self.args.workers,
                                     "images_per_s": len(paths) / (time.perf_counter() - tic)})
-        cpu_decode = lambda b: decode_image(b, mode=ImageReadMode.RGB)  # noqa: E731
-        decoded = decode_batch(blobs[0], self.device, cpu_decode)
+        decoded = decode_batch(blobs[0], self.device, decode_bytes)
         seconds = time_steps(lambda: resize_square_batch(decoded, self.image_size), self.device, 2, 5, 3)
         self.record["data"].append({"pipeline": "resize kernel alone (decoded images on the device)",
                                     "images_per_s": len(decoded) / seconds})
-        seconds = time_steps(lambda: resize_square_batch(decode_batch(blobs[0], self.device, cpu_decode),
+        seconds = time_steps(lambda: resize_square_batch(decode_batch(blobs[0], self.device, decode_bytes),
                                                          self.image_size), self.device, 2, 5, 3)
         self.record["data"].append({"pipeline": "decode + resize, bytes in memory",
                                     "images_per_s": len(blobs[0]) / seconds})
@@ -323,7 +325,7 @@ class Bench:
         if self.cuda:  # decode alone, bytes already in memory
             import numpy as np
             from torchvision.io import ImageReadMode, decode_jpeg
-            datas = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in self.jpeg_files()[:self.batch]]
+            datas = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in self.jpeg_files[:self.batch]]
             seconds = time_steps(lambda: decode_jpeg(datas, mode=ImageReadMode.RGB, device="cuda"),
                                  self.device, 2, 5, 3)
             self.record["data"].append({"pipeline": "nvJPEG batch decode alone (bytes in memory)",

@@ -11,6 +11,7 @@ picks which reading is built:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -74,19 +75,16 @@ class _LRNFunction(torch.autograd.Function):
         return (g_scaled - (2 * beta * coefficient) * x * back).to(grad.dtype), None, None, None, None
 
 
+@functools.cache
 def _fused_lrn():
     """The Triton op (alexlab.lrn_triton) where Triton is installed, else None."""
-    global _FUSED
-    if _FUSED is None:
-        try:
-            from alexlab.lrn_triton import lrn_forward
-            _FUSED = lrn_forward
-        except ImportError:
-            _FUSED = False
-    return _FUSED or None
+    try:
+        from alexlab.lrn_triton import lrn_forward
+    except ImportError:
+        return None
+    return lrn_forward
 
 
-_FUSED = None
 IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 
