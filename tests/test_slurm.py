@@ -77,16 +77,10 @@ def test_two_job_sweep_through_a_slurm_preset(tmp_path, slurm_env):
 STOPS = {"usr2": ["scancel", "--signal=USR2"], "requeue": ["scontrol", "requeue"]}
 
 
-@pytest.mark.parametrize("stop", STOPS)
-def test_a_stopped_job_is_requeued_and_resumes_in_place(tmp_path, slurm_env, stop):
-    args = [*TINY, "trainer.epochs=3", "seed=7", "trainer.log_every_steps=3"]
-    whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    # ${now:...} in the sweep dir: the requeued job must land in the dir the first one resolved.
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path), **slurm_env)
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "-m", *args, "logger=wandb", *SLURM,
-                              "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}"],
+def stop_after_first_epoch(run_args: list, stop_command: list, tmp_path: Path, env: dict) -> None:
+    """Launch a one-job sweep (`run.py -m run_args`, sweep dir under tmp_path/sweep), run
+    `stop_command JOB_ID` once its first epoch is recorded, and wait for the sweep to succeed."""
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "-m", *run_args],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and sweep.poll() is None:
@@ -97,10 +91,22 @@ def test_a_stopped_job_is_requeued_and_resumes_in_place(tmp_path, slurm_env, sto
     else:
         sweep.kill()
         pytest.fail(f"the job never finished its first epoch: {sweep.communicate()}")
-    (job_id,) = [p.name for p in (tmp_path / "sweep").glob("*/.submitit/*") if p.is_dir()]  # one job: no array
-    subprocess.run([*STOPS[stop], job_id], env=env, check=True)
+    (job_id,) = [p.name for p in (tmp_path / "sweep").glob("**/.submitit/*") if p.is_dir()]  # one job: no array
+    subprocess.run([*stop_command, job_id], env=env, check=True)
     _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stopped_job_is_requeued_and_resumes_in_place(tmp_path, slurm_env, stop):
+    args = [*TINY, "trainer.epochs=3", "seed=7", "trainer.log_every_steps=3"]
+    whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # ${now:...} in the sweep dir: the requeued job must land in the dir the first one resolved.
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path), **slurm_env)
+    stop_after_first_epoch([*args, "logger=wandb", *SLURM, "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}"],
+                           STOPS[stop], tmp_path, env)
 
     assert len(list((tmp_path / "sweep").iterdir())) == 1  # one sweep dir, not one per start
     found = records(tmp_path / "sweep")
@@ -135,22 +141,8 @@ def test_a_requeued_two_task_ddp_job_stops_together_and_resumes(tmp_path, slurm_
                             "hydra.run.dir=whole"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "-m", *args, *SLURM,
-                              "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep"],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and sweep.poll() is None:
-        running = records(tmp_path / "sweep")
-        if running and len(next(iter(running.values()))["history"]) >= 1:
-            break
-        time.sleep(0.1)
-    else:
-        sweep.kill()
-        pytest.fail(f"the job never finished its first epoch: {sweep.communicate()}")
-    (job_id,) = [p.name for p in (tmp_path / "sweep").glob(".submitit/*") if p.is_dir()]
-    subprocess.run([*STOPS["requeue"], job_id], env=env, check=True)
-    _, err = sweep.communicate(timeout=300)
-    assert sweep.returncode == 0, err[-3000:]
+    stop_after_first_epoch([*args, *SLURM, "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep"],
+                           STOPS["requeue"], tmp_path, env)
     (resumed,) = records(tmp_path / "sweep").values()
     reference = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert "DUE TO JOB REQUEUE" in job_logs(tmp_path / "sweep")
