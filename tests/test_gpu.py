@@ -20,3 +20,11 @@ def test_lrn_on_the_paper_shape_matches_pytorch_in_fp32_and_bf16():
 def test_tiny_run_on_cuda_with_compile(tmp_path):
     proc = run_cli("scale=tiny", "logger=none", "device=cuda", "trainer.compile=true", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_training_steps_queue_without_waiting_for_the_gpu():
+    """Batches from GPU memory, augmentation and the trainer's step, queued behind a 1 s GPU sleep:
+    the host must be done long before the GPU (no .item(), no copy from pageable memory)."""
+    import bench
+    check = bench.host_time_while_gpu_busy(torch.device("cuda"))
+    assert check["ok"], check

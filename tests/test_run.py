@@ -81,6 +81,7 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     ("model.remove=[conv1]", "conv1 cannot be removed"),
     ("trainer.batch_size=0", "trainer.batch_size must be a positive integer"),
     ("seed=abc", "seed must be an integer"),
+    ("trainer.compile=fast", "trainer.compile must be true, false or one of"),
     ("data.root=EMPTY", "no FashionMNIST data in"),
 ])
 def test_bad_input_is_one_clear_line_and_never_completed(tmp_path, override, message):

@@ -28,6 +28,7 @@ from alexlab.model import build_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class Interrupted(Exception):
@@ -74,6 +75,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"optim.schedule must be plateau or step, got {cfg.optim.schedule!r}")
     if cfg.resume not in ("auto", "never"):
         raise ConfigError(f"resume must be auto or never, got {cfg.resume!r}")
+    compile_ = cfg.trainer.compile
+    if not isinstance(compile_, bool) and compile_ not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile must be true, false or one of {COMPILE_MODES}, got {compile_!r}")
 
 
 def pick_device(name: str, world: World = World()) -> torch.device:
@@ -93,6 +97,57 @@ def make_scheduler(optimizer, optim_cfg):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=optim_cfg.factor, patience=optim_cfg.patience,
         min_lr=optim_cfg.lr * optim_cfg.factor ** optim_cfg.max_reductions)
+
+
+def setup_model(model, device: torch.device, channels_last: bool, compile_mode: bool | str = False,
+                world: World = World()):
+    """The model as the trainer runs it (fit and src/bench.py both call this): cuDNN autotuning on
+    CUDA, channels_last weights, DDP across ranks, torch.compile (true or a mode such as
+    "reduce-overhead", which adds CUDA graphs). Returns the module to call; `model` keeps the weights."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # grouped and odd-sized convolutions: pick by measurement
+    if channels_last:  # faster convolutions and pooling on both cuDNN and oneDNN (CPU)
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    step_model = model
+    if world.size > 1:  # averages the gradients across ranks; rank 0's initial weights are broadcast
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_mode:
+        step_model = torch.compile(step_model, mode=None if compile_mode is True else compile_mode)
+    return step_model
+
+
+class TrainStep:
+    """One SGD step on one batch, the only copy of it (fit and src/bench.py run it): forward under
+    bf16 autocast when asked, cross-entropy, backward, update. The loss and the misses are added up
+    on the device and never read per step, so the host queues the next step while the GPU runs
+    this one.
+
+        sums:   loss x images, misses, images (the epoch so far)
+        window: misses, images (since the last step log)
+    """
+
+    def __init__(self, step_model, optimizer, device: torch.device, bf16: bool = False):
+        self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.window = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
+        with self.autocast():
+            logits = self.step_model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if loss_weight == 1.0 else loss * loss_weight).backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            wrong = (logits.argmax(1) != labels).sum().double()
+            images = torch.full_like(wrong, len(labels))  # a fill on the device, not a host->device copy
+            self.sums += torch.stack([loss.detach().double() * images, wrong, images])
+            self.window += torch.stack([wrong, images])
 
 
 def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,26 +200,13 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     data = build_data(cfg.data, int(cfg.model.input_size), device, cfg.data.cache_dir)
     tracker.dataset(data.num_classes, data.skipped_files)
     model = build_model(cfg.model, data.num_classes).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    if cfg.trainer.channels_last:  # faster convolutions and pooling on both cuDNN and oneDNN (CPU)
-        model = model.to(memory_format=torch.channels_last)
-        model.channels_last = True
-    step_model = model
-    if world.size > 1:  # averages the gradients across ranks; rank 0's initial weights are broadcast
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    step_model = torch.compile(step_model) if cfg.trainer.compile else step_model
-    use_bf16 = cuda and cfg.trainer.amp
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
+    step_model = setup_model(model, device, bool(cfg.trainer.channels_last), cfg.trainer.compile, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim)
+    train_step = TrainStep(step_model, optimizer, device, bf16=device.type == "cuda" and cfg.trainer.amp)
 
-    # sums: loss, misses and images of the epoch so far; window: misses and images since the last step log.
+    # sums, window: TrainStep's running totals, kept in the checkpoint.
     state = {"epoch": 0, "step": 0, "history": [], "steps": [], "images_seen": 0, "train_time_s": 0.0,
              "sums": torch.zeros(3, dtype=torch.float64), "window": torch.zeros(2, dtype=torch.float64)}
     ckpt_path = run_dir / CHECKPOINT_NAME
@@ -179,11 +221,11 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     batch_size = int(cfg.trainer.batch_size)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     log_every = int(cfg.trainer.log_every_steps or 0)
-    window = state["window"].to(device)
+    train_step.window = state["window"].to(device)
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
             model.train()
-            sums = state["sums"].to(device)
+            train_step.sums = state["sums"].to(device)
             order = torch.randperm(len(data.train), generator=batch_generator(cfg.seed, epoch, -1))
             start_step = state["step"]
             tic = time.perf_counter()
@@ -198,26 +240,13 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 part, global_count = parts[step - start_step], len(global_batches[step - start_step])
                 x = data.augmenter.train(images, batch_generator(cfg.seed, epoch, step), part.start, global_count)
-                x = _to_model(x, model)
-                with autocast():
-                    logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                if world.size == 1:
-                    loss.backward()
-                else:  # DDP averages over ranks: weight each slice so the result is the global batch's mean
-                    (loss * (len(labels) * world.size / global_count)).backward()
-                optimizer.step()
-                with torch.no_grad():  # accumulated on the device: no host sync per step
-                    wrong = (logits.argmax(1) != labels).sum().double()
-                    count = torch.tensor(len(labels), dtype=torch.float64, device=device)
-                    sums += torch.stack([loss.detach().double() * count, wrong, count])
-                    window += torch.stack([wrong, count])
+                # DDP averages over ranks: weight each slice so the result is the global batch's mean
+                train_step(_to_model(x, model), labels, len(labels) * world.size / global_count)
                 global_step = epoch * steps_per_epoch + step + 1
                 if log_every and global_step % log_every == 0:
-                    w = world.sum(window.clone()).tolist()
+                    w = world.sum(train_step.window.clone()).tolist()
                     state["steps"].append({"step": global_step, "train_top1_err": 100 * w[0] / w[1]})
-                    window.zero_()
+                    train_step.window.zero_()
                 state["images_seen"] += global_count
                 images_this_session += global_count
                 progress.update(1)
@@ -230,24 +259,24 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                 else:
                     signum = None
                 if signum:
-                    state.update(epoch=epoch, step=step + 1, sums=world.sum(sums.clone()).cpu(),
-                                 window=world.sum(window.clone()).cpu(),
+                    state.update(epoch=epoch, step=step + 1, sums=world.sum(train_step.sums.clone()).cpu(),
+                                 window=world.sum(train_step.window.clone()).cpu(),
                                  train_time_s=state["train_time_s"] + time.perf_counter() - tic)
                     progress.close()
                     if world.is_main:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
                     raise Interrupted(signum)
             progress.close()
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
-            loss_sum, wrong, seen = world.sum(sums).tolist()
+            loss_sum, wrong, seen = world.sum(train_step.sums).tolist()
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1_err": 100 * wrong / seen,
                        "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
                        "images_per_s": images_this_session / epoch_time,
                        "images_seen": state["images_seen"], "steps": (epoch + 1) * steps_per_epoch}
-            metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop), autocast,
-                                    world))
+            metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop),
+                                    train_step.autocast, world))
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
                 tracker.note(f"epoch {epoch + 1}: loss is not finite (diverged)")
             if cfg.optim.schedule == "plateau":
@@ -256,7 +285,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                 scheduler.step()
             state["history"].append(metrics)
             state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64),
-                         window=world.sum(window.clone()).cpu(), train_time_s=state["train_time_s"] + epoch_time)
+                         window=world.sum(train_step.window.clone()).cpu(), train_time_s=state["train_time_s"] + epoch_time)
             tracker.log_epoch(metrics, state["steps"])
             if world.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, state)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alexlab.data.datasets import to_device
+
 
 def batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
@@ -87,8 +89,8 @@ def crop_batch(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, crop: int
         t, l = int(top[0]), int(left[0])
         return x[:, :, t:t + crop, l:l + crop]
     ar = torch.arange(crop, device=x.device)
-    rows = (top.to(x.device)[:, None] + ar)[:, None, :, None]   # N,1,crop,1
-    cols = (left.to(x.device)[:, None] + ar)[:, None, None, :]  # N,1,1,crop
+    rows = (to_device(top, x.device)[:, None] + ar)[:, None, :, None]   # N,1,crop,1
+    cols = (to_device(left, x.device)[:, None] + ar)[:, None, None, :]  # N,1,1,crop
     n = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
     c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return x[n, c, rows, cols]
@@ -97,7 +99,7 @@ def crop_batch(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, crop: int
 def pca_noise(gen: torch.Generator, n: int, stats: PixelStats, sigma: float) -> torch.Tensor:
     """(N, C) colour offsets: p @ (a * lambda), a ~ N(0, sigma) per image and component."""
     alpha = torch.randn(n, stats.eigval.numel(), generator=gen) * sigma
-    return (alpha.to(stats.eigval.device) * stats.eigval) @ stats.eigvec.T
+    return (to_device(alpha, stats.eigval.device) * stats.eigval) @ stats.eigvec.T
 
 
 class Augmenter:
@@ -125,7 +127,7 @@ class Augmenter:
         top, left = crop_offsets(gen, total, size, self.input_size, random=self.crop_flip)
         x = crop_batch(x, top[part], left[part], self.input_size)
         if self.crop_flip:
-            flip = (torch.rand(total, generator=gen)[part] < 0.5).to(x.device)
+            flip = to_device(torch.rand(total, generator=gen)[part] < 0.5, x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.pca_lighting:
             x = x + pca_noise(gen, total, self.stats, self.pca_sigma)[part, :, None, None]

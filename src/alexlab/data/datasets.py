@@ -31,6 +31,15 @@ def use_file_system_sharing() -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (random draws, labels, kernel arguments) on `device` without making the
+    host wait: a copy from pageable memory waits until the stream's earlier work (the previous
+    training step) is done; one from pinned memory is queued like a kernel."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class BatchSource:
     """What every split offers the trainer: `batches(order, batch_size, start_step)` cuts the
     epoch's order into batches (resuming at `start_step`); subclasses serve `batches_of`."""
@@ -57,7 +66,7 @@ class TensorSource(BatchSource):
 
     def batches_of(self, index_batches) -> Iterator:
         for idx in index_batches:
-            idx = idx.to(self.images.device)
+            idx = to_device(idx, self.images.device)
             yield self.images[idx], self.labels[idx]
 
 

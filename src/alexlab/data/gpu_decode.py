@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from alexlab.data.datasets import BatchSource, use_file_system_sharing
+from alexlab.data.datasets import BatchSource, to_device, use_file_system_sharing
 
 RESIZE_BLOCK = 1024
 
@@ -117,9 +117,9 @@ def resize_square_batch(images: Sequence[torch.Tensor], size: int) -> torch.Tens
         offsets.append(position)
         position += img.numel()
     src = torch.cat([img.reshape(-1) for img in images])
-    meta_t = torch.tensor(meta, dtype=torch.int32).to(device, non_blocking=True)
-    scale_t = torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True)
-    offsets_t = torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+    meta_t = to_device(torch.tensor(meta, dtype=torch.int32), device)
+    scale_t = to_device(torch.tensor(scales, dtype=torch.float32), device)
+    offsets_t = to_device(torch.tensor(offsets, dtype=torch.int64), device)
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     grid = (triton.cdiv(size * size, RESIZE_BLOCK), len(images))
     _resize_crop_kernel[grid](src, offsets_t, meta_t, scale_t, out, size, BLOCK=RESIZE_BLOCK, num_warps=8)
@@ -203,7 +203,7 @@ class GpuJpegSource(BatchSource):
     def _prepare(self, datas, idx):
         on_cpu = [i in self.cpu_files for i in idx]
         images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode, on_cpu), self.size)
-        return images, self.labels[idx].to(self.device, non_blocking=True)
+        return images, to_device(self.labels[idx], self.device)
 
     def batches_of(self, index_batches) -> Iterator:
         if self.device.type != "cuda" or not self.prefetch:
