@@ -150,3 +150,24 @@ def test_synthetic_data_has_the_configured_shape(tmp_path):
     data = build_data(cfg.data, 27, torch.device("cpu"), tmp_path)
     assert data.train.images.shape == (64, 3, 32, 32) and len(data.val) == 32
     assert int(data.train.labels.max()) < data.num_classes == 10
+
+
+def test_cached_stats_follow_the_pixels_not_only_the_options(tmp_path):
+    """Same options, other pixels (as after a change to the resize code): the statistics are
+    computed afresh, not read from the cache; the same pixels again: read from the cache."""
+    from alexlab.data import pixel_stats
+    from alexlab.data.datasets import TensorSource
+    cfg = OmegaConf.create({"name": "synthetic", "image_size": 8, "channels": 3})
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    labels = torch.zeros(20, dtype=torch.int64)
+    first, first_path = pixel_stats(cfg, TensorSource(images, labels), tmp_path)
+    changed = images.clone()
+    changed[:, 0] //= 2  # darker red channel
+    second, second_path = pixel_stats(cfg, TensorSource(changed, labels), tmp_path)
+    assert second_path != first_path
+    expected_red = changed[:, 0].double().mean() / 255
+    assert second.mean_image[0].double().mean().item() == pytest.approx(expected_red.item(), rel=1e-6)
+    again, again_path = pixel_stats(cfg, TensorSource(images, labels), tmp_path)
+    assert again_path == first_path and torch.equal(again.mean_image, first.mean_image)
+    assert len(list(tmp_path.glob("stats-*.pt"))) == 2

@@ -55,10 +55,14 @@ def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str |
 
 
 def pixel_stats(data_cfg, train, cache_dir) -> tuple[PixelStats, Path | None]:
-    """Mean image and RGB (or grey) covariance PCA of the training split, cached by what defines them."""
+    """Mean image and RGB (or grey) covariance PCA of the training split, cached by the training
+    pixels themselves (a hash of the uint8 tensor) and the options that pick the images counted:
+    a change to the loading or resizing code gives other pixels, so other statistics, never stale
+    ones (the cache was once keyed by the options alone, and old statistics were reused)."""
     key_fields = {k: str(data_cfg.get(k)) for k in ("name", "root", "image_size", "train_subset", "stats_images",
                                                      "channels", "train_size", "num_classes")}
-    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    pixels = hashlib.blake2b(train.images.contiguous().numpy().data, digest_size=16).hexdigest()
+    key = hashlib.sha1(json.dumps(key_fields | {"pixels": pixels}, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(os.path.expanduser(str(cache_dir))) / f"stats-{data_cfg.name}-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
