@@ -3,13 +3,15 @@
     fit(cfg, run_dir, tracker) -> results dict
 
 The checkpoint (`<run_dir>/checkpoint.pt`, written atomically every epoch and on SIGTERM/SIGUSR2)
-holds the model, optimizer, scheduler, torch RNG states, the position in the epoch and the history.
-Data order and augmentation are seeded by (seed, epoch, step), so a resumed run sees exactly the
-batches the uninterrupted one would have.
+holds the model, optimizer, scheduler, the position in the epoch and the history. Data order and
+augmentation are seeded by (seed, epoch, step), and dropout by (seed, epoch, step, rank), so a
+resumed run sees exactly the batches and masks the uninterrupted one would have, and each data
+parallel rank draws its own masks.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import signal
 import sys
@@ -150,6 +152,12 @@ class TrainStep:
             self.window += torch.stack([wrong, images])
 
 
+def dropout_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of the torch RNGs (CPU and CUDA: dropout) for one step on one rank."""
+    return int.from_bytes(hashlib.blake2b(f"dropout/{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest(),
+                          "little")
+
+
 def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of top-1 and top-5 misses (top-k capped at the number of classes), on the device."""
     k = min(5, logits.shape[1])
@@ -211,7 +219,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
              "sums": torch.zeros(3, dtype=torch.float64), "window": torch.zeros(2, dtype=torch.float64)}
     ckpt_path = run_dir / CHECKPOINT_NAME
     if cfg.resume == "auto" and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, model, optimizer, scheduler, device)
+        state = load_checkpoint(ckpt_path, model, optimizer, scheduler)
         if not world.is_main:  # the checkpoint holds the sums over all ranks: count them once
             state["sums"].zero_()
             state["window"].zero_()
@@ -240,6 +248,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 part, global_count = parts[step - start_step], len(global_batches[step - start_step])
                 x = data.augmenter.train(images, batch_generator(cfg.seed, epoch, step), part.start, global_count)
+                torch.manual_seed(dropout_seed(cfg.seed, epoch, step, world.rank))
                 # DDP averages over ranks: weight each slice so the result is the global batch's mean
                 train_step(_to_model(x, model), labels, len(labels) * world.size / global_count)
                 global_step = epoch * steps_per_epoch + step + 1
@@ -297,20 +306,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "state": state,
     }, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     return ckpt["state"]
 
 
