@@ -265,9 +265,9 @@ class Bench:
                                              "in the page cache, so disk speed is not measured"}
         return paths[:count]
 
-    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3):
-        """Images/s from files to augmented batches (and through `model_step` if given)."""
-        from alexlab.data.augment import Augmenter, PixelStats, batch_generator
+    def jpeg_source_and_augmenter(self, prefetch: int = 3):
+        """The GPU JPEG source over the benchmark's files, and the paper's augmentation."""
+        from alexlab.data.augment import Augmenter, PixelStats
         from alexlab.data.gpu_decode import GpuJpegSource
         from alexlab.data.imagenet import decode_bytes
         paths = self.jpeg_files
@@ -276,6 +276,13 @@ class Bench:
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
                                self.device, decode_bytes, prefetch=prefetch)
+        return source, augment
+
+    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3):
+        """Images/s from files to augmented batches (and through `model_step` if given)."""
+        from alexlab.data.augment import batch_generator
+        source, augment = self.jpeg_source_and_augmenter(prefetch)
+        paths = self.jpeg_files
         rates = []
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
@@ -351,6 +358,58 @@ class Bench:
             self.record["end_to_end"].append(row)
             print(f"   end to end, step on {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
                   flush=True)
+
+    # ---- where the time goes ----
+    def profile(self):
+        """torch.profiler over a few steps of: the paper net's step (eager, and compiled on CUDA), and
+        end to end from JPEG files. The tables of the busiest ops go into the JSON; with
+        --trace-dir, Chrome traces (chrome://tracing, ui.perfetto.dev) too."""
+        from torch.profiler import ProfilerActivity, profile
+        from alexlab.data.augment import batch_generator
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        impl = self.record.get("fastest_grouped_conv", "native")
+        preset = lambda: build_model(model_preset(self.ours, grouped_conv=impl), 1000)  # noqa: E731
+        workloads = {"paper net step, bf16+cl": lambda: self.train_step_fn(preset().to(self.device), "bf16+cl",
+                                                                           self.ours_size)}
+        if self.cuda and not self.args.no_compile:
+            workloads["paper net step, bf16+cl+compile"] = lambda: self.train_step_fn(
+                preset().to(self.device), "bf16+cl+compile", self.ours_size)
+
+        def end_to_end():
+            model = preset().to(self.device)
+            train_step = TrainStep(setup_model(model, self.device, True), _sgd(model), self.device, bf16=self.cuda)
+            source, augment = self.jpeg_source_and_augmenter()
+            order = torch.randperm(len(self.jpeg_files), generator=batch_generator(0, 0, -1))
+            batches = enumerate(source.batches(order, self.batch))
+
+            def step():
+                i, (images, labels) = next(batches)
+                x = augment.train(images, batch_generator(0, 0, i))
+                train_step(x.contiguous(memory_format=torch.channels_last), labels)
+            return step
+        workloads["end to end from JPEG files, bf16+cl"] = end_to_end
+        self.record["profiles"] = {}
+        steps = 4 if self.cuda else 1
+        for name, make_step in workloads.items():
+            step = make_step()
+            for _ in range(3 if self.cuda else 1):  # warm-up: compilation, cuDNN's search, the workers' start
+                step()
+            sync(self.device)
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    step()
+                sync(self.device)
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            self.record["profiles"][name] = {"steps": steps, "sorted_by": sort, "table": table}
+            print(f"   profile: {name}\n{table}", flush=True)
+            if self.args.trace_dir:
+                folder = Path(self.args.trace_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(folder / (name.replace(" ", "_").replace(",", "") + ".json")))
+            del step
+            if self.cuda:
+                torch.cuda.empty_cache()
 
     def table(self) -> str:
         lines = [f"# {self.record['device']} - {self.record['date']} - torch {self.record['versions'].get('torch')}"
@@ -466,12 +525,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma-separated "
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
-    parser.add_argument("--only", default="checks,lrn,train,data,e2e", help="comma-separated sections")
+    parser.add_argument("--only", default="checks,lrn,train,data,e2e,profile", help="comma-separated sections")
+    parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
     args = parser.parse_args(argv)
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg" + ("" if bench.cuda else "-tiny"))
     sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
-                "data": bench.data_alone, "e2e": bench.end_to_end}
+                "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile}
     for name in args.only.split(","):
         bench.section(name, sections[name])
     table = bench.table()
