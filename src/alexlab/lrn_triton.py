@@ -46,8 +46,10 @@ def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr)
 
 
 @triton.jit
-def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
-                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """This program's tile, BLOCK_P pixels x all channels of image n: (c, offsets, mask, x in fp32,
+    denominator base d)."""
     n = tl.program_id(1)
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
@@ -56,6 +58,13 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
     d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C)
+    return c, at, mask, x, d
+
+
+@triton.jit
+def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C)
     y = x * _neg_pow(d, beta, BETA_IS_075)
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -63,14 +72,8 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 @triton.jit
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(1)
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
-    c = tl.arange(0, BLOCK_C)[None, :]
-    at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
-    mask = (p < P) & (c < C)
-    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C)
     scale = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
     back = _window_sum(g * x * scale / d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C)
