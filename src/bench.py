@@ -151,12 +151,12 @@ class Bench:
         """The trainer's own step (alexlab.train: setup_model, TrainStep) on one fixed batch."""
         bf16, channels_last, compile_mode = parse_mode(mode)
         step_model = setup_model(model, self.device, channels_last, compile_mode)
-        train_step = TrainStep(step_model, _sgd(model), self.device, bf16=bf16 and self.cuda)
+        train_step = TrainStep(model, step_model, _sgd(model), self.device, bf16=bf16 and self.cuda)
         x = torch.randn(self.batch, 3, size, size, device=self.device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (self.batch,), device=self.device)
-        return lambda: train_step(x, y)
+        return functools.partial(train_step, x, y)
 
     def time_model(self, label: str, make_model, mode: str, size: int):
         if self.out_of_time():
@@ -175,6 +175,8 @@ class Bench:
             return None
         row = {"model": label, "mode": mode, "images_per_s": self.batch / seconds, "ms_per_step": 1e3 * seconds,
                "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
+        if step.func.tower_impls:  # grouped_conv=auto: what the timing at the first step chose per layer
+            row["tower_impls"] = step.func.tower_impls
         self.record["train_step"].append(row)
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
         del model, step
@@ -190,22 +192,24 @@ class Bench:
         eager, best = "bf16+cl", "bf16+cl+compile"
         compiled = [best + ("" if m == "default" else f":{m}") for m in self.args.compile_modes.split(",")]
         modes = ["fp32", eager] + (compiled if self.cuda and not self.args.no_compile else [])
+        rates = {}  # grouped-conv implementation -> img/s of the paper net, eager
         for mode in modes:
             self.time_model("torchvision alexnet", tv, mode, self.tv_size)
-            self.time_model("paper (lrn, towers 2)", ours(), mode, size)
+            row = self.time_model("paper (lrn, towers 2)", ours(), mode, size)  # grouped_conv=auto
+            if mode == eager:
+                rates["auto"] = row["images_per_s"] if row else 0
         self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
         if self.cuda and not self.args.no_compile:
             self.time_model("no LRN (towers 2)", ours(lrn=False), best, size)
-        rates = {}
         for impl in ("native", "split", "dense"):
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
             rates[impl] = row["images_per_s"] if row else 0
         fastest = max(rates, key=rates.get)
         self.record["fastest_grouped_conv"] = fastest
-        if self.cuda and not self.args.no_compile and fastest != "native":
+        if self.cuda and not self.args.no_compile and fastest != "auto":
             self.time_model(f"paper, grouped_conv={fastest}", ours(grouped_conv=fastest), best, size)
         if self.cuda and not self.args.no_compile:
             # Compiled, the fused LRN cost ~3 ms a step instead of 0.7 (bench/RESULTS.md): is it the op
@@ -213,7 +217,7 @@ class Bench:
             self.time_model(f"paper, grouped_conv={fastest}, LRN outside the compiled graph",
                             lambda: _lrn_not_compiled(ours(grouped_conv=fastest)()), best, size)
         paper = [r for r in self.record["train_step"] if r["model"].startswith("paper") and "reference" not in r["model"]
-                 and (r["model"] == "paper (lrn, towers 2)" or r["model"].endswith(f"={fastest}"))]
+                 and (r["model"] == "paper (lrn, towers 2)" or r["model"].endswith(f"grouped_conv={fastest}"))]
         if paper:
             best_row = max(paper, key=lambda r: r["images_per_s"])
             self.record["fastest_paper_mode"] = best_row["mode"]
@@ -336,7 +340,7 @@ class Bench:
             print(f"   nvjpeg decode alone: {len(datas) / seconds:.0f} img/s", flush=True)
 
     def end_to_end(self):
-        impl = self.record.get("fastest_grouped_conv", "native")
+        impl = self.record.get("fastest_grouped_conv", "auto")
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
         # Decode and the step did not overlap (bench/RESULTS.md); one suspect is nvJPEG waiting on the
         # legacy default stream, which the step runs on. The second row trains on a stream of its own.
@@ -344,7 +348,7 @@ class Bench:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             bf16, _, compile_mode = parse_mode(mode)
-            train_step = TrainStep(setup_model(model, self.device, True, compile_mode), _sgd(model), self.device,
+            train_step = TrainStep(model, setup_model(model, self.device, True, compile_mode), _sgd(model), self.device,
                                    bf16=bf16 and self.cuda)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
@@ -368,7 +372,7 @@ class Bench:
         from alexlab.data.augment import batch_generator
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        impl = self.record.get("fastest_grouped_conv", "native")
+        impl = self.record.get("fastest_grouped_conv", "auto")
         preset = lambda: build_model(model_preset(self.ours, grouped_conv=impl), 1000)  # noqa: E731
         workloads = {"paper net step, bf16+cl": lambda: self.train_step_fn(preset().to(self.device), "bf16+cl",
                                                                            self.ours_size)}
@@ -378,7 +382,8 @@ class Bench:
 
         def end_to_end():
             model = preset().to(self.device)
-            train_step = TrainStep(setup_model(model, self.device, True), _sgd(model), self.device, bf16=self.cuda)
+            train_step = TrainStep(model, setup_model(model, self.device, True), _sgd(model), self.device,
+                                   bf16=self.cuda)
             source, augment = self.jpeg_source_and_augmenter()
             order = torch.randperm(len(self.jpeg_files), generator=batch_generator(0, 0, -1))
             batches = enumerate(source.batches(order, self.batch))
@@ -446,7 +451,7 @@ def host_time_while_gpu_busy(device: torch.device, sleep_s: float = 1.0) -> dict
     stats = PixelStats(torch.full((3, 32, 32), 0.5), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
     augment = Augmenter(stats.to(device), 27, crop_flip=True, pca_lighting=True)
     model = build_model(model_preset("small"), 10).to(device)
-    train_step = TrainStep(setup_model(model, device, channels_last=True), _sgd(model), device, bf16=True)
+    train_step = TrainStep(model, setup_model(model, device, channels_last=True), _sgd(model), device, bf16=True)
 
     def epoch(k):
         for step, (images, labels) in enumerate(source.batches(torch.randperm(48, generator=gen), 16)):

@@ -70,6 +70,23 @@ def test_grouped_conv_impls_give_the_native_result_and_gradients(impl):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
+    from alexlab.model import TowerConv2d, choose_tower_impls
+    torch.manual_seed(0)
+    model = build_model(model_cfg("small", dropout=0.0), 10)  # grouped_conv=auto
+    grouped = {name: m for name, m in model.named_modules() if isinstance(m, TowerConv2d) and m.groups > 1}
+    assert set(grouped) == {"features.conv2", "features.conv4", "features.conv5"}
+    grouped["features.conv4"].impl = "split"  # chosen by the user: left alone
+    x = torch.randn(4, 3, 27, 27)
+    before = model(x)
+    chosen = choose_tower_impls(model, x, repeats=1)
+    assert set(chosen) == {"features.conv2", "features.conv5"}
+    assert all(grouped[name].impl == impl and impl in ("native", "split", "dense") for name, impl in chosen.items())
+    assert grouped["features.conv4"].impl == "split"
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_fast_paths_train_like_the_reference_path():
     """Same seed, same batches: the loss curve of the fused LRN + dense towers net follows the
     reference net's within float tolerance over a short run."""

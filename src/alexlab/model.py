@@ -19,6 +19,8 @@ The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -156,9 +158,11 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
 class TowerConv2d(nn.Conv2d):
     """nn.Conv2d whose grouped case (the two towers) can run three ways, same weights and result:
     native (groups=2 in one call), split (one dense conv per tower, then concatenate) or dense (one
-    dense conv with a block-diagonal weight: twice the multiply-adds, but cuDNN's fastest kernels).
-    auto: dense on CUDA (24.2k vs 20.3k img/s for the paper net on an H200, bench/RESULTS.md),
-    native elsewhere (the CPU's grouped kernels are not slow)."""
+    dense conv with a block-diagonal weight: twice the multiply-adds, but sometimes cuDNN's faster
+    kernels). auto: on CUDA the trainer times the three on each layer's real input at its first
+    step and keeps the fastest (`choose_tower_impls`); before that, dense on CUDA (24.2k vs 20.3k
+    img/s for the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped
+    kernels are not slow)."""
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -183,6 +187,49 @@ class TowerConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", impl={self.impl}" if self.groups > 1 else "")
+
+
+def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5
+                       ) -> dict[str, str]:
+    """For each grouped TowerConv2d left at impl=auto: time forward + backward of native, split and
+    dense on the input the layer gets from `x`, and keep the fastest in the layer. Gradients are
+    taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl}."""
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, TowerConv2d) and m.groups > 1 and m.impl == "auto"}
+    if not layers:
+        return {}
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, m in layers.items()]
+    try:
+        with torch.no_grad(), autocast():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    chosen = {}
+    for name, layer in layers.items():
+        inp = inputs[name].requires_grad_()
+        seconds = {}
+        for impl in ("native", "split", "dense"):
+            layer.impl = impl
+
+            def step():
+                with autocast():
+                    out = layer(inp)
+                wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None]
+                torch.autograd.grad(out, wrt, torch.ones_like(out))
+            step()
+            step()  # warm-up: cuDNN's algorithm search
+            sync()
+            tic = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            sync()
+            seconds[impl] = time.perf_counter() - tic
+        layer.impl = chosen[name] = min(seconds, key=seconds.get)
+    return chosen
 
 
 class AlexNet(nn.Module):

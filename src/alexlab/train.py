@@ -26,7 +26,7 @@ from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
-from alexlab.model import build_model
+from alexlab.model import build_model, choose_tower_impls
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
@@ -128,10 +128,15 @@ class TrainStep:
 
         sums:   loss x images, misses, images (the epoch so far)
         window: misses, images (since the last step log)
+
+    On CUDA the first call also picks each tower layer's grouped-conv implementation by timing
+    (model.grouped_conv=auto; `tower_impls` holds the choice), before torch.compile traces.
     """
 
-    def __init__(self, step_model, optimizer, device: torch.device, bf16: bool = False):
+    def __init__(self, model, step_model, optimizer, device: torch.device, bf16: bool = False):
+        self.model = model  # the plain module; step_model may wrap it (DDP, torch.compile)
         self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
+        self.tower_impls: dict[str, str] | None = None
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -139,6 +144,8 @@ class TrainStep:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
+        if self.tower_impls is None:
+            self.tower_impls = choose_tower_impls(self.model, x, self.autocast) if x.is_cuda else {}
         with self.autocast():
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), labels)
@@ -212,7 +219,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim)
-    train_step = TrainStep(step_model, optimizer, device, bf16=device.type == "cuda" and cfg.trainer.amp)
+    train_step = TrainStep(model, step_model, optimizer, device, bf16=device.type == "cuda" and cfg.trainer.amp)
 
     # sums, window: TrainStep's running totals, kept in the checkpoint.
     state = {"epoch": 0, "step": 0, "history": [], "steps": [], "images_seen": 0, "train_time_s": 0.0,
@@ -230,6 +237,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     log_every = int(cfg.trainer.log_every_steps or 0)
     train_step.window = state["window"].to(device)
+    first_epoch = state["epoch"]
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
             model.train()
@@ -276,6 +284,8 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
                     raise Interrupted(signum)
             progress.close()
+            if epoch == first_epoch and train_step.tower_impls:
+                tracker.note(f"grouped convolutions timed at the first step, fastest kept: {train_step.tower_impls}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
