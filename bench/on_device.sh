@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a lent GPU machine (/work/.library/device/README.md):
+#   run(command="bash bench/on_device.sh", carry=[".whl"], timeout_s=600)
+# .whl/ (git-ignored) holds the wheels the GPU image lacks: hydra-core 1.3.2, omegaconf 2.3.0,
+# antlr4-python3-runtime 4.9.3 (the device README says how to download them). Writes under $OUT
+# (or ./device-out): gpu-tests.log, bench.json, bench.log, traces/.
+set -uo pipefail
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
+# Without a GPU (a dry run of this script) Triton's kernels run in its interpreter, as in the tests.
+command -v nvidia-smi >/dev/null || export TRITON_INTERPRET=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
+# Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+# Then every measurement (it checks again, then times; skips what would start after BUDGET s).
+python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-330}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
