@@ -311,13 +311,13 @@ class Bench:
         for prefetch, how in ((3, "prefetch thread, side stream"), (0, "inline")):
             rate, n = self.pipeline(prefetch=prefetch)
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
-                                        "workers": self.args.workers, "images": n, "images_per_s": rate})
+                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
         paths = self.jpeg_files
         batches = [list(range(i, min(i + self.batch, len(paths)))) for i in range(0, len(paths), self.batch)]
         tic = time.perf_counter()
-        blobs = list(read_batches(paths, batches, self.args.workers))
-        self.record["data"].append({"pipeline": "file bytes only (DataLoader workers)", "workers": self.args.workers,
+        blobs = list(read_batches(paths, batches, self.args.workers, pin=self.cuda))
+        self.record["data"].append({"pipeline": "file bytes only (reading threads)", "threads": self.args.workers,
                                     "images_per_s": len(paths) / (time.perf_counter() - tic)})
         decoded = decode_batch(blobs[0], self.device, decode_bytes)
         seconds = time_steps(lambda: resize_square_batch(decoded, self.image_size), self.device, 2, 5, 3)
@@ -357,7 +357,7 @@ class Bench:
             where = "its own CUDA stream" if side_stream else "the default stream"
             row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                f"grouped_conv={impl}, step on {where})",
-                   "workers": self.args.workers, "images": n, "images_per_s": rate,
+                   "threads": self.args.workers, "images": n, "images_per_s": rate,
                    "projected_90_epochs_hours": 24 * days}
             self.record["end_to_end"].append(row)
             print(f"   end to end, step on {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
@@ -521,7 +521,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/latest.json", help="JSON record (default: bench/latest.json)")
     parser.add_argument("--batch", type=int, default=0, help="batch size (default 256 on CUDA, 2 on CPU)")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="threads reading the JPEG files")
     parser.add_argument("--jpeg-dir", default="", help="where generated JPEGs are kept "
                         "(default /tmp/alexlab-bench-jpeg, -tiny on a CPU)")
     parser.add_argument("--jpegs", type=int, default=0, help="number of JPEGs (default 6144 on CUDA, 6 on CPU)")

@@ -156,13 +156,13 @@ def test_gpu_jpeg_source_serves_the_files_as_the_cpu_decoder_sees_them(tmp_path)
     labels = list(range(len(paths)))
     order = torch.tensor([4, 2, 0, 1, 3])
     got = {}
-    for workers in (0, 2):
-        source = GpuJpegSource(paths, labels, 32, workers, torch.device(DEVICE), cpu_decode)
-        got[workers] = [(x.cpu(), y.cpu()) for x, y in source.batches(order, 2)]
-    assert [y.tolist() for _, y in got[0]] == [[4, 2], [0, 1], [3]]
-    for (x0, _), (x2, _) in zip(got[0], got[2]):
-        assert torch.equal(x0, x2)  # the worker count changes nothing
-    images = torch.cat([x for x, _ in got[0]])
+    for threads in (1, 3):
+        source = GpuJpegSource(paths, labels, 32, threads, torch.device(DEVICE), cpu_decode)
+        got[threads] = [(x.cpu(), y.cpu()) for x, y in source.batches(order, 2)]
+    assert [y.tolist() for _, y in got[1]] == [[4, 2], [0, 1], [3]]
+    for (x1, _), (x3, _) in zip(got[1], got[3]):
+        assert torch.equal(x1, x3)  # the thread count changes nothing
+    images = torch.cat([x for x, _ in got[1]])
     for i, image in zip(order.tolist(), images):
         expected = resize_square(cpu_decode(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)))[None], 32)[0]
         diff = (image.int() - expected.int()).abs()
@@ -170,3 +170,22 @@ def test_gpu_jpeg_source_serves_the_files_as_the_cpu_decoder_sees_them(tmp_path)
             assert diff.max() <= 1
         else:  # nvJPEG upsamples chroma differently from libjpeg: up to 19 levels at colour edges seen
             assert diff.max() <= 32 and diff.float().mean() < 1.5
+
+
+def test_reading_threads_hand_over_each_file_whole_and_name_a_missing_one(tmp_path):
+    from alexlab.data.gpu_decode import read_batches
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([0, 1, 5000, 123, 70000, 9]):  # an empty file too
+        paths.append(str(tmp_path / f"{i}.bin"))
+        rng.integers(0, 256, size, dtype=np.uint8).tofile(paths[-1])
+    batches = [[5, 0, 3], [1], [4, 2, 2]]
+    for threads in (1, 2, 8):
+        got = list(read_batches(paths, batches, threads, ahead=2))
+        assert [len(b) for b in got] == [3, 1, 3]
+        for batch, blobs in zip(batches, got):
+            for i, blob in zip(batch, blobs):
+                assert np.array_equal(blob.numpy(), np.fromfile(paths[i], dtype=np.uint8)), (threads, i)
+    (tmp_path / "4.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="4.bin"):
+        list(read_batches(paths, batches, 2))
