@@ -18,4 +18,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 # Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
-python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-330}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+# The open questions first: end to end and where its time goes, then the tables.
+python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-300}" \
+  --only "${SECTIONS:-checks,e2e,profile,train,lrn,data}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
