@@ -1,4 +1,5 @@
 """GPU-only checks: skipped without CUDA."""
+import pytest
 import torch
 from torch import nn
 
@@ -17,8 +18,10 @@ def test_lrn_on_the_paper_shape_matches_pytorch_in_fp32_and_bf16():
 
 
 @requires_fashion
-def test_tiny_run_on_cuda_with_compile(tmp_path):
-    proc = run_cli("scale=tiny", "logger=none", "device=cuda", "trainer.compile=true", "hydra.run.dir=run", cwd=tmp_path)
+@pytest.mark.parametrize("mode", ["true", "reduce-overhead"])  # reduce-overhead: CUDA graphs too
+def test_tiny_run_on_cuda_with_compile(tmp_path, mode):
+    proc = run_cli("scale=tiny", "logger=none", "device=cuda", f"trainer.compile={mode}", "hydra.run.dir=run",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
 
