@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -364,6 +365,70 @@ class Bench:
             print(f"   end to end, step on {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
                   flush=True)
 
+        self.overlap()
+
+    def overlap(self, seconds: float = 0.0):
+        """Can decoding and the training step share the machine? Each alone for a few seconds, then
+        both at once with no data between them (the decoder in a thread on its own CUDA stream, the
+        step on synthetic batches). overlap = decode_together/decode_alone + step_together/step_alone:
+        1 means they ran one after the other, 2 means neither slowed the other down."""
+        from alexlab.data.augment import batch_generator
+        seconds = seconds or (4.0 if self.cuda else 0.5)
+        source, augment = self.jpeg_source_and_augmenter(prefetch=0)
+        step = self.train_step_fn(build_model(model_preset(self.ours), 1000).to(self.device), "bf16+cl",
+                                  self.ours_size)
+        step()  # warm-up: the grouped-conv timing and cuDNN's search
+        stop = threading.Event()
+
+        def stream_sync():  # this thread's stream only: a device-wide sync would wait for the other thread
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+
+        def decode_for(counts):
+            with torch.cuda.stream(torch.cuda.Stream(self.device)) if self.cuda else contextlib.nullcontext():
+                epoch = 0
+                while not stop.is_set():
+                    order = torch.randperm(len(self.jpeg_files), generator=batch_generator(0, epoch, -1))
+                    for i, (images, _) in enumerate(source.batches(order, self.batch)):
+                        augment.train(images, batch_generator(0, epoch, i))
+                        stream_sync()
+                        counts.append(len(images))
+                        if stop.is_set():
+                            break
+                    epoch += 1
+
+        def steps_for(counts):
+            while not stop.is_set():
+                step()
+                stream_sync()
+                counts.append(self.batch)
+
+        def rates(*jobs):
+            counts = [[] for _ in jobs]
+            stop.clear()
+            threads = [threading.Thread(target=job, args=(c,), daemon=True) for job, c in zip(jobs, counts)]
+            tic = time.perf_counter()
+            for t in threads:
+                t.start()
+            time.sleep(seconds)
+            stop.set()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - tic
+            return [sum(c) / elapsed for c in counts]
+
+        rates(decode_for)  # warm-up: page cache, nvJPEG's buffers
+        decode_alone, = rates(decode_for)
+        step_alone, = rates(steps_for)
+        decode_together, step_together = rates(decode_for, steps_for)
+        row = {"decode_alone": decode_alone, "step_alone": step_alone, "decode_together": decode_together,
+               "step_together": step_together, "seconds_each": seconds,
+               "overlap": decode_together / decode_alone + step_together / step_alone}
+        self.record["overlap"] = row
+        print(f"   overlap of decode and step: {row['overlap']:.2f} (1 = one after the other, 2 = fully); "
+              f"decode {decode_alone:.0f} -> {decode_together:.0f} img/s, "
+              f"step {step_alone:.0f} -> {step_together:.0f} img/s", flush=True)
+
     # ---- where the time goes ----
     def profile(self):
         """torch.profiler over a few steps of: the paper net's step (eager, and compiled on CUDA), and
@@ -428,6 +493,11 @@ class Bench:
         lines += [f"| {r['op']} | {r['dtype']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
+        if "overlap" in self.record:
+            o = self.record["overlap"]
+            lines.append(f"\ndecode and step at once: overlap {o['overlap']:.2f} (1 = serial, 2 = full); decode "
+                         f"{o['decode_alone']:.0f} -> {o['decode_together']:.0f} img/s, step {o['step_alone']:.0f} -> "
+                         f"{o['step_together']:.0f} img/s")
         if self.record["end_to_end"]:
             best = max(self.record["end_to_end"], key=lambda r: r["images_per_s"])
             lines.append(f"\nprojected 90 epochs of ImageNet-1k (1,281,167 images): "

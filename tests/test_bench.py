@@ -25,6 +25,7 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm"}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
     assert record["versions"]["torch"] and record["device"] and record["date"]
+    assert 0 < record["overlap"]["overlap"] < 3
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}
     assert all("Self CPU" in p["table"] for p in record["profiles"].values())
     assert "| training step |" in proc.stdout  # the table comes last
