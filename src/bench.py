@@ -271,7 +271,7 @@ class Bench:
                                              "speed is not measured"}
         return paths[:count]
 
-    def jpeg_source_and_augmenter(self, prefetch: int = 3):
+    def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True):
         """The GPU JPEG source over the benchmark's files, and the paper's augmentation."""
         from alexlab.data.augment import Augmenter, PixelStats
         from alexlab.data.gpu_decode import GpuJpegSource
@@ -281,13 +281,13 @@ class Bench:
         stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
-                               self.device, decode_bytes, prefetch=prefetch)
+                               self.device, decode_bytes, prefetch=prefetch, in_process=in_process)
         return source, augment
 
-    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3):
+    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True):
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import batch_generator
-        source, augment = self.jpeg_source_and_augmenter(prefetch)
+        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process)
         paths = self.jpeg_files
         rates = []
         for epoch in range(epochs):
@@ -344,9 +344,11 @@ class Bench:
     def end_to_end(self):
         impl = self.record.get("fastest_grouped_conv", "auto")
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
-        # Decode and the step did not overlap (bench/RESULTS.md); one suspect is nvJPEG waiting on the
-        # legacy default stream, which the step runs on. The second row trains on a stream of its own.
-        for side_stream in (False, True) if self.cuda else (False,):
+        # Decode and the step did not overlap (bench/RESULTS.md). Suspects: nvJPEG's internal work on
+        # the legacy default stream, which the step runs on (second row: the step on a stream of its
+        # own), and anything in one process that serialises them (third row: decoding in a child).
+        variants = [(False, True), (True, True), (False, False)] if self.cuda else [(False, True)]
+        for side_stream, in_process in variants:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             bf16, _, compile_mode = parse_mode(mode)
@@ -354,17 +356,17 @@ class Bench:
                                    bf16=bf16 and self.cuda)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2)
+                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process)
             days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
-            where = "its own CUDA stream" if side_stream else "the default stream"
+            where = ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
+                ("" if in_process else ", decoding in a child process (data.decode=gpu_process)")
             row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
-                               f"grouped_conv={impl}, step on {where})",
+                               f"grouped_conv={impl}, {where})",
                    "threads": self.args.workers, "images": n, "images_per_s": rate,
                    "projected_90_epochs_hours": 24 * days}
             self.record["end_to_end"].append(row)
-            print(f"   end to end, step on {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
+            print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
                   flush=True)
-
         self.overlap()
 
     def overlap(self, seconds: float = 0.0):

@@ -1,6 +1,8 @@
 """The speed paths compute the same function as the reference paths: the fused Triton LRN against
 PyTorch's nn.LocalResponseNorm (on a CPU through Triton's interpreter, on CUDA for real), the three
 grouped-convolution implementations against each other, and a short training run's loss curve."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,36 @@ def test_reading_threads_hand_over_each_file_whole_and_name_a_missing_one(tmp_pa
     (tmp_path / "4.bin").unlink()
     with pytest.raises(FileNotFoundError, match="4.bin"):
         list(read_batches(paths, batches, 2))
+
+
+def test_decoder_process_serves_what_the_in_process_source_serves(tmp_path):
+    """data.decode=gpu_process: the same batches from a child process, epoch after epoch, also after
+    an epoch stopped early; a file gone missing is reported from the child, named."""
+    from PIL import Image
+    from alexlab.data.gpu_decode import GpuJpegSource
+    from alexlab.data.imagenet import decode_bytes
+    paths = []
+    for name, pixels in _photos().items():
+        paths.append(str(tmp_path / f"{name}.JPEG"))
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    labels = [10 + i for i in range(len(paths))]
+    here = GpuJpegSource(paths, labels, 32, 2, torch.device(DEVICE), decode_bytes)
+    child = GpuJpegSource(paths, labels, 32, 2, torch.device(DEVICE), decode_bytes, prefetch=2, in_process=False)
+    orders = [torch.tensor([3, 2, 0, 1]), torch.tensor([1, 0, 3, 2])]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) and torch.equal(u.cpu(), v.cpu())
+                                        for (x, u), (y, v) in zip(a, b))
+    for order in orders:
+        assert same(list(child.batches(order, 3)), list(here.batches(order, 3)))
+    early = child.batches(orders[0], 1)
+    next(early)
+    early.close()  # the child is told, and what it had sent is taken back
+    assert same(list(child.batches(orders[1], 3)), list(here.batches(orders[1], 3)))
+    missing = Path(paths[2])
+    missing.unlink()
+    with pytest.raises(RuntimeError, match=missing.name):
+        list(child.batches(orders[0], 3))
+    process = child._decoder.process
+    child._decoder.close()
+    assert not process.is_alive()

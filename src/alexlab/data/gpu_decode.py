@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from alexlab.data.datasets import BatchSource, to_device
+from alexlab.data.datasets import BatchSource, to_device, use_file_system_sharing
 
 RESIZE_BLOCK = 1024
 
@@ -204,14 +204,20 @@ def read_batches(paths: Sequence[str], index_batches: list[list[int]], threads: 
 
 
 class GpuJpegSource(BatchSource):
-    """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`."""
+    """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`.
+
+    Decoding runs `prefetch` batches ahead in a thread of this process (on a side CUDA stream), or,
+    with `in_process=False`, in a child process with its own interpreter lock and CUDA context,
+    which hands each batch over through CUDA IPC (`DecoderProcess`)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, threads: int,
                  device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3,
-                 cpu_files: set[int] = frozenset()):
+                 cpu_files: set[int] = frozenset(), in_process: bool = True):
         self.paths, self.size, self.threads, self.device = list(paths), size, threads, torch.device(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.cpu_decode, self.prefetch, self.cpu_files = cpu_decode, prefetch, set(cpu_files)
+        self.in_process = in_process
+        self._decoder: DecoderProcess | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -227,6 +233,11 @@ class GpuJpegSource(BatchSource):
         return images, to_device(self.labels[idx], self.device)
 
     def batches_of(self, index_batches) -> Iterator:
+        if not self.in_process:
+            if self._decoder is None:
+                self._decoder = DecoderProcess(self)
+            yield from self._decoder.batches_of(index_batches)
+            return
         if self.device.type != "cuda" or not self.prefetch:
             for datas, idx in self._loader(index_batches):
                 yield self._prepare(datas, idx)
@@ -273,3 +284,109 @@ class GpuJpegSource(BatchSource):
         finally:
             stop.set()
             thread.join(timeout=30)
+
+
+class DecoderProcess:
+    """A child process that runs a GpuJpegSource's reading and decoding (in_process=True there) for
+    the parent, one epoch (a list of index batches) per command, for the source's whole life.
+    Batches come back through a queue, `prefetch` at most in flight: images as CUDA IPC handles
+    (the parent copies them at once, so the child's memory is free again), labels in shared
+    memory. The child ignores SIGTERM/SIGUSR2/SIGINT (the parent checkpoints and then ends it),
+    and exits when told, or when its parent is gone."""
+
+    def __init__(self, source: GpuJpegSource):
+        use_file_system_sharing()
+        context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self.device = source.device
+        state = {"paths": source.paths, "labels": source.labels.tolist(), "size": source.size,
+                 "threads": source.threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
+                 "prefetch": 0, "cpu_files": source.cpu_files}
+        self.commands, self.results = context.Queue(), context.Queue(max(1, source.prefetch))
+        self.cancel = context.Event()
+        self.process = context.Process(target=_decoder_main, args=(state, self.commands, self.results, self.cancel),
+                                       daemon=True, name="gpu-jpeg-decoder")
+        self.process.start()
+        self.epochs = itertools.count()
+
+    def _get(self):
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the JPEG decoder process died (exit code {self.process.exitcode})") from None
+
+    def batches_of(self, index_batches) -> Iterator:
+        epoch = next(self.epochs)
+        self.commands.put((epoch, [torch.as_tensor(b).tolist() for b in index_batches]))
+        finished = False
+        try:
+            while True:
+                tag, images, labels = self._get()
+                if tag != epoch:  # left over from an abandoned epoch
+                    continue
+                if images is None:
+                    finished = True
+                    if labels is not None:  # the child's traceback
+                        raise RuntimeError(f"the JPEG decoder process failed:\n{labels}")
+                    return
+                images = images.clone()  # ours: dropping the received tensor releases the child's block
+                yield images, to_device(labels, self.device)
+        finally:
+            if not finished and self.process.is_alive():  # stopped early: tell the child, take what it sent
+                self.cancel.set()
+                while True:
+                    tag, images, _ = self._get()
+                    if tag == epoch and images is None:
+                        break
+                self.cancel.clear()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.commands.put(None)
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _decoder_main(state, commands, results, cancel) -> None:
+    """The child of DecoderProcess."""
+    import signal
+    import traceback
+    for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    use_file_system_sharing()
+    source = GpuJpegSource(**state)
+    parent = os.getppid()
+
+    def send(item) -> bool:
+        while os.getppid() == parent:
+            try:
+                results.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    while os.getppid() == parent:
+        try:
+            command = commands.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if command is None:
+            return
+        epoch, index_batches = command
+        try:
+            for images, labels in source.batches_of([torch.tensor(b) for b in index_batches]):
+                if cancel.is_set() or not send((epoch, images, labels.cpu())):
+                    break
+                del images  # the parent holds it through IPC until it has made its copy
+            send((epoch, None, None))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+            send((epoch, None, traceback.format_exc()))

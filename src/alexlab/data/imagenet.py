@@ -97,10 +97,11 @@ GPU_DECODER_SKIPS = ("cmyk", "greyscale", "progressive")
 
 
 def resolve_decode(cfg, device: torch.device) -> str:
-    """data.decode: auto -> gpu when training on CUDA with Triton installed, else cpu."""
+    """data.decode: auto -> gpu when training on CUDA with Triton installed, else cpu. gpu_process:
+    as gpu, with the decoding in a child process (alexlab.data.gpu_decode.DecoderProcess)."""
     decode = cfg.get("decode", "auto")
-    if decode not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"data.decode must be auto, cpu or gpu, got {decode!r}")
+    if decode not in ("auto", "cpu", "gpu", "gpu_process"):
+        raise ConfigError(f"data.decode must be auto, cpu, gpu or gpu_process, got {decode!r}")
     try:
         import triton  # noqa: F401
         has_triton = True
@@ -108,10 +109,10 @@ def resolve_decode(cfg, device: torch.device) -> str:
         has_triton = False
     if decode == "auto":
         return "gpu" if device.type == "cuda" and has_triton else "cpu"
-    if decode == "gpu" and not has_triton:
-        raise ConfigError("data.decode=gpu needs Triton (it comes with PyTorch's CUDA wheels); use data.decode=cpu")
-    if decode == "gpu" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"data.decode=gpu needs a CUDA device (training runs on {device}); use data.decode=cpu")
+    if decode != "cpu" and not has_triton:
+        raise ConfigError(f"data.decode={decode} needs Triton (it comes with PyTorch's CUDA wheels); use data.decode=cpu")
+    if decode != "cpu" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"data.decode={decode} needs a CUDA device (training runs on {device}); use data.decode=cpu")
     return decode
 
 
@@ -527,12 +528,13 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
         if limit and int(limit) < len(samples):  # the statistics stay those of the prepared classes
             keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:int(limit)]
             samples = [samples[int(i)] for i in keep.sort().values]
-        if decode == "gpu":
+        if decode in ("gpu", "gpu_process"):
             from alexlab.data.gpu_decode import GpuJpegSource
             to_cpu = {str(root / p) for kind in GPU_DECODER_SKIPS for p in index["notes"].get(kind, [])}
             paths = [p for p, _ in samples]
             splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
-                                        cpu_files={i for i, p in enumerate(paths) if p in to_cpu}))
+                                        cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
+                                        in_process=decode == "gpu"))
         else:
             splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
