@@ -318,14 +318,17 @@ def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp
         assert torch.equal(whole[key], parallel[key]), key
 
 
-def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared):
+@pytest.mark.parametrize("decode", ["gpu", "gpu_process"])
+def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, decode):
     """data.decode=gpu: nvJPEG in batches (on a CPU machine torchvision's CPU decoder stands in) and the
-    Triton resize kernel (Triton's interpreter here). The odd files go to PIL, so every image equals
-    the CPU path's within the resize kernel's rounding (and, on CUDA, nvJPEG's)."""
+    Triton resize kernel (Triton's interpreter here); gpu_process: the same in a child process. The
+    odd files go to PIL, so every image equals the CPU path's within the resize kernel's rounding
+    (and, on CUDA, nvJPEG's)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu"), 27, torch.device("cpu"), None)
-    gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu"), 27, device, None)
+    gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode={decode}"), 27, device, None)
     assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
+    assert gpu.train.in_process == (decode == "gpu")
     assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
     order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
     for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
