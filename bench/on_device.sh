@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a lent GPU machine (/work/.library/device/README.md):
 #   run(command="bash bench/on_device.sh", carry=[".whl"], timeout_s=600)
-# .whl/ (git-ignored) holds the wheels the GPU image lacks: hydra-core 1.3.2, omegaconf 2.3.0,
-# antlr4-python3-runtime 4.9.3 (the device README says how to download them). Writes under $OUT
-# (or ./device-out): gpu-tests.log, bench.json, bench.log, traces/.
+# .whl/ (keep it out of git: echo /.whl/ >> .git/info/exclude) holds the wheels the GPU image lacks:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # an sdist on PyPI; pure Python
+# Writes under $OUT (or ./device-out):
+# gpu.txt, gpu-tests.log, bench.json, bench.log, traces/.
 set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
