@@ -387,6 +387,10 @@ def _decoder_main(state, commands, results, cancel) -> None:
                 if cancel.is_set() or not send((epoch, images, labels.cpu())):
                     break
                 del images  # the parent holds it through IPC until it has made its copy
+                if source.device.type == "cuda":
+                    # Blocks the parent has released: freed now, not when this process's allocator
+                    # runs out (it would first take the memory the training needs).
+                    torch.cuda.ipc_collect()
             send((epoch, None, None))
         except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
             send((epoch, None, traceback.format_exc()))
