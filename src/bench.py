@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from alexlab.io import atomic_write_json  # noqa: E402
 from alexlab.model import build_model  # noqa: E402
 from alexlab.tracking import device_name, library_versions  # noqa: E402
-from alexlab.train import TrainStep, setup_model  # noqa: E402
+from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -529,6 +529,7 @@ def host_time_while_gpu_busy(device: torch.device, sleep_s: float = 1.0) -> dict
     def epoch(k):
         for step, (images, labels) in enumerate(source.batches(torch.randperm(48, generator=gen), 16)):
             x = augment.train(images, batch_generator(0, k, step))
+            torch.manual_seed(dropout_seed(0, k, step, 0))
             train_step(x.contiguous(memory_format=torch.channels_last), labels)
     epoch(0)  # warm-up: cuDNN's algorithm search synchronises
     torch.cuda.synchronize(device)
