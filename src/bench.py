@@ -122,15 +122,16 @@ class Bench:
             g = torch.randn(shape, device=self.device)
             ref_x = x.clone().requires_grad_()
             (nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x) * g).sum().backward()
-            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-                fx = x.detach().clone().to(dtype).requires_grad_()
-                y = LocalResponseNorm(impl="fused")(fx)
-                (y.float() * g).sum().backward()
-                err_y = ((y.float() - nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)).abs().max()).item()
-                err_g = ((fx.grad.float() - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
-                ok = err_y <= tol * 20 and err_g <= tol
-                self.record["checks"][f"lrn_fused_{dtype}_{shape}"] = {"max_abs_err_y": err_y,
-                                                                       "max_rel_err_grad": err_g, "ok": ok}
+            for impl in ("fused", "fused_scan"):
+                for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+                    fx = x.detach().clone().to(dtype).requires_grad_()
+                    y = LocalResponseNorm(impl=impl)(fx)
+                    (y.float() * g).sum().backward()
+                    err_y = ((y.float() - nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)).abs().max()).item()
+                    err_g = ((fx.grad.float() - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+                    ok = err_y <= tol * 20 and err_g <= tol
+                    self.record["checks"][f"lrn_{impl}_{dtype}_{shape}"] = {"max_abs_err_y": err_y,
+                                                                           "max_rel_err_grad": err_g, "ok": ok}
         torch.manual_seed(0)
         x = torch.randn(4 if self.cuda else 1, 3, self.ours_size, self.ours_size, device=self.device)
         outs = {}
@@ -200,6 +201,7 @@ class Bench:
             if mode == eager:
                 rates["auto"] = row["images_per_s"] if row else 0
         self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
+        self.time_model("paper, lrn_impl=fused_scan", ours(lrn_impl="fused_scan"), eager, size)
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
@@ -233,6 +235,7 @@ class Bench:
             contenders = {
                 "relu": torch.relu,
                 "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
+                "lrn fused_scan (ours, Triton, running-sum windows)": LocalResponseNorm(impl="fused_scan"),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
             if self.cuda and not self.args.no_compile:

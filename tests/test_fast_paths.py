@@ -22,7 +22,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ((3, 13, 4, 5), True, "literal"),       # channel count not a power of two, the printed alpha
     ((1, 256, 5, 5), False, "per_size"),    # conv2's channel count
 ])
-def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last, alpha_mode):
+@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last, alpha_mode, impl):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=gen) * 30 - 5   # large activations, so the denominator matters
     grad = torch.randn(shape, generator=gen)
@@ -34,27 +35,35 @@ def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last,
     (reference(x_ref) * grad).sum().backward()
 
     x_fused = x.clone().to(DEVICE).requires_grad_()
-    y = LocalResponseNorm(5, alpha, 0.75, 2.0, alpha_mode=alpha_mode, impl="fused")(x_fused)
+    y = LocalResponseNorm(5, alpha, 0.75, 2.0, alpha_mode=alpha_mode, impl=impl)(x_fused)
     (y * grad.to(DEVICE)).sum().backward()
     assert y.stride() == x_fused.stride()  # the layout is kept
     torch.testing.assert_close(y.cpu(), reference(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_lrn_in_bf16_is_within_bf16_rounding_of_fp32():
+@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+def test_fused_lrn_in_bf16_is_within_bf16_rounding_of_fp32(impl):
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(2, 96, 6, 6, generator=gen) * 20).to(DEVICE)
     reference = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)
-    y = LocalResponseNorm(impl="fused")(x.bfloat16())
+    y = LocalResponseNorm(impl=impl)(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), reference, rtol=1e-2, atol=1e-2)
 
 
-def test_fused_lrn_with_another_beta_uses_the_general_power():
+@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+@pytest.mark.parametrize("size", [3, 4])  # an even window is not centred: 2 before, 1 after
+def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size):
     x = torch.rand(2, 16, 3, 3) * 10
-    reference = nn.LocalResponseNorm(3, 1e-2, 0.5, 1.0)(x)
-    torch.testing.assert_close(LocalResponseNorm(3, 1e-2, 0.5, 1.0, impl="fused")(x.to(DEVICE)).cpu(), reference,
-                               rtol=1e-5, atol=1e-5)
+    x_ref = x.clone().requires_grad_()
+    reference = nn.LocalResponseNorm(size, 1e-2, 0.5, 1.0)(x_ref)
+    reference.square().sum().backward()
+    x_fused = x.clone().to(DEVICE).requires_grad_()
+    y = LocalResponseNorm(size, 1e-2, 0.5, 1.0, impl=impl)(x_fused)
+    y.square().sum().backward()
+    torch.testing.assert_close(y.detach().cpu(), reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["split", "dense"])

@@ -85,22 +85,25 @@ def _fused_lrn():
     return lrn_forward
 
 
-IMPLEMENTATIONS = ("auto", "fused", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "fused_scan", "reference")
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
                         impl: str = "auto") -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
-    impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | reference."""
+    impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | fused_scan (the
+    same kernels summing each window as the difference of a running sum: two gathers instead of
+    `size`; not yet timed on a GPU) | reference."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.
-    runnable = x.is_cuda or (impl == "fused" and os.environ.get("TRITON_INTERPRET") == "1")
+    explicit = impl in ("fused", "fused_scan")
+    runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1")
     if impl != "reference" and runnable:
         fused = _fused_lrn()
         if fused is not None:
-            return fused(x, size, coefficient, beta, k)
-        if impl == "fused":
-            raise RuntimeError("LRN impl=fused needs Triton, which is not installed")
+            return fused(x, size, coefficient, beta, k, impl == "fused_scan")
+        if explicit:
+            raise RuntimeError(f"LRN impl={impl} needs Triton, which is not installed")
     return _LRNFunction.apply(x, size, coefficient, beta, k)
 
 

@@ -32,22 +32,30 @@ def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
 
 
 @triton.jit
-def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr):
+def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr, BY_SCAN: tl.constexpr):
     """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a [BLOCK_P, BLOCK_C] tile held in registers, zero
     outside [0, BLOCK_C) (channels >= C are zero in t). tl.gather moves values between threads, so
-    each input element is read from memory once."""
-    out = tl.zeros(t.shape, dtype=tl.float32)
-    for o in tl.static_range(lo, hi + 1):
-        idx = c + o
-        valid = (idx >= 0) & (idx < BLOCK_C)
-        picked = tl.gather(t, tl.broadcast_to(tl.minimum(tl.maximum(idx, 0), BLOCK_C - 1), t.shape), axis=1)
-        out += tl.where(valid, picked, 0.0)
+    each input element is read from memory once. BY_SCAN: a running sum along the channels and two
+    gathers (its ends) instead of one gather per window position (hi - lo + 1 of them)."""
+    if BY_SCAN:
+        running = tl.cumsum(t, axis=1)
+        top = tl.gather(running, tl.broadcast_to(tl.minimum(c + hi, BLOCK_C - 1), t.shape), axis=1)
+        below = c + (lo - 1)
+        bottom = tl.gather(running, tl.broadcast_to(tl.maximum(below, 0), t.shape), axis=1)
+        out = top - tl.where(below >= 0, bottom, 0.0)
+    else:
+        out = tl.zeros(t.shape, dtype=tl.float32)
+        for o in tl.static_range(lo, hi + 1):
+            idx = c + o
+            valid = (idx >= 0) & (idx < BLOCK_C)
+            picked = tl.gather(t, tl.broadcast_to(tl.minimum(tl.maximum(idx, 0), BLOCK_C - 1), t.shape), axis=1)
+            out += tl.where(valid, picked, 0.0)
     return out
 
 
 @triton.jit
 def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               BLOCK_C: tl.constexpr, BY_SCAN: tl.constexpr):
     """This program's tile, BLOCK_P pixels x all channels of image n: (c, offsets, mask, x in fp32,
     denominator base d)."""
     n = tl.program_id(1)
@@ -57,26 +65,30 @@ def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.con
     mask = (p < P) & (c < C)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
-    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C)
+    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C, BY_SCAN)
     return c, at, mask, x, d
 
 
 @triton.jit
 def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
-                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C)
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BY_SCAN: tl.constexpr):
+    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
+                                   BY_SCAN)
     y = x * _neg_pow(d, beta, BETA_IS_075)
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
-                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C)
+                    SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BY_SCAN: tl.constexpr):
+    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
+                                   BY_SCAN)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
     scale = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
-    back = _window_sum(g * x * scale / d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C)
+    back = _window_sum(g * x * scale / d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, BY_SCAN)
     dx = g * scale - (2.0 * beta * coeff) * x * back
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -93,7 +105,7 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     return x, h * w, c, s_n, s_c, s_w
 
 
-def _launch(kernel, x, out_like, extra, size, coefficient, beta, k):
+def _launch(kernel, x, extra, size, coefficient, beta, k, scan):
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
@@ -103,30 +115,31 @@ def _launch(kernel, x, out_like, extra, size, coefficient, beta, k):
     grid = (triton.cdiv(pixels, block_p), x.shape[0])
     torch.library.wrap_triton(kernel)[grid](
         x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k,
-        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, BY_SCAN=scan, num_warps=4)
     return out
 
 
 @torch.library.triton_op("alexlab::lrn_forward", mutates_args=())
-def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
-    return _launch(_lrn_fwd_kernel, x, x, [], size, coefficient, beta, k)
+def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
+                scan: bool = False) -> torch.Tensor:
+    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, scan)
 
 
 @torch.library.triton_op("alexlab::lrn_backward", mutates_args=())
 def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float,
-                 k: float) -> torch.Tensor:
-    return _launch(_lrn_bwd_kernel, x, x, [grad.to(x.dtype)], size, coefficient, beta, k)
+                 k: float, scan: bool = False) -> torch.Tensor:
+    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, scan)
 
 
 def _setup_context(ctx, inputs, output):
-    x, size, coefficient, beta, k = inputs
+    x, size, coefficient, beta, k, scan = inputs
     ctx.save_for_backward(x)
-    ctx.params = (size, coefficient, beta, k)
+    ctx.params = (size, coefficient, beta, k, scan)
 
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return lrn_backward(x, grad, *ctx.params), None, None, None, None
+    return lrn_backward(x, grad, *ctx.params), None, None, None, None, None
 
 
 torch.library.register_autograd("alexlab::lrn_forward", _backward, setup_context=_setup_context)
