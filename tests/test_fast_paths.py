@@ -99,15 +99,16 @@ def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients()
 
 
 def test_fast_paths_train_like_the_reference_path():
-    """Same seed, same batches: the loss curve of the fused LRN + dense towers net follows the
-    reference net's within float tolerance over a short run."""
+    """Same seed, same batches: the loss curves of the fused LRN + dense towers net and of the
+    running-sum LRN + split towers net follow the reference net's within float tolerance."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(4, 8, 3, 27, 27, generator=gen)
     labels = torch.randint(0, 10, (4, 8), generator=gen)
     curves = []
     # TF32 convolutions (CUDA's default) round differently in the native and dense towers
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-    for changes in ({"lrn_impl": "reference"}, {"lrn_impl": "fused", "grouped_conv": "dense"}):
+    for changes in ({"lrn_impl": "reference"}, {"lrn_impl": "fused", "grouped_conv": "dense"},
+                    {"lrn_impl": "fused_scan", "grouped_conv": "split"}):
         torch.manual_seed(0)
         model = build_model(model_cfg("small", dropout=0.0, **changes), 10).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -121,7 +122,8 @@ def test_fast_paths_train_like_the_reference_path():
         curves.append(losses)
     torch.backends.cudnn.allow_tf32 = tf32
     assert curves[0][-1] < curves[0][0]  # it learns at all
-    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-4)
+    for fast in curves[1:]:
+        torch.testing.assert_close(torch.tensor(fast), torch.tensor(curves[0]), rtol=1e-4, atol=1e-4)
 
 
 # ---- the GPU JPEG pipeline (decode in batches, one resize kernel), here on the CPU ----
