@@ -121,13 +121,14 @@ class Bench:
             x = (torch.rand(shape, device=self.device) * 20).contiguous(memory_format=torch.channels_last)
             g = torch.randn(shape, device=self.device)
             ref_x = x.clone().requires_grad_()
-            (nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x) * g).sum().backward()
+            ref_y = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x)
+            (ref_y * g).sum().backward()
             for impl in ("fused", "fused_scan"):
                 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
                     fx = x.detach().clone().to(dtype).requires_grad_()
                     y = LocalResponseNorm(impl=impl)(fx)
                     (y.float() * g).sum().backward()
-                    err_y = ((y.float() - nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x)).abs().max()).item()
+                    err_y = ((y.float() - ref_y.detach()).abs().max()).item()
                     err_g = ((fx.grad.float() - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
                     ok = err_y <= tol * 20 and err_g <= tol
                     self.record["checks"][f"lrn_{impl}_{dtype}_{shape}"] = {"max_abs_err_y": err_y,
@@ -151,11 +152,9 @@ class Bench:
     # ---- training steps ----
     def train_step_fn(self, model, mode: str, size: int):
         """The trainer's own step (alexlab.train: setup_model, TrainStep) on one fixed batch."""
-        bf16, channels_last, compile_mode = parse_mode(mode)
-        step_model = setup_model(model, self.device, channels_last, compile_mode)
-        train_step = TrainStep(model, step_model, _sgd(model), self.device, bf16=bf16 and self.cuda)
+        train_step = trainer_step(model, self.device, mode)
         x = torch.randn(self.batch, 3, size, size, device=self.device)
-        if channels_last:
+        if parse_mode(mode)[1]:  # channels_last
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (self.batch,), device=self.device)
         return functools.partial(train_step, x, y)
@@ -354,9 +353,7 @@ class Bench:
         for side_stream, in_process in variants:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
-            bf16, _, compile_mode = parse_mode(mode)
-            train_step = TrainStep(model, setup_model(model, self.device, True, compile_mode), _sgd(model), self.device,
-                                   bf16=bf16 and self.cuda)
+            train_step = trainer_step(model, self.device, mode)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process)
@@ -453,8 +450,7 @@ class Bench:
 
         def end_to_end():
             model = preset().to(self.device)
-            train_step = TrainStep(model, setup_model(model, self.device, True), _sgd(model), self.device,
-                                   bf16=self.cuda)
+            train_step = trainer_step(model, self.device, "bf16+cl")
             source, augment = self.jpeg_source_and_augmenter()
             order = torch.randperm(len(self.jpeg_files), generator=batch_generator(0, 0, -1))
             batches = enumerate(source.batches(order, self.batch))
@@ -527,7 +523,7 @@ def host_time_while_gpu_busy(device: torch.device, sleep_s: float = 1.0) -> dict
     stats = PixelStats(torch.full((3, 32, 32), 0.5), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
     augment = Augmenter(stats.to(device), 27, crop_flip=True, pca_lighting=True)
     model = build_model(model_preset("small"), 10).to(device)
-    train_step = TrainStep(model, setup_model(model, device, channels_last=True), _sgd(model), device, bf16=True)
+    train_step = trainer_step(model, device, "bf16+cl")
 
     def epoch(k):
         for step, (images, labels) in enumerate(source.batches(torch.randperm(48, generator=gen), 16)):
@@ -557,8 +553,13 @@ def parse_mode(mode: str) -> tuple[bool, bool, bool | str]:
     return "bf16" in parts, "cl" in parts, compile_mode
 
 
-def _sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+def trainer_step(model, device: torch.device, mode: str) -> TrainStep:
+    """The trainer's own step (alexlab.train: setup_model, TrainStep) for `model` in a bench mode,
+    with the paper's SGD settings; bf16 only on CUDA."""
+    bf16, channels_last, compile_mode = parse_mode(mode)
+    step_model = setup_model(model, device, channels_last, compile_mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return TrainStep(model, step_model, optimizer, device, bf16=bf16 and device.type == "cuda")
 
 
 def _lrn_not_compiled(model):
