@@ -147,10 +147,18 @@ def load_synthetic(cfg) -> tuple[dict, int]:
     return out, k
 
 
-def _subset(images, labels, n, seed=0):
+def subset_positions(count: int, limit) -> torch.Tensor:
+    """Sorted positions of a fixed random `limit` of `count` items (seed 0: the same on every
+    machine), as data.train_subset / val_subset / stats_images pick; all of them without a limit."""
+    if not limit or int(limit) >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:int(limit)].sort().values
+
+
+def _subset(images, labels, n):
     if n is None or n >= len(labels):
         return images, labels
-    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = subset_positions(len(labels), n)
     return images[idx], labels[idx]
 
 

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from alexlab.data.augment import PixelStats, StatsAccumulator
-from alexlab.data.datasets import IMAGE_EXTENSIONS, BatchSource, resize_square, use_file_system_sharing
+from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, resize_square, subset_positions,
+                                   use_file_system_sharing)
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
 
@@ -78,17 +79,28 @@ def read_rgb(path) -> tuple[np.ndarray, list[str]]:
     return rgb, notes
 
 
+def to_chw(rgb: np.ndarray) -> torch.Tensor:
+    """read_rgb's (H, W, 3) array as a uint8 (3, H, W) tensor."""
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def square(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (3, size, size): shorter side to `size` (up or down), centre crop. The one conversion
+    of training images (CPU decoding) and of the images the statistics are computed from."""
+    return resize_square(to_chw(rgb)[None], size)[0]
+
+
 def load_image(path, size: int) -> torch.Tensor:
-    """uint8 (3, size, size): decoded, shorter side to `size` (up or down), centre crop."""
+    """A file as uint8 (3, size, size): decoded, squared."""
     rgb, _ = read_rgb(path)
-    return resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], size)[0]
+    return square(rgb, size)
 
 
 def decode_bytes(data: torch.Tensor) -> torch.Tensor:
     """A file's bytes (uint8 1-D tensor) -> uint8 (3, H, W), exactly as read_rgb decodes files: the
     GPU pipeline's decoder for the files nvJPEG is not given (see GPU_DECODER_SKIPS)."""
     rgb, _ = read_rgb(io.BytesIO(data.numpy().tobytes()))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return to_chw(rgb)
 
 
 # Odd files (index notes) that data.decode=gpu hands to the CPU decoder: nvJPEG's colour conversion
@@ -293,7 +305,7 @@ class _ScanBatch(torch.utils.data.Dataset):
                 continue
             records.append((i, (rgb.shape[1], rgb.shape[0]), notes, None))
             if self.resize[i]:
-                images.append(resize_square(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], self.size)[0])
+                images.append(square(rgb, self.size))
         acc = StatsAccumulator()
         if images:
             acc.add(torch.stack(images))
@@ -361,9 +373,7 @@ def stats_selection(paths: list[str], labels: list[int], bad: dict, classes: lis
     random subset of those (seed 0); never a bad file."""
     chosen = set(classes)
     candidates = [i for i, label in enumerate(labels) if label in chosen]
-    if limit and int(limit) < len(candidates):
-        keep = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:int(limit)]
-        candidates = [candidates[int(k)] for k in keep.sort().values]
+    candidates = [candidates[int(k)] for k in subset_positions(len(candidates), limit)]
     mask = [False] * len(paths)
     for i in candidates:
         mask[i] = paths[i] not in bad
@@ -524,10 +534,8 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
         entry = index[split]
         samples = [(str(root / p), relabel[int(c)]) for p, c in zip(entry["paths"], entry["labels"].tolist())
                    if int(c) in relabel and p not in index["bad"]]
-        limit = cfg.get(f"{split}_subset")  # a fixed random subset (seed 0), as for the small datasets;
-        if limit and int(limit) < len(samples):  # the statistics stay those of the prepared classes
-            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:int(limit)]
-            samples = [samples[int(i)] for i in keep.sort().values]
+        # a fixed random subset, as for the small datasets; the statistics stay those of the prepared classes
+        samples = [samples[int(i)] for i in subset_positions(len(samples), cfg.get(f"{split}_subset"))]
         if decode in ("gpu", "gpu_process"):
             from alexlab.data.gpu_decode import GpuJpegSource
             to_cpu = {str(root / p) for kind in GPU_DECODER_SKIPS for p in index["notes"].get(kind, [])}
