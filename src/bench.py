@@ -273,12 +273,32 @@ class Bench:
                                              "speed is not measured"}
         return paths[:count]
 
-    def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True):
-        """The GPU JPEG source over the benchmark's files, and the paper's augmentation."""
+    @functools.cached_property
+    def resized_files(self) -> list[str]:
+        """The benchmark's JPEGs as `prepare.py data.resized_jpegs=true` writes them (the same function):
+        shorter side to 256, centre crop, quality 95; generated once, kept beside --jpeg-dir."""
+        from alexlab.data.imagenet import write_resized_copy
+        folder = Path(f"{self.args.jpeg_dir}-{self.image_size}px-q95")
+        targets = [folder / Path(p).name for p in self.jpeg_files]
+        jobs = [(p, t, self.image_size, 95) for p, t in zip(self.jpeg_files, targets) if not t.is_file()]
+        if jobs:
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+                list(pool.map(_write_resized_copy, jobs, chunksize=64))
+        self.record["resized_files"] = {"count": len(targets), "quality": 95, "size": self.image_size,
+                                        "mean_kb": sum(t.stat().st_size for t in targets) / len(targets) / 1024}
+        return [str(t) for t in targets]
+
+    def files(self, resized: bool) -> list[str]:
+        return self.resized_files if resized else self.jpeg_files
+
+    def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True, resized: bool = False):
+        """The GPU JPEG source over the benchmark's files (or their resized copies), and the paper's
+        augmentation."""
         from alexlab.data.augment import Augmenter, PixelStats
         from alexlab.data.gpu_decode import GpuJpegSource
         from alexlab.data.imagenet import decode_bytes
-        paths = self.jpeg_files
+        paths = self.files(resized)
         size, crop = self.image_size, self.ours_size
         stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
@@ -286,11 +306,12 @@ class Bench:
                                self.device, decode_bytes, prefetch=prefetch, in_process=in_process)
         return source, augment
 
-    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True):
+    def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
+                 resized: bool = False):
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import batch_generator
-        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process)
-        paths = self.jpeg_files
+        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized)
+        paths = self.files(resized)
         rates = []
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
@@ -312,11 +333,18 @@ class Bench:
     def data_alone(self):
         from alexlab.data.gpu_decode import decode_batch, read_batches, resize_square_batch
         from alexlab.data.imagenet import decode_bytes
-        for prefetch, how in ((3, "prefetch thread, side stream"), (0, "inline")):
-            rate, n = self.pipeline(prefetch=prefetch)
+        for prefetch, how, resized in ((3, "prefetch thread, side stream", False), (0, "inline", False),
+                                       (3, "prefetch thread, side stream; the resized copies", True)):
+            rate, n = self.pipeline(prefetch=prefetch, resized=resized)
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
                                         "threads": self.args.workers, "images": n, "images_per_s": rate})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
+        for resized in (False, True):  # the CPU path (data.decode=cpu): PIL in DataLoader workers
+            rate = self.cpu_pipeline(resized)
+            what = "the resized copies" if resized else "the original-size files"
+            self.record["data"].append({"pipeline": f"CPU path: PIL decode + resize in DataLoader workers ({what})",
+                                        "workers": self.args.workers, "images_per_s": rate})
+            print(f"   cpu pipeline ({what}): {rate:.0f} img/s", flush=True)
         paths = self.jpeg_files
         batches = [list(range(i, min(i + self.batch, len(paths)))) for i in range(0, len(paths), self.batch)]
         tic = time.perf_counter()
@@ -343,23 +371,40 @@ class Bench:
                                         "images_per_s": len(datas) / seconds})
             print(f"   nvjpeg decode alone: {len(datas) / seconds:.0f} img/s", flush=True)
 
+    def cpu_pipeline(self, resized: bool) -> float:
+        """Images/s of data.decode=cpu's source (ImageFolderSource) over the files, worker start excluded."""
+        from alexlab.data.imagenet import ImageFolderSource
+        paths = self.files(resized)
+        source = ImageFolderSource([(p, 0) for p in paths], self.image_size, self.args.workers, ["x"])
+        seen, tic = 0, None
+        for i, (images, _) in enumerate(source.batches(torch.arange(len(paths)), self.batch)):
+            if i == 0:
+                tic = time.perf_counter()
+            else:
+                seen += len(images)
+        return seen / (time.perf_counter() - tic) if seen else float("nan")
+
     def end_to_end(self):
         impl = self.record.get("fastest_grouped_conv", "auto")
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
         # Decode and the step did not overlap (bench/RESULTS.md). Suspects: nvJPEG's internal work on
         # the legacy default stream, which the step runs on (second row: the step on a stream of its
         # own), and anything in one process that serialises them (third row: decoding in a child).
-        variants = [(False, True), (True, True), (False, False)] if self.cuda else [(False, True)]
-        for side_stream, in_process in variants:
+        # Last, the resized copies (data.resized_jpegs=true): a third of the bytes and pixels to decode.
+        variants = [(False, True, False), (True, True, False), (False, False, False), (False, True, True),
+                    (False, False, True)] if self.cuda else [(False, True, False), (False, True, True)]
+        for side_stream, in_process, resized in variants:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             train_step = trainer_step(model, self.device, mode)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process)
+                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
+                                        resized=resized)
             days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
             where = ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
-                ("" if in_process else ", decoding in a child process (data.decode=gpu_process)")
+                ("" if in_process else ", decoding in a child process (data.decode=gpu_process)") + \
+                (", the resized copies (data.resized_jpegs=true)" if resized else "")
             row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                f"grouped_conv={impl}, {where})",
                    "threads": self.args.workers, "images": n, "images_per_s": rate,
@@ -502,7 +547,8 @@ class Bench:
         if self.record["end_to_end"]:
             best = max(self.record["end_to_end"], key=lambda r: r["images_per_s"])
             lines.append(f"\nprojected 90 epochs of ImageNet-1k (1,281,167 images): "
-                         f"{best['projected_90_epochs_hours']:.1f} h on this card")
+                         f"{best['projected_90_epochs_hours']:.1f} h on this card, at the best end-to-end rate "
+                         f"({best['pipeline']})")
         failed = [k for k, v in self.record["checks"].items() if not v["ok"]]
         lines.append(f"\nchecks: {len(self.record['checks']) - len(failed)}/{len(self.record['checks'])} ok"
                      + (f"; FAILED: {failed}" if failed else ""))
@@ -576,6 +622,11 @@ def _version(name):
         return md.version(name)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _write_resized_copy(job):
+    from alexlab.data.imagenet import write_resized_copy
+    write_resized_copy(*job)
 
 
 def _make_jpeg(job):

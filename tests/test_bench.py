@@ -24,6 +24,9 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     assert all(r["images_per_s"] > 0 for r in record["train_step"])
     assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm"}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
+    resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
+    assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end
+    assert record["resized_files"]["count"] == record["jpeg_files"]["count"]
     assert record["versions"]["torch"] and record["device"] and record["date"]
     assert 0 < record["overlap"]["overlap"] < 3
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}

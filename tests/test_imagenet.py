@@ -36,9 +36,9 @@ def photo(func, i, size=(60, 40)) -> Image.Image:
     return im.crop((i * 7, i * 5, w - i * 3, h)).resize(size)
 
 
-def jpeg_bytes(im: Image.Image, **kw) -> bytes:
+def jpeg_bytes(im: Image.Image, quality=90, **kw) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90, **kw)
+    im.save(buf, "JPEG", quality=quality, **kw)
     return buf.getvalue()
 
 
@@ -338,3 +338,62 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
             assert diff.max() <= 1, diff.flatten(1).max(1).values
         else:  # nvJPEG upsamples chroma differently from libjpeg: 19 levels at colour edges seen on an H200
             assert diff.max() <= 32 and diff.float().mean() < 1.5, diff.flatten(1).max(1).values
+
+
+def test_resized_copies_are_the_training_images_as_jpegs_and_training_reads_only_them(prepared, tmp_path, caplog):
+    """data.resized_jpegs=true: prepare.py writes each image as training sees it before augmentation,
+    as a baseline RGB JPEG (the odd files too), and training reads those: it runs with the originals
+    gone. Missing copies are one error with the command; an interrupted run writes only what is missing."""
+    root = tmp_path / "imagenet"
+    shutil.copytree(prepared, root)  # its .alexlab/ comes along: prepared, with on_bad_file=skip
+    cfg = data_cfg(root, "data.on_bad_file=skip", "data.resized_jpegs=true")
+    with pytest.raises(ConfigError, match=r"copies are missing .* run `python src/prepare.py .*data.resized_jpegs=true`"):
+        build_data(cfg, 27, torch.device("cpu"), None)
+    imagenet.prepare(cfg)
+    folder = root / ".alexlab" / f"jpeg-{SIZE}px-q95"
+    originals = build_data(data_cfg(root, "data.on_bad_file=skip"), 27, torch.device("cpu"), None)
+    assert len(originals.train) == 15 and len(originals.val) == 9
+    for split in (originals.train, originals.val):
+        for path, _ in split.samples:
+            with Image.open(folder / Path(path).relative_to(root)) as im:
+                assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (SIZE, SIZE))
+                assert not im.info.get("progressive")
+                got = np.asarray(im)
+            want = imagenet.load_image(path, SIZE).permute(1, 2, 0).numpy()  # the CPU path's training image
+            np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(jpeg_bytes(Image.fromarray(want), quality=95)))))
+            assert np.abs(got.astype(int) - want).mean() < 6  # JPEG's rounding (at 32 px every edge is sharp)
+    assert not (folder / "train" / ODD / "truncated.JPEG").exists()
+    # One copy lost: preparing again writes that one only.
+    lost = folder / Path(originals.val.samples[4][0]).relative_to(root)
+    lost.unlink()
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*.JPEG")}
+    with caplog.at_level("INFO", logger="alexlab"):
+        imagenet.prepare(cfg)
+    assert "1 of 24 to write" in caplog.text and lost.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    # The originals gone: training needs only the copies.
+    shutil.move(root / "train", tmp_path / "originals_elsewhere")
+    shutil.move(root / "val", tmp_path / "val_elsewhere")
+    copies = build_data(cfg, 27, torch.device("cpu"), None)
+    assert [label for _, label in copies.train.samples] == [label for _, label in originals.train.samples]
+    images = prepared_images(copies.train)
+    for (path, _), image in zip(copies.train.samples, images):
+        assert Path(path).is_relative_to(folder)
+        assert torch.equal(image, imagenet.to_chw(np.asarray(Image.open(path))))  # the copy itself, not resized again
+    with pytest.raises(ConfigError, match="data.resized_quality must be an integer from 1 to 100"):
+        imagenet.prepare(data_cfg(root, "data.resized_jpegs=true", "data.resized_quality=0"))
+
+
+def test_gpu_decode_takes_every_resized_copy(prepared):
+    """The copies are all baseline RGB JPEGs, so data.decode=gpu sends none of them to PIL, and serves
+    the CPU path's images (within the resize kernel's rounding on a CPU; here no resize is needed)."""
+    cfg = ("data.on_bad_file=skip", "data.resized_jpegs=true")
+    imagenet.prepare(data_cfg(prepared, *cfg))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = build_data(data_cfg(prepared, *cfg, "data.decode=cpu"), 27, torch.device("cpu"), None)
+    gpu = build_data(data_cfg(prepared, *cfg, "data.decode=gpu"), 27, device, None)
+    assert gpu.train.cpu_files == set() and gpu.train.paths == [p for p, _ in cpu.train.samples]
+    order = torch.arange(len(cpu.train))
+    for (a, _), (b, _) in zip(cpu.train.batches(order, 8), gpu.train.batches(order, 8)):
+        diff = (a.int() - b.cpu().int()).abs()
+        assert diff.max() <= (0 if device.type == "cpu" else 32)

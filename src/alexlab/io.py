@@ -23,6 +23,10 @@ def _atomic(path, write) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def atomic_write_json(obj, path) -> None:
     _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 

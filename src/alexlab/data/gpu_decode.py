@@ -109,6 +109,8 @@ def resize_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
 def resize_square_batch(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """uint8 (3, H_i, W_i) images of any sizes, on one device -> uint8 (N, 3, size, size), one kernel."""
     device = images[0].device
+    if all(img.shape == (3, size, size) and img.dtype == torch.uint8 for img in images):
+        return torch.stack(images)  # already squares of this size (data.resized_jpegs): nothing to resample
     meta, scales, offsets, position = [], [], [], 0
     for img in images:
         if img.dim() != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
