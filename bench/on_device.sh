@@ -22,4 +22,4 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/tes
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
 # The open questions first: end to end and where its time goes, then the tables.
 python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-270}" \
-  --only "${SECTIONS:-checks,e2e,profile,train,lrn,data}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  --only "${SECTIONS:-checks,e2e,profile,train,lrn,data,lrn_configs}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

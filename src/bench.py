@@ -5,9 +5,10 @@ shapes, the grouped-conv implementations against each other, the GPU resize agai
 then times, on synthetic data already on the device:
   - full training steps (forward, backward, SGD) of torchvision's AlexNet and of the `alexnet` preset
     with LRN on/off and towers 2/1, in fp32, bf16 + channels_last, and bf16 + channels_last + compile;
-  - LRN alone (fused, reference, PyTorch's, compiled PyTorch's) against a ReLU on the same tensor;
-then the JPEG pipeline alone (files -> augmented batch on the GPU) and end to end (files -> step),
-on generated ImageNet-sized JPEGs. Warm-up excluded, median of repeats, device synchronised.
+  - LRN alone (fused, reference, PyTorch's, compiled PyTorch's) against a ReLU on the same tensor,
+    and the fused kernels' launch parameters (`lrn_configs`);
+then the JPEG pipeline alone (files -> augmented batch on the GPU; and the CPU path) and end to end
+(files -> step), on generated ImageNet-sized JPEGs and on their resized copies (data.resized_jpegs). Warm-up excluded, median of repeats, device synchronised.
 Prints a table last and writes JSON with the card, library versions and date.
 
 Without CUDA it runs a tiny version (batch 2, few steps, small images) in seconds, for the tests.
@@ -251,6 +252,41 @@ class Bench:
                        "ms_fwd_bwd": 1e3 * seconds}
                 self.record["lrn"].append(row)
                 print(f"   {name:<40} {row['dtype']:<9} {row['ms_fwd_bwd']:.3f} ms", flush=True)
+
+    def lrn_configs(self):
+        """The fused LRN's launch parameters (alexlab.lrn_triton.BLOCK_ELEMENTS, NUM_WARPS are guesses):
+        forward + backward of both window sums over block sizes and warp counts on conv1's output in
+        bf16 channels_last (the trainer's case), and the defaults in NCHW and on conv2's output too (an
+        NCHW input is what a layout change inside a compiled graph would hand the kernel)."""
+        from alexlab import lrn_triton
+        shapes = [(256, 96, 55, 55), (256, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        sweep = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8)] if self.cuda else [(4096, 4)]
+        default = [(lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)]
+        rows = self.record["lrn_configs"] = []
+        for shape in shapes:
+            for layout in ("channels_last", "nchw"):
+                x = torch.randn(shape, device=self.device, dtype=dtype)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                g = torch.randn_like(x)
+                configs = sweep if (shape, layout) == (shapes[0], "channels_last") else default
+                for scan in (False, True):
+                    for block, warps in configs:
+                        if self.out_of_time():
+                            self.record["errors"].append("lrn_configs: stopped (budget)")
+                            return
+                        xr = x.detach().clone().requires_grad_()
+
+                        def step(xr=xr, scan=scan, block=block, warps=warps):
+                            xr.grad = None
+                            lrn_triton.lrn_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, scan, block, warps).backward(g)
+                        seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
+                        rows.append({"impl": "fused_scan" if scan else "fused", "layout": layout, "shape": list(shape),
+                                     "dtype": str(dtype).replace("torch.", ""), "block_elements": block,
+                                     "num_warps": warps, "ms_fwd_bwd": 1e3 * seconds})
+                        print(f"   lrn {rows[-1]['impl']:<10} {layout:<13} {'x'.join(map(str, shape)):<14} "
+                              f"block {block:>5} warps {warps}: {1e3 * seconds:.3f} ms", flush=True)
 
     # ---- JPEG pipeline ----
     @functools.cached_property
@@ -537,6 +573,10 @@ class Bench:
         lines += ["", "| op on " + ("x".join(map(str, self.record["lrn"][0]["shape"])) if self.record["lrn"] else "")
                   + " | dtype | fwd+bwd ms |", "|---|---|---:|"]
         lines += [f"| {r['op']} | {r['dtype']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn"]]
+        if self.record.get("lrn_configs"):
+            lines += ["", "| fused LRN | layout | shape | block | warps | fwd+bwd ms |", "|---|---|---|---:|---:|---:|"]
+            lines += [f"| {r['impl']} | {r['layout']} | {'x'.join(map(str, r['shape']))} | {r['block_elements']} | "
+                      f"{r['num_warps']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn_configs"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
         if "overlap" in self.record:
@@ -665,12 +705,14 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma-separated "
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
-    parser.add_argument("--only", default="checks,lrn,train,data,e2e,profile", help="comma-separated sections")
+    parser.add_argument("--only", default="checks,lrn,lrn_configs,train,data,e2e,profile",
+                        help="comma-separated sections")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
     args = parser.parse_args(argv)
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))
     sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
+                "lrn_configs": bench.lrn_configs,
                 "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile}
     for name in args.only.split(","):
         bench.section(name, sections[name])

@@ -23,6 +23,8 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
         assert any(m == model for m, _ in rows), model
     assert all(r["images_per_s"] > 0 for r in record["train_step"])
     assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm"}
+    assert {(r["impl"], r["layout"]) for r in record["lrn_configs"]} == {
+        (impl, layout) for impl in ("fused", "fused_scan") for layout in ("channels_last", "nchw")}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
     resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
     assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end

@@ -24,11 +24,16 @@ import triton.language as tl
 
 @triton.jit
 def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
-    if BETA_IS_075:  # the paper's beta: two rsqrt instead of exp/log
-        result = tl.rsqrt(d) * tl.rsqrt(tl.sqrt(d))
+    """(d^-beta, d^(-beta-1)) without a division, which costs more than these in fp32."""
+    if BETA_IS_075:  # the paper's beta: rsqrt and sqrt instead of exp/log
+        r = tl.rsqrt(d)
+        scale = r * tl.rsqrt(tl.sqrt(d))
+        over_d = scale * r * r
     else:
-        result = tl.exp2(-beta * tl.log2(d))
-    return result
+        log_d = tl.log2(d)
+        scale = tl.exp2(-beta * log_d)
+        over_d = tl.exp2((-beta - 1.0) * log_d)
+    return scale, over_d
 
 
 @triton.jit
@@ -75,7 +80,8 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
                     BY_SCAN: tl.constexpr):
     c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
                                    BY_SCAN)
-    y = x * _neg_pow(d, beta, BETA_IS_075)
+    scale, _ = _neg_pow(d, beta, BETA_IS_075)
+    y = x * scale
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,9 +92,9 @@ def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, co
     c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
                                    BY_SCAN)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    scale = _neg_pow(d, beta, BETA_IS_075)
+    scale, over_d = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
-    back = _window_sum(g * x * scale / d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, BY_SCAN)
+    back = _window_sum(g * x * over_d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, BY_SCAN)
     dx = g * scale - (2.0 * beta * coeff) * x * back
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -105,41 +111,48 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     return x, h * w, c, s_n, s_c, s_w
 
 
-def _launch(kernel, x, extra, size, coefficient, beta, k, scan):
+# Elements per program (pixels x padded channels) and warps per program. Untuned guesses: the bench's
+# `lrn_configs` times other values on a GPU.
+BLOCK_ELEMENTS, NUM_WARPS = 4096, 4
+
+
+def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, num_warps):
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
     out = torch.empty_like(x)
     block_c = triton.next_power_of_2(channels)
-    block_p = max(1, 4096 // block_c)
+    block_p = max(1, block_elements // block_c)
     grid = (triton.cdiv(pixels, block_p), x.shape[0])
     torch.library.wrap_triton(kernel)[grid](
         x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k,
-        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, BY_SCAN=scan, num_warps=4)
+        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, BY_SCAN=scan, num_warps=num_warps)
     return out
 
 
 @torch.library.triton_op("alexlab::lrn_forward", mutates_args=())
 def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-                scan: bool = False) -> torch.Tensor:
-    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, scan)
+                scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, scan, block_elements, num_warps)
 
 
 @torch.library.triton_op("alexlab::lrn_backward", mutates_args=())
 def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float,
-                 k: float, scan: bool = False) -> torch.Tensor:
-    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, scan)
+                 k: float, scan: bool = False, block_elements: int = BLOCK_ELEMENTS,
+                 num_warps: int = NUM_WARPS) -> torch.Tensor:
+    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, scan, block_elements,
+                   num_warps)
 
 
 def _setup_context(ctx, inputs, output):
-    x, size, coefficient, beta, k, scan = inputs
+    x, *params = inputs
     ctx.save_for_backward(x)
-    ctx.params = (size, coefficient, beta, k, scan)
+    ctx.params = params
 
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return lrn_backward(x, grad, *ctx.params), None, None, None, None, None
+    return lrn_backward(x, grad, *ctx.params), *[None] * len(ctx.params)
 
 
 torch.library.register_autograd("alexlab::lrn_forward", _backward, setup_context=_setup_context)
