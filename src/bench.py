@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import math
 import os
 import statistics
 import sys
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from alexlab.io import atomic_write_json  # noqa: E402
 from alexlab.model import build_model  # noqa: E402
+from alexlab.timing import seconds_per_call as time_steps, synchronize as sync  # noqa: E402
 from alexlab.tracking import device_name, library_versions  # noqa: E402
 from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
 
@@ -52,26 +51,6 @@ def model_preset(name: str, **changes) -> dict:
     cfg["in_channels"] = 3
     cfg.update(changes)
     return cfg
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_steps(step, device, warmup: int, steps: int, repeats: int) -> float:
-    """Median seconds per call of `step` over `repeats` timed runs of `steps` calls each."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        times.append((time.perf_counter() - tic) / steps)
-    return statistics.median(times)
 
 
 class Bench:
@@ -313,7 +292,6 @@ class Bench:
     def resized_files(self) -> list[str]:
         """The benchmark's JPEGs as `prepare.py data.resized_jpegs=true` writes them (the same function):
         shorter side to 256, centre crop, quality 95; generated once, kept beside --jpeg-dir."""
-        from alexlab.data.imagenet import write_resized_copy
         folder = Path(f"{self.args.jpeg_dir}-{self.image_size}px-q95")
         targets = [folder / Path(p).name for p in self.jpeg_files]
         jobs = [(p, t, self.image_size, 95) for p, t in zip(self.jpeg_files, targets) if not t.is_file()]

@@ -20,7 +20,6 @@ The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from alexlab.errors import ConfigError
 from alexlab.lrn import ALPHA_MODES, LocalResponseNorm
+from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 GROUPED_CONV_IMPLS = ("auto", "native", "split", "dense")
@@ -207,7 +207,6 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     finally:
         for hook in hooks:
             hook.remove()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     chosen = {}
     for name, layer in layers.items():
         inp = inputs[name].requires_grad_()
@@ -220,14 +219,7 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
                     out = layer(inp)
                 wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None]
                 torch.autograd.grad(out, wrt, torch.ones_like(out))
-            step()
-            step()  # warm-up: cuDNN's algorithm search
-            sync()
-            tic = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            sync()
-            seconds[impl] = time.perf_counter() - tic
+            seconds[impl] = seconds_per_call(step, x.device, warmup=2, steps=repeats, repeats=1)
         layer.impl = chosen[name] = min(seconds, key=seconds.get)
     return chosen
 
