@@ -174,12 +174,21 @@ def test_paper_init():
     assert abs(named["classifier.fc6"].weight.std().item() - 0.01) < 1e-4
 
 
-def test_lrn_gradient_matches_pytorch_lrn():
+@pytest.mark.parametrize("channels, size, beta", [(9, 5, 0.75), (2, 5, 0.75), (1, 3, 0.75), (6, 4, 0.5), (3, 7, 0.6)])
+def test_lrn_output_and_gradient_match_pytorch_lrn(channels, size, beta):
+    """Windows wider than the channels and even windows too (2 before, 1 after for size 4)."""
     torch.manual_seed(1)
-    x = (torch.rand(2, 9, 3, 4, dtype=torch.float64) * 30).requires_grad_()
-    grad = torch.randn(2, 9, 3, 4, dtype=torch.float64)
+    x = (torch.rand(2, channels, 3, 4, dtype=torch.float64) * 30).requires_grad_()
+    grad = torch.randn(2, channels, 3, 4, dtype=torch.float64)
     ours = x.detach().clone().requires_grad_()
-    LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ours).backward(grad)
-    nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x).backward(grad)
+    y = LocalResponseNorm(size, 0.1, beta, 2.0, impl="reference")(ours)
+    torch.testing.assert_close(y, nn.LocalResponseNorm(size, 0.1, beta, 2.0)(x))
+    y.backward(grad)
+    nn.LocalResponseNorm(size, 0.1, beta, 2.0)(x).backward(grad)
     torch.testing.assert_close(ours.grad, x.grad)
-    assert torch.autograd.gradcheck(lambda t: LocalResponseNorm(5, 1e-4, 0.75, 2.0, "literal")(t), (x.detach()[:1, :6, :2, :2].clone().requires_grad_(),))
+
+
+def test_lrn_gradcheck():
+    torch.manual_seed(1)
+    x = (torch.rand(1, 6, 2, 2, dtype=torch.float64) * 30).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: LocalResponseNorm(5, 1e-4, 0.75, 2.0, "literal")(t), (x,))

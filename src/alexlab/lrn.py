@@ -16,7 +16,6 @@ import os
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 ALPHA_MODES = ("per_size", "literal")
 
@@ -31,18 +30,24 @@ def effective_alpha(alpha: float, size: int, alpha_mode: str) -> float:
 
 
 def _window_sum(t: torch.Tensor, size: int, before: int) -> torch.Tensor:
-    """Sum over `size` neighbouring channels, zero-padded: out[:, i] = sum t[:, i-before : i-before+size]."""
+    """Sum over `size` neighbouring channels, zero outside: out[:, i] = sum t[:, i-before : i-before+size].
+    Added in place, slice by slice: no padded copy (new tensors cost page faults on a CPU)."""
+    out = t.clone()
     channels = t.shape[1]
-    padded = F.pad(t, (0, 0, 0, 0, before, size - 1 - before))
-    out = padded[:, 0:channels].clone()
-    for j in range(1, size):
-        out += padded[:, j:j + channels]
+    for offset in range(-before, size - before):
+        if offset == 0 or abs(offset) >= channels:
+            continue
+        if offset > 0:
+            out[:, :channels - offset] += t[:, offset:]
+        else:
+            out[:, -offset:] += t[:, :channels + offset]
     return out
 
 
 def _power(d: torch.Tensor, exponent: float) -> torch.Tensor:
-    if exponent == -0.75:  # the paper's beta: two rsqrt are several times faster than pow on a CPU
-        return torch.rsqrt(d) * torch.rsqrt(torch.sqrt(d))
+    if exponent == -0.75:  # the paper's beta: rsqrt and sqrt are several times faster than pow on a CPU
+        root = torch.rsqrt(d)                # d^-1/2
+        return root.sqrt().mul_(root)        # d^-1/4 * d^-1/2
     return d.pow(exponent)
 
 
@@ -69,10 +74,9 @@ class _LRNFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, d, scale = ctx.saved_tensors
         size, coefficient, beta = ctx.params
-        g = grad.to(x.dtype)
-        g_scaled = g * scale
-        back = _window_sum(g_scaled * x / d, size, (size - 1) // 2)
-        return (g_scaled - (2 * beta * coefficient) * x * back).to(grad.dtype), None, None, None, None
+        g_scaled = grad.to(x.dtype) * scale
+        back = _window_sum(torch.mul(g_scaled, x).div_(d), size, (size - 1) // 2)
+        return back.mul_(x).mul_(-2 * beta * coefficient).add_(g_scaled).to(grad.dtype), None, None, None, None
 
 
 @functools.cache
