@@ -103,7 +103,7 @@ class Bench:
             ref_x = x.clone().requires_grad_()
             ref_y = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x)
             (ref_y * g).sum().backward()
-            for impl in ("fused", "fused_scan"):
+            for impl in ("fused", "fused_scan", "fused_opaque"):
                 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
                     fx = x.detach().clone().to(dtype).requires_grad_()
                     y = LocalResponseNorm(impl=impl)(fx)
@@ -198,6 +198,9 @@ class Bench:
             # inside inductor's graph? Here the LRN layers run eagerly between compiled pieces.
             self.time_model(f"paper, grouped_conv={fastest}, LRN outside the compiled graph",
                             lambda: _lrn_not_compiled(ours(grouped_conv=fastest)()), best, size)
+            # ... or inside it as an op inductor calls without tracing into (lrn_impl=fused_opaque)
+            self.time_model(f"paper, grouped_conv={fastest}, lrn_impl=fused_opaque",
+                            ours(grouped_conv=fastest, lrn_impl="fused_opaque"), best, size)
         paper = [r for r in self.record["train_step"] if r["model"].startswith("paper") and "reference" not in r["model"]
                  and (r["model"] == "paper (lrn, towers 2)" or r["model"].endswith(f"grouped_conv={fastest}"))]
         if paper:

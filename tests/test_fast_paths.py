@@ -1,6 +1,7 @@
 """The speed paths compute the same function as the reference paths: the fused Triton LRN against
 PyTorch's nn.LocalResponseNorm (on a CPU through Triton's interpreter, on CUDA for real), the three
 grouped-convolution implementations against each other, and a short training run's loss curve."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ((3, 13, 4, 5), True, "literal"),       # channel count not a power of two, the printed alpha
     ((1, 256, 5, 5), False, "per_size"),    # conv2's channel count
 ])
-@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+@pytest.mark.parametrize("impl", ["fused", "fused_scan", "fused_opaque"])
 def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last, alpha_mode, impl):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=gen) * 30 - 5   # large activations, so the denominator matters
@@ -40,6 +41,29 @@ def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last,
     assert y.stride() == x_fused.stride()  # the layout is kept
     torch.testing.assert_close(y.cpu(), reference(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and DEVICE == "cpu", reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.parametrize("impl", ["fused", "fused_opaque"])
+def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl):
+    """torch.compile with the LRN op between compiled convolutions, as the trainer compiles the net: the
+    traced op (fused; on CUDA only, since tracing runs the kernel on fake tensors, which the interpreter
+    cannot) and the opaque one (inductor calls it as it is, with a fake version for the shapes)."""
+    if impl == "fused" and DEVICE == "cpu":
+        pytest.skip("tracing into the Triton op runs it on fake tensors, which Triton's interpreter cannot")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 96, 3).to(DEVICE).to(memory_format=torch.channels_last)
+    lrn = LocalResponseNorm(impl=impl)
+    x = torch.randn(2, 3, 9, 9, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(lambda t: lrn(torch.relu(conv(t))))
+    y = compiled(x)
+    y.square().sum().backward()
+    got = conv.weight.grad.clone()
+    conv.weight.grad = None
+    want = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(torch.relu(conv(x)))
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["fused", "fused_scan"])

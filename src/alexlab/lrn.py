@@ -80,16 +80,16 @@ class _LRNFunction(torch.autograd.Function):
 
 
 @functools.cache
-def _fused_lrn():
+def _fused_lrn(opaque: bool):
     """The Triton op (alexlab.lrn_triton) where Triton is installed, else None."""
     try:
-        from alexlab.lrn_triton import lrn_forward
+        from alexlab import lrn_triton
     except ImportError:
         return None
-    return lrn_forward
+    return lrn_triton.lrn_forward_opaque if opaque else lrn_triton.lrn_forward
 
 
-IMPLEMENTATIONS = ("auto", "fused", "fused_scan", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "fused_scan", "fused_opaque", "reference")
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
@@ -97,13 +97,14 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | fused_scan (the
     same kernels summing each window as the difference of a running sum: two gathers instead of
-    `size`; not yet timed on a GPU) | reference."""
+    `size`; not yet timed on a GPU) | fused_opaque (fused, as an op torch.compile calls without
+    tracing into it; not yet timed on a GPU) | reference."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.
-    explicit = impl in ("fused", "fused_scan")
+    explicit = impl in ("fused", "fused_scan", "fused_opaque")
     runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1")
     if impl != "reference" and runnable:
-        fused = _fused_lrn()
+        fused = _fused_lrn(impl == "fused_opaque")
         if fused is not None:
             return fused(x, size, coefficient, beta, k, impl == "fused_scan")
         if explicit:

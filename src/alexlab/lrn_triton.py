@@ -130,29 +130,40 @@ def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, 
     return out
 
 
-@torch.library.triton_op("alexlab::lrn_forward", mutates_args=())
-def lrn_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-                scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
+def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, scan: bool = False,
+             block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
     return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, scan, block_elements, num_warps)
 
 
-@torch.library.triton_op("alexlab::lrn_backward", mutates_args=())
-def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float,
-                 k: float, scan: bool = False, block_elements: int = BLOCK_ELEMENTS,
-                 num_warps: int = NUM_WARPS) -> torch.Tensor:
+def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
+              scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
     return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, scan, block_elements,
                    num_warps)
 
 
-def _setup_context(ctx, inputs, output):
-    x, *params = inputs
-    ctx.save_for_backward(x)
-    ctx.params = params
+def _register(make_op, suffix: str):
+    """The forward and backward kernels as one differentiable op. make_op = torch.library.triton_op:
+    torch.compile traces into it and sees the kernels; torch.library.custom_op: opaque, compiled
+    graphs call it as it is (then it needs a fake version that gives the output's shape and strides)."""
+    forward = make_op(f"alexlab::lrn_forward{suffix}", _forward, mutates_args=())
+    backward = make_op(f"alexlab::lrn_backward{suffix}", _backward, mutates_args=())
+    if make_op is torch.library.custom_op:
+        forward.register_fake(lambda x, *params: torch.empty_like(_layout(x)[0]))
+        backward.register_fake(lambda x, grad, *params: torch.empty_like(_layout(x)[0]))
+
+    def setup_context(ctx, inputs, output):
+        x, *params = inputs
+        ctx.save_for_backward(x)
+        ctx.params = params
+
+    def backward_of_forward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return backward(x, grad, *ctx.params), *[None] * len(ctx.params)
+
+    forward.register_autograd(backward_of_forward, setup_context=setup_context)
+    return forward, backward
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return lrn_backward(x, grad, *ctx.params), *[None] * len(ctx.params)
-
-
-torch.library.register_autograd("alexlab::lrn_forward", _backward, setup_context=_setup_context)
+lrn_forward, lrn_backward = _register(torch.library.triton_op, "")
+# A candidate fix for the fused LRN's slowdown inside compiled graphs (bench/RESULTS.md), timed by the bench.
+lrn_forward_opaque, lrn_backward_opaque = _register(torch.library.custom_op, "_opaque")
