@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from alexlab.io import atomic_write_json  # noqa: E402
-from alexlab.model import build_model  # noqa: E402
+from alexlab.model import TOWER_IMPLS, build_model  # noqa: E402
 from alexlab.timing import seconds_per_call as time_steps, synchronize as sync  # noqa: E402
 from alexlab.tracking import device_name, library_versions  # noqa: E402
 from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
@@ -116,13 +116,13 @@ class Bench:
         torch.manual_seed(0)
         x = torch.randn(4 if self.cuda else 1, 3, self.ours_size, self.ours_size, device=self.device)
         outs = {}
-        for impl in ("native", "split", "dense"):
+        for impl in TOWER_IMPLS:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, dropout=0.0, grouped_conv=impl), 1000).to(self.device)
             with torch.no_grad():
                 outs[impl] = model(x)
         scale = outs["native"].abs().max().item()
-        for impl in ("split", "dense"):
+        for impl in TOWER_IMPLS[1:]:
             err = (outs[impl] - outs["native"]).abs().max().item()
             self.record["checks"][f"grouped_conv_{impl}"] = {"max_abs_err": err, "scale": scale,
                                                              "ok": err <= 1e-3 * max(scale, 1e-6)}
@@ -186,7 +186,7 @@ class Bench:
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
         if self.cuda and not self.args.no_compile:
             self.time_model("no LRN (towers 2)", ours(lrn=False), best, size)
-        for impl in ("native", "split", "dense"):
+        for impl in TOWER_IMPLS:
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
             rates[impl] = row["images_per_s"] if row else 0
         fastest = max(rates, key=rates.get)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from alexlab.lrn import LocalResponseNorm
-from alexlab.model import build_model
+from alexlab.model import TOWER_IMPLS, build_model
 from conftest import model_cfg
 
 triton = pytest.importorskip("triton")
@@ -90,13 +90,19 @@ def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size)
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["split", "dense"])
-def test_grouped_conv_impls_give_the_native_result_and_gradients(impl):
+@pytest.mark.parametrize("impl", ["native_nchw", "split", "dense"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_conv_impls_give_the_native_result_and_gradients(impl, channels_last):
     torch.manual_seed(0)
     native = build_model(model_cfg("small", init="paper", dropout=0.0), 10)
     other = build_model(model_cfg("small", init="paper", dropout=0.0, grouped_conv=impl), 10)
     other.load_state_dict(native.state_dict())  # same parameters, same names
     x = torch.randn(4, 3, 27, 27)
+    if channels_last:  # as the trainer runs on CUDA
+        native, other = native.to(memory_format=torch.channels_last), other.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        tower_input = torch.randn(2, 32, 11, 11).contiguous(memory_format=torch.channels_last)
+        assert other.features.conv2(tower_input).is_contiguous(memory_format=torch.channels_last)  # layout kept
     out_native, out_other = native(x), other(x)
     torch.testing.assert_close(out_other, out_native, rtol=1e-4, atol=1e-5)
     out_native.square().sum().backward()
@@ -116,7 +122,7 @@ def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients()
     before = model(x)
     chosen = choose_tower_impls(model, x, repeats=1)
     assert set(chosen) == {"features.conv2", "features.conv5"}
-    assert all(grouped[name].impl == impl and impl in ("native", "split", "dense") for name, impl in chosen.items())
+    assert all(grouped[name].impl == impl and impl in TOWER_IMPLS for name, impl in chosen.items())
     assert grouped["features.conv4"].impl == "split"
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())

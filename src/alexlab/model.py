@@ -31,7 +31,8 @@ from alexlab.lrn import ALPHA_MODES, LocalResponseNorm
 from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
-GROUPED_CONV_IMPLS = ("auto", "native", "split", "dense")
+GROUPED_CONV_IMPLS = ("auto", "native", "native_nchw", "split", "dense")
+TOWER_IMPLS = GROUPED_CONV_IMPLS[1:]  # what auto chooses from
 REMOVABLE_FC = ("fc6", "fc7")
 # Section 5: "We initialized the neuron biases in the second, fourth, and fifth convolutional
 # layers, as well as in the fully-connected hidden layers, with the constant 1."
@@ -156,13 +157,14 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
 
 
 class TowerConv2d(nn.Conv2d):
-    """nn.Conv2d whose grouped case (the two towers) can run three ways, same weights and result:
-    native (groups=2 in one call), split (one dense conv per tower, then concatenate) or dense (one
-    dense conv with a block-diagonal weight: twice the multiply-adds, but sometimes cuDNN's faster
-    kernels). auto: on CUDA the trainer times the three on each layer's real input at its first
-    step and keeps the fastest (`choose_tower_impls`); before that, dense on CUDA (24.2k vs 20.3k
-    img/s for the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped
-    kernels are not slow)."""
+    """nn.Conv2d whose grouped case (the two towers) can run four ways, same weights and result:
+    native (groups=2 in one call), native_nchw (the same on NCHW copies of a channels_last input and
+    weight: cuDNN's grouped kernels differ by layout), split (one dense conv per tower, then
+    concatenate) or dense (one dense conv with a block-diagonal weight: twice the multiply-adds, but
+    sometimes cuDNN's faster kernels). auto: on CUDA the trainer times them on each layer's real
+    input at its first step and keeps the fastest (`choose_tower_impls`); before that, dense on CUDA
+    (24.2k vs 20.3k img/s for the paper net on an H200, bench/RESULTS.md) and native elsewhere (the
+    CPU's grouped kernels are not slow)."""
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -172,6 +174,9 @@ class TowerConv2d(nn.Conv2d):
         impl = ("dense" if x.is_cuda else "native") if self.impl == "auto" else self.impl
         if self.groups == 1 or impl == "native":
             return super().forward(x)
+        if impl == "native_nchw":
+            out = self._conv_forward(x.contiguous(), self.weight.contiguous(), self.bias)
+            return out.contiguous(memory_format=torch.channels_last) if not x.is_contiguous() else out
         if impl == "split":
             xs = x.chunk(self.groups, 1)
             ws = self.weight.chunk(self.groups, 0)
@@ -191,8 +196,8 @@ class TowerConv2d(nn.Conv2d):
 
 def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5
                        ) -> dict[str, str]:
-    """For each grouped TowerConv2d left at impl=auto: time forward + backward of native, split and
-    dense on the input the layer gets from `x`, and keep the fastest in the layer. Gradients are
+    """For each grouped TowerConv2d left at impl=auto: time forward + backward of each of TOWER_IMPLS
+    on the input the layer gets from `x`, and keep the fastest in the layer. Gradients are
     taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl}."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, TowerConv2d) and m.groups > 1 and m.impl == "auto"}
@@ -211,7 +216,7 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     for name, layer in layers.items():
         inp = inputs[name].requires_grad_()
         seconds = {}
-        for impl in ("native", "split", "dense"):
+        for impl in TOWER_IMPLS:
             layer.impl = impl
 
             def step():
