@@ -184,8 +184,6 @@ class Bench:
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
-        if self.cuda and not self.args.no_compile:
-            self.time_model("no LRN (towers 2)", ours(lrn=False), best, size)
         for impl in TOWER_IMPLS:
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
             rates[impl] = row["images_per_s"] if row else 0
