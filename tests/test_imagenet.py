@@ -397,3 +397,23 @@ def test_gpu_decode_takes_every_resized_copy(prepared):
     for (a, _), (b, _) in zip(cpu.train.batches(order, 8), gpu.train.batches(order, 8)):
         diff = (a.int() - b.cpu().int()).abs()
         assert diff.max() <= (0 if device.type == "cpu" else 32)
+
+
+def test_a_first_preparation_writes_the_copies_of_the_chosen_classes_from_its_own_scan(tmp_path, caplog):
+    """With data.resized_jpegs=true from the start, the scan that indexes the files writes the copies
+    from its own decoding (each file is decoded once): the copy pass after it finds nothing to do.
+    Only the chosen classes get copies; bad files none."""
+    root = write_dataset(tmp_path / "imagenet", per_class=2)
+    cfg = data_cfg(root, "data.on_bad_file=skip", "data.resized_jpegs=true", "data.classes=2", "data.workers=2")
+    with caplog.at_level("INFO", logger="alexlab"):
+        imagenet.prepare(cfg)
+    folder = root / ".alexlab" / f"jpeg-{SIZE}px-q95"
+    data = build_data(cfg, 27, torch.device("cpu"), None)  # reads the copies: all are there
+    wanted = sorted(str(Path(p).relative_to(folder)) for split in (data.train, data.val) for p, _ in split.samples)
+    assert len(wanted) == 2 * 2 + 6 + 2 * 2  # two classes: their photos, the odd files, their validation photos
+    assert "resized copies in" in caplog.text and f"0 of {len(wanted)} to write" in caplog.text
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.JPEG")) == wanted  # n03000684 has none
+    for rel in wanted:  # the same bytes as the copy pass writes from the original
+        again = tmp_path / "again.JPEG"
+        imagenet.write_resized_copy(root / rel, again, SIZE, 95)
+        assert (folder / rel).read_bytes() == again.read_bytes(), rel

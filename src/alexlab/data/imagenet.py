@@ -297,10 +297,13 @@ class _ScanBatch(torch.utils.data.Dataset):
     """For the scan, item b = the files of batch b, decoded fully in a worker: their sizes, notes
     and errors, and the partial statistics sums of those that feed the statistics. Summing in the
     workers keeps the main process from being the bottleneck; adding the partial sums in batch
-    order keeps the result the same for every worker count."""
+    order keeps the result the same for every worker count. With `copies` (folder, quality, mask),
+    the resized copy of each masked file is written too, from the same decoding."""
 
-    def __init__(self, root: Path, paths: list[str], resize: list[bool], size: int, batches: list[list[int]]):
+    def __init__(self, root: Path, paths: list[str], resize: list[bool], size: int, batches: list[list[int]],
+                 copies: tuple[Path, int, list[bool]] | None = None):
         self.root, self.paths, self.resize, self.size, self.batches = root, paths, resize, size, batches
+        self.copies = copies
 
     def __len__(self):
         return len(self.batches)
@@ -314,8 +317,13 @@ class _ScanBatch(torch.utils.data.Dataset):
                 records.append((i, (0, 0), [], f"{type(err).__name__}: {err}"))
                 continue
             records.append((i, (rgb.shape[1], rgb.shape[0]), notes, None))
-            if self.resize[i]:
-                images.append(square(rgb, self.size))
+            copy = self.copies and self.copies[2][i] and not (self.copies[0] / self.paths[i]).is_file()
+            if self.resize[i] or copy:
+                image = square(rgb, self.size)
+                if self.resize[i]:
+                    images.append(image)
+                if copy:
+                    write_jpeg(image, self.copies[0] / self.paths[i], self.copies[1])
         acc = StatsAccumulator()
         if images:
             acc.add(torch.stack(images))
@@ -337,7 +345,7 @@ def _first(x):
 
 
 def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: int, partial: Path,
-         desc: str) -> dict:
+         desc: str, copies: tuple[Path, int, list[bool]] | None = None) -> dict:
     """Decode every file once, in batches of SCAN_BATCH; accumulate the statistics of those marked
     `resize`. Progress goes to `partial` every CHECKPOINT_EVERY files; a later call with the same
     file list continues from there (the same batches, summed in the same order: the same result)."""
@@ -355,7 +363,7 @@ def scan(root: Path, paths: list[str], resize: list[bool], size: int, workers: i
     if workers:
         use_file_system_sharing()
     batches = [list(range(i, min(i + SCAN_BATCH, len(paths)))) for i in range(state["done"], len(paths), SCAN_BATCH)]
-    loader = torch.utils.data.DataLoader(_ScanBatch(root, paths, resize, size, batches), batch_size=None,
+    loader = torch.utils.data.DataLoader(_ScanBatch(root, paths, resize, size, batches, copies), batch_size=None,
                                          num_workers=workers, collate_fn=_first)
     last_saved = state["done"]
     with tqdm(total=len(paths), initial=state["done"], desc=desc, unit="img", mininterval=2) as bar:
@@ -409,7 +417,12 @@ def prepare(cfg, cache_dir=None) -> Path:
         paths = train_paths + [p for p, _ in files["val"]]
         picked = pick_classes(len(files["classes"]), cfg.get("classes"))
         resize = stats_selection(train_paths, train_labels, {}, picked, cfg.get("stats_images")) + [False] * len(files["val"])
-        state = scan(root, paths, resize, size, workers, out / "prepare-index.partial", "scanning")
+        copies = None
+        if cfg.get("resized_jpegs"):  # written from the scan's decoding: each file is decoded once
+            chosen = set(picked)
+            copies = (resized_dir(out, cfg), int(cfg.resized_quality),
+                      [label in chosen for _, label in files["train"] + files["val"]])
+        state = scan(root, paths, resize, size, workers, out / "prepare-index.partial", "scanning", copies)
         index = _make_index(root, files, state, time.perf_counter() - tic)
         _save(index, out / INDEX_NAME)
         (out / "prepare-index.partial").unlink(missing_ok=True)
@@ -529,15 +542,19 @@ def check_resized_options(cfg) -> None:
         raise ConfigError(f"data.resized_quality must be an integer from 1 to 100, got {quality!r}")
 
 
-def write_resized_copy(source, target: Path, size: int, quality: int) -> None:
-    """`source` as training sees it before augmentation (`square`), written atomically as a
-    baseline RGB JPEG: the CPU decodes it with libjpeg and the GPU with nvJPEG, whatever the
-    original was (CMYK, greyscale, progressive, PNG)."""
+def write_jpeg(image: torch.Tensor, target: Path, quality: int) -> None:
+    """A uint8 (3, H, W) image written atomically as a baseline RGB JPEG: the CPU decodes it with
+    libjpeg and the GPU with nvJPEG, whatever the original file was (CMYK, greyscale, progressive, PNG)."""
     from PIL import Image
-    rgb, _ = read_rgb(source)
     encoded = io.BytesIO()
-    Image.fromarray(square(rgb, size).permute(1, 2, 0).numpy()).save(encoded, "JPEG", quality=quality)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(encoded, "JPEG", quality=quality)
     atomic_write_bytes(encoded.getvalue(), target)
+
+
+def write_resized_copy(source, target: Path, size: int, quality: int) -> None:
+    """`source` as training sees it before augmentation (`square`), as a JPEG at `target`."""
+    rgb, _ = read_rgb(source)
+    write_jpeg(square(rgb, size), target, quality)
 
 
 class _CopyBatch(torch.utils.data.Dataset):
@@ -557,7 +574,8 @@ class _CopyBatch(torch.utils.data.Dataset):
 
 def write_resized_copies(cfg, index: dict, root: Path, folder: Path, workers: int) -> None:
     """The copies of every image this config trains and validates on that is not there yet (so an
-    interrupted run continues: each copy is written whole or not at all)."""
+    interrupted run continues: each copy is written whole or not at all). A first preparation
+    writes them during its scan; this pass then finds them there."""
     check_resized_options(cfg)
     from tqdm import tqdm
     wanted = [rel for split in ("train", "val") for rel, _ in split_samples(index, cfg, split)]
