@@ -115,12 +115,17 @@ class Bench:
                                                                            "max_rel_err_grad": err_g, "ok": ok}
         torch.manual_seed(0)
         x = torch.randn(4 if self.cuda else 1, 3, self.ours_size, self.ours_size, device=self.device)
-        outs = {}
-        for impl in TOWER_IMPLS:
-            torch.manual_seed(0)
-            model = build_model(model_preset(self.ours, dropout=0.0, grouped_conv=impl), 1000).to(self.device)
-            with torch.no_grad():
-                outs[impl] = model(x)
+        x = x.contiguous(memory_format=torch.channels_last)  # the trainer's layout
+        outs, tf32 = {}, torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # the implementations pick other kernels: compare fp32 with fp32
+        try:
+            for impl in TOWER_IMPLS:
+                torch.manual_seed(0)
+                model = build_model(model_preset(self.ours, dropout=0.0, grouped_conv=impl), 1000).to(self.device)
+                with torch.no_grad():
+                    outs[impl] = model.to(memory_format=torch.channels_last)(x)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
         scale = outs["native"].abs().max().item()
         for impl in TOWER_IMPLS[1:]:
             err = (outs[impl] - outs["native"]).abs().max().item()

@@ -45,12 +45,13 @@ def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last,
 
 @pytest.mark.skipif(shutil.which("g++") is None and DEVICE == "cpu", reason="torch.compile on a CPU needs a C++ compiler")
 @pytest.mark.parametrize("impl", ["fused", "fused_opaque"])
-def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl):
+def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, monkeypatch):
     """torch.compile with the LRN op between compiled convolutions, as the trainer compiles the net: the
     traced op (fused; on CUDA only, since tracing runs the kernel on fake tensors, which the interpreter
     cannot) and the opaque one (inductor calls it as it is, with a fake version for the shapes)."""
     if impl == "fused" and DEVICE == "cpu":
         pytest.skip("tracing into the Triton op runs it on fake tensors, which Triton's interpreter cannot")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # CUDA: the same fp32 rounding both ways
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 96, 3).to(DEVICE).to(memory_format=torch.channels_last)
     lrn = LocalResponseNorm(impl=impl)
