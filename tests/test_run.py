@@ -82,6 +82,9 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     ("trainer.batch_size=0", "trainer.batch_size must be a positive integer"),
     ("seed=abc", "seed must be an integer"),
     ("trainer.compile=fast", "trainer.compile must be true, false or one of"),
+    ("model.lrn_impl=bogus", "model.lrn_impl must be one of"),
+    ("model.lrn_params.size=0", "model.lrn_params.size must be a positive integer"),
+    ("model.lrn_params.k=0", "model.lrn_params.k must be a number > 0"),
     ("data.root=EMPTY", "no FashionMNIST data in"),
 ])
 def test_bad_input_is_one_clear_line_and_never_completed(tmp_path, override, message):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alexlab.errors import ConfigError
-from alexlab.lrn import ALPHA_MODES, LocalResponseNorm
+from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
 from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -60,6 +60,16 @@ def _check(cfg: dict) -> None:
     dropout = cfg.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("lrn_impl", "auto") not in LRN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.lrn_impl must be one of {list(LRN_IMPLEMENTATIONS)}, got {cfg.get('lrn_impl')!r}")
+    lrn = cfg.get("lrn_params") or {}
+    size = lrn.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"model.lrn_params.size must be a positive integer, got {size!r}")
+    for key, positive in (("alpha", False), ("beta", False), ("k", True)):  # k > 0: the denominator's base
+        value = lrn.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+            raise ConfigError(f"model.lrn_params.{key} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
     if cfg.get("grouped_conv", "auto") not in GROUPED_CONV_IMPLS:
         raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, "
                           f"got {cfg.get('grouped_conv')!r}")
