@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,18 @@ def check_config(cfg) -> None:
     compile_ = cfg.trainer.compile
     if not isinstance(compile_, bool) and compile_ not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile must be true, false or one of {COMPILE_MODES}, got {compile_!r}")
+    # A switch given as a string ("maybe", "yes") would otherwise count as true.
+    switches = {"trainer.amp": cfg.trainer.get("amp"), "trainer.channels_last": cfg.trainer.get("channels_last"),
+                "eval.ten_crop": cfg.eval.get("ten_crop"), "data.crop_flip": cfg.data.get("crop_flip", False),
+                "data.pca_lighting": cfg.data.get("pca_lighting", False)}
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    workers = cfg.data.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"data.workers must be an integer >= 0, got {workers!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
 def pick_device(name: str, world: World = World()) -> torch.device:
