@@ -19,7 +19,8 @@ def parse_args(argv):
     parser.add_argument("--log-to-wandb", action="store_true", help="log the table and plots as a W&B report run")
     args = parser.parse_args(argv)
     if bool(args.dirs) == bool(args.wandb):
-        parser.error("give run dirs or --wandb ENTITY/PROJECT, not both")
+        parser.error("give run dirs or --wandb ENTITY/PROJECT, not both" if args.dirs else
+                     "give the run or multirun dirs to report on, or --wandb ENTITY/PROJECT --group GROUP")
     if args.wandb and (not args.group or args.wandb.count("/") != 1):
         parser.error("--wandb needs ENTITY/PROJECT and --group")
     return args
