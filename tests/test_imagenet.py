@@ -117,6 +117,13 @@ def test_prepare_then_train_tiny_through_the_command_line(tmp_path):
     good_train = 3 * 3 + 6  # three photos per class plus the six odd files
     assert record["status"] == "completed" and record["images_seen"] == 2 * good_train
     assert [Path(f["path"]).name for f in record["skipped_files"]] == ["truncated.JPEG"]
+    # The resized copies through the same two commands: written on a prepared root, then trained from.
+    proc = run_prepare(*common, "data.on_bad_file=skip", "data.resized_jpegs=true", cwd=tmp_path)
+    assert proc.returncode == 0 and f"{good_train + 9} of {good_train + 9} to write" in proc.stderr, proc.stderr
+    proc = run_cli(*train_args, "data.on_bad_file=skip", "data.resized_jpegs=true", "hydra.run.dir=copies", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    copies = json.loads((tmp_path / "copies" / "results.json").read_text())
+    assert copies["status"] == "completed" and copies["images_seen"] == record["images_seen"]
 
 
 def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
