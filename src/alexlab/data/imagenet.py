@@ -557,41 +557,24 @@ def write_resized_copy(source, target: Path, size: int, quality: int) -> None:
     write_jpeg(square(rgb, size), target, quality)
 
 
-class _CopyBatch(torch.utils.data.Dataset):
-    """Item b: write the copies of batch b (in a DataLoader worker); returns how many were written."""
-
-    def __init__(self, jobs: list[tuple[Path, Path]], size: int, quality: int, batch: int):
-        self.jobs, self.size, self.quality, self.batch = jobs, size, quality, batch
-
-    def __len__(self):
-        return -(-len(self.jobs) // self.batch)
-
-    def __getitem__(self, b):
-        for source, target in self.jobs[b * self.batch:(b + 1) * self.batch]:
-            write_resized_copy(source, target, self.size, self.quality)
-        return min(self.batch, len(self.jobs) - b * self.batch)
-
-
 def write_resized_copies(cfg, index: dict, root: Path, folder: Path, workers: int) -> None:
     """The copies of every image this config trains and validates on that is not there yet (so an
     interrupted run continues: each copy is written whole or not at all). A first preparation
-    writes them during its scan; this pass then finds them there."""
+    writes them during its scan; on a root prepared before, this scans the missing ones for them."""
     check_resized_options(cfg)
-    from tqdm import tqdm
     wanted = [rel for split in ("train", "val") for rel, _ in split_samples(index, cfg, split)]
-    jobs = [(root / rel, folder / rel) for rel in wanted if not (folder / rel).is_file()]
-    log.info("resized copies in %s: %d of %d to write", folder, len(jobs), len(wanted))
-    if not jobs:
+    missing = [rel for rel in wanted if not (folder / rel).is_file()]
+    log.info("resized copies in %s: %d of %d to write", folder, len(missing), len(wanted))
+    if not missing:
         return
-    if workers:
-        use_file_system_sharing()
-    loader = torch.utils.data.DataLoader(_CopyBatch(jobs, int(cfg.image_size), int(cfg.resized_quality), SCAN_BATCH),
-                                         batch_size=None, num_workers=workers)
     tic = time.perf_counter()
-    with tqdm(total=len(jobs), desc="resized copies", unit="img", mininterval=2) as bar:
-        for written in loader:
-            bar.update(written)
-    log.info("wrote %d resized copies in %.1f s", len(jobs), time.perf_counter() - tic)
+    partial = folder.parent / (folder.name + ".partial")
+    state = scan(root, missing, [False] * len(missing), int(cfg.image_size), workers, partial, "resized copies",
+                 (folder, int(cfg.resized_quality), [True] * len(missing)))
+    if state["bad"]:
+        raise ConfigError(f"files that decoded at preparation no longer do: {_listing(state['bad'])}")
+    partial.unlink(missing_ok=True)
+    log.info("wrote %d resized copies in %.1f s", len(missing), time.perf_counter() - tic)
 
 
 # ---------------------------------------------------------------- loading for training
