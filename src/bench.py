@@ -282,10 +282,8 @@ class Bench:
         paths = sorted(str(p) for p in folder.glob("*.JPEG")) if folder.is_dir() else []
         if len(paths) < count:
             folder.mkdir(parents=True, exist_ok=True)
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-                scale = 1.0 if self.cuda else 0.1  # the interpreter resizes slowly: small files on a CPU
-                list(pool.map(_make_jpeg, [(folder, i, scale) for i in range(count)], chunksize=64))
+            scale = 1.0 if self.cuda else 0.1  # the interpreter resizes slowly: small files on a CPU
+            _in_processes(_make_jpeg, [(folder, i, scale) for i in range(count)])
             paths = sorted(str(p) for p in folder.glob("*.JPEG"))
         sizes = [os.path.getsize(p) for p in paths[:count]]
         self.record["jpeg_files"] = {"count": count, "mean_kb": sum(sizes) / len(sizes) / 1024,
@@ -301,10 +299,7 @@ class Bench:
         folder = Path(f"{self.args.jpeg_dir}-{self.image_size}px-q95")
         targets = [folder / Path(p).name for p in self.jpeg_files]
         jobs = [(p, t, self.image_size, 95) for p, t in zip(self.jpeg_files, targets) if not t.is_file()]
-        if jobs:
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-                list(pool.map(_write_resized_copy, jobs, chunksize=64))
+        _in_processes(_write_resized_copy, jobs)
         self.record["resized_files"] = {"count": len(targets), "quality": 95, "size": self.image_size,
                                         "mean_kb": sum(t.stat().st_size for t in targets) / len(targets) / 1024}
         return [str(t) for t in targets]
@@ -646,6 +641,14 @@ def _version(name):
         return md.version(name)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _in_processes(fn, jobs) -> None:
+    """fn(job) for every job, in up to 16 processes (generating the benchmark's files)."""
+    if jobs:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            list(pool.map(fn, jobs, chunksize=64))
 
 
 def _write_resized_copy(job):

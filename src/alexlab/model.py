@@ -13,7 +13,7 @@ Every ablation switch of the paper lives in `build_model`:
     init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
 
 Speed only (same function, same parameters): lrn_impl (auto|fused|fused_scan|fused_opaque|reference, see lrn.py) and
-grouped_conv (auto|native|split|dense, see TowerConv2d).
+grouped_conv (auto|native|native_nchw|split|dense, see TowerConv2d).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """

@@ -140,9 +140,9 @@ class Tracker:
     def dataset(self, num_classes: int, skipped_files: list[dict]) -> None:
         self.record["num_classes"] = num_classes  # the report's chance level: 100 * (1 - 1/num_classes)
         self.record["skipped_files"] = list(skipped_files)
-        files = skipped_files
-        if files:
-            self.note(f"{len(files)} unreadable file(s) left out (data.on_bad_file=skip); listed in skipped_files")
+        if skipped_files:
+            self.note(f"{len(skipped_files)} unreadable file(s) left out (data.on_bad_file=skip); "
+                      "listed in skipped_files")
 
     def start(self, resumed_history: list, device: str | None = None) -> None:
         self.record["history"] = list(resumed_history)
