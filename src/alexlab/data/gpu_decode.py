@@ -291,15 +291,15 @@ class GpuJpegSource(BatchSource):
 class DecoderProcess:
     """A child process that runs a GpuJpegSource's reading and decoding (in_process=True there) for
     the parent, one epoch (a list of index batches) per command, for the source's whole life.
-    Batches come back through a queue, `prefetch` at most in flight: images as CUDA IPC handles
-    (the parent copies them at once, so the child's memory is free again), labels in shared
-    memory. The child ignores SIGTERM/SIGUSR2/SIGINT (the parent checkpoints and then ends it),
+    Batches come back through a queue, `prefetch` at most in flight, as CUDA IPC handles of the
+    images (the parent copies them at once, so the child's memory is free again); the parent takes
+    the labels from its own copy. The child ignores SIGTERM/SIGUSR2/SIGINT (the parent checkpoints and then ends it),
     and exits when told, or when its parent is gone."""
 
     def __init__(self, source: GpuJpegSource):
         use_file_system_sharing()
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self.device = source.device
+        self.device, self.labels = source.device, source.labels
         state = {"paths": source.paths, "labels": source.labels.tolist(), "size": source.size,
                  "threads": source.threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
                  "prefetch": 0, "cpu_files": source.cpu_files}
@@ -320,20 +320,22 @@ class DecoderProcess:
 
     def batches_of(self, index_batches) -> Iterator:
         epoch = next(self.epochs)
-        self.commands.put((epoch, [torch.as_tensor(b).tolist() for b in index_batches]))
-        finished = False
+        index_batches = [torch.as_tensor(b).tolist() for b in index_batches]
+        self.commands.put((epoch, index_batches))
+        finished, served = False, 0
         try:
             while True:
-                tag, images, labels = self._get()
+                tag, images, failure = self._get()
                 if tag != epoch:  # left over from an abandoned epoch
                     continue
                 if images is None:
                     finished = True
-                    if labels is not None:  # the child's traceback
-                        raise RuntimeError(f"the JPEG decoder process failed:\n{labels}")
+                    if failure is not None:  # the child's traceback
+                        raise RuntimeError(f"the JPEG decoder process failed:\n{failure}")
                     return
                 images = images.clone()  # ours: dropping the received tensor releases the child's block
-                yield images, to_device(labels, self.device)
+                served += 1
+                yield images, to_device(self.labels[index_batches[served - 1]], self.device)
         finally:
             if not finished and self.process.is_alive():  # stopped early: tell the child, take what it sent
                 self.cancel.set()
@@ -385,8 +387,8 @@ def _decoder_main(state, commands, results, cancel) -> None:
             return
         epoch, index_batches = command
         try:
-            for images, labels in source.batches_of([torch.tensor(b) for b in index_batches]):
-                if cancel.is_set() or not send((epoch, images, labels.cpu())):
+            for images, _ in source.batches_of([torch.tensor(b) for b in index_batches]):
+                if cancel.is_set() or not send((epoch, images, None)):
                     break
                 del images  # the parent holds it through IPC until it has made its copy
                 if source.device.type == "cuda":
