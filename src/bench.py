@@ -65,6 +65,7 @@ class Bench:
         self.image_size = 256 if self.cuda else 32
         self.warmup, self.steps, self.repeats = (5, 10, 3) if self.cuda else (1, 1, 2)
         self.started = time.perf_counter()
+        self.cpu_shares = [float(v) for v in args.cpu_decode_shares.split(",") if v.strip()]
         self.record = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
@@ -307,7 +308,8 @@ class Bench:
     def files(self, resized: bool) -> list[str]:
         return self.resized_files if resized else self.jpeg_files
 
-    def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True, resized: bool = False):
+    def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True, resized: bool = False,
+                                  cpu_share: float = 0.0):
         """The GPU JPEG source over the benchmark's files (or their resized copies), and the paper's
         augmentation."""
         from alexlab.data.augment import Augmenter, PixelStats
@@ -318,14 +320,15 @@ class Bench:
         stats = PixelStats(torch.full((3, size, size), 0.45), torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
-                               self.device, decode_bytes, prefetch=prefetch, in_process=in_process)
+                               self.device, decode_bytes, prefetch=prefetch, in_process=in_process,
+                               cpu_share=cpu_share)
         return source, augment
 
     def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
-                 resized: bool = False):
+                 resized: bool = False, cpu_share: float = 0.0):
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import batch_generator
-        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized)
+        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share)
         paths = self.files(resized)
         rates = []
         for epoch in range(epochs):
@@ -354,6 +357,12 @@ class Bench:
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
                                         "threads": self.args.workers, "images": n, "images_per_s": rate})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
+        for share in self.cpu_shares:  # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG
+            rate, n = self.pipeline(cpu_share=share)
+            self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
+                                                    f"threads ({share:.0%}) -> resize kernel -> augment",
+                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
+            print(f"   gpu jpeg pipeline, cpu_decode_share={share}: {rate:.0f} img/s", flush=True)
         for resized in (False, True):  # the CPU path (data.decode=cpu): PIL in DataLoader workers
             rate = self.cpu_pipeline(resized)
             what = "the resized copies" if resized else "the original-size files"
@@ -405,21 +414,25 @@ class Bench:
         # Decode and the step did not overlap (bench/RESULTS.md). Suspects: nvJPEG's internal work on
         # the legacy default stream, which the step runs on (second row: the step on a stream of its
         # own), and anything in one process that serialises them (third row: decoding in a child).
+        # Then part of each batch decoded by libjpeg in the reading threads (data.cpu_decode_share).
         # Last, the resized copies (data.resized_jpegs=true): a third of the bytes and pixels to decode.
-        variants = [(False, True, False), (True, True, False), (False, False, False), (False, True, True),
-                    (False, False, True)] if self.cuda else [(False, True, False), (False, True, True)]
-        for side_stream, in_process, resized in variants:
+        variants = [(False, True, False, 0.0), *((False, True, False, s) for s in self.cpu_shares),
+                    (True, True, False, 0.0), (False, False, False, 0.0), (False, True, True, 0.0),
+                    (False, False, True, 0.0)] if self.cuda else [(False, True, False, 0.0), (False, True, True, 0.0),
+                                                            *((False, True, False, s) for s in self.cpu_shares[:1])]
+        for side_stream, in_process, resized, share in variants:
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             train_step = trainer_step(model, self.device, mode)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
-                                        resized=resized)
+                                        resized=resized, cpu_share=share)
             days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
             where = ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
                 ("" if in_process else ", decoding in a child process (data.decode=gpu_process)") + \
-                (", the resized copies (data.resized_jpegs=true)" if resized else "")
+                (", the resized copies (data.resized_jpegs=true)" if resized else "") + \
+                (f", data.cpu_decode_share={share}" if share else "")
             row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                f"grouped_conv={impl}, {where})",
                    "threads": self.args.workers, "images": n, "images_per_s": rate,
@@ -695,6 +708,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="checks,lrn,lrn_configs,train,data,e2e,profile",
                         help="comma-separated sections")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
+    parser.add_argument("--cpu-decode-shares", default="0.25,0.5",
+                        help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
     args = parser.parse_args(argv)
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))

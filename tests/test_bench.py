@@ -29,6 +29,9 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
     assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end
     assert record["resized_files"]["count"] == record["jpeg_files"]["count"]
+    shared = [r for r in record["data"] + record["end_to_end"] if "libjpeg in the reading threads" in r["pipeline"]
+              or "cpu_decode_share" in r["pipeline"]]
+    assert len(shared) == 3 and all(r["images_per_s"] > 0 for r in shared)  # 2 shares alone, 1 end to end
     assert record["versions"]["torch"] and record["device"] and record["date"]
     assert 0 < record["overlap"]["overlap"] < 3
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}

@@ -1,6 +1,7 @@
 """The speed paths compute the same function as the reference paths: the fused Triton LRN against
 PyTorch's nn.LocalResponseNorm (on a CPU through Triton's interpreter, on CUDA for real), the three
 grouped-convolution implementations against each other, and a short training run's loss curve."""
+import functools
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,72 @@ def test_reading_threads_hand_over_each_file_whole_and_name_a_missing_one(tmp_pa
     (tmp_path / "4.bin").unlink()
     with pytest.raises(FileNotFoundError, match="4.bin"):
         list(read_batches(paths, batches, 2))
+
+
+def _jpeg_variants(tmp_path):
+    """Real photos as JPEGs of the kinds ImageNet has: 4:2:0 and 4:4:4 chroma, progressive, greyscale."""
+    from PIL import Image
+    paths = []
+    for name, pixels in _photos().items():
+        for kind, options in (("420", {"quality": 90}), ("444", {"quality": 95, "subsampling": 0}),
+                              ("progressive", {"quality": 85, "progressive": True})):
+            paths.append(str(tmp_path / f"{name}-{kind}.JPEG"))
+            Image.fromarray(pixels).save(paths[-1], **options)
+    paths.append(str(tmp_path / "grey.JPEG"))
+    Image.fromarray(_photos()["coffee"]).convert("L").save(paths[-1], quality=90)
+    return paths
+
+
+def test_torchvisions_cpu_jpeg_decoder_gives_pils_pixels(tmp_path):
+    """decode_on_cpu (libjpeg-turbo through torchvision, used for data.cpu_decode_share) must give
+    the CPU path's pixels, which are PIL's; anything not a JPEG goes to the fallback."""
+    from PIL import Image
+    from alexlab.data.gpu_decode import decode_on_cpu
+    from alexlab.data.imagenet import decode_bytes
+    for path in _jpeg_variants(tmp_path):
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        pil = np.asarray(Image.open(path).convert("RGB"))
+        assert torch.equal(decode_on_cpu(data, decode_bytes), torch.from_numpy(pil.copy()).permute(2, 0, 1)), path
+    png = tmp_path / "png.JPEG"
+    Image.fromarray(_photos()["tiny"]).save(png, format="PNG")
+    calls = []
+    image = decode_on_cpu(torch.from_numpy(np.fromfile(png, dtype=np.uint8)), lambda d: calls.append(d) or decode_bytes(d))
+    assert len(calls) == 1 and torch.equal(image, torch.from_numpy(_photos()["tiny"].copy()).permute(2, 0, 1))
+
+
+def test_reading_threads_decode_the_files_given_a_decoder_and_hand_over_the_rest_as_bytes(tmp_path):
+    from alexlab.data.gpu_decode import decode_on_cpu, read_batches
+    from alexlab.data.imagenet import decode_bytes
+    paths = _jpeg_variants(tmp_path)
+    batches = [[0, 5, 3, 12, 7], [1, 2], [11, 10, 9, 8, 6, 4]]
+    libjpeg = functools.partial(decode_on_cpu, fallback=decode_bytes)
+    decoders = [[None, libjpeg, None, decode_bytes, libjpeg], [None, None], [libjpeg] * 6]
+    for threads in (1, 2, 8):
+        got = list(read_batches(paths, batches, threads, ahead=2, decoders=decoders))
+        for batch, chosen, items in zip(batches, decoders, got):
+            for i, decoder, item in zip(batch, chosen, items):
+                data = np.fromfile(paths[i], dtype=np.uint8)
+                if decoder is None:
+                    assert np.array_equal(item.numpy(), data), (threads, i)
+                else:
+                    assert torch.equal(item, decode_bytes(torch.from_numpy(data))), (threads, i)
+    Path(paths[7]).write_bytes(b"\xff\xd8\xff not a whole JPEG")
+    with pytest.raises(RuntimeError, match=Path(paths[7]).name):
+        list(read_batches(paths, batches, 2, decoders=decoders))
+
+
+def test_cpu_share_sends_the_last_plain_jpegs_of_each_batch_to_libjpeg_and_the_odd_ones_to_pil():
+    from alexlab.data.gpu_decode import GpuJpegSource, decode_on_cpu
+    from alexlab.data.imagenet import decode_bytes
+    paths = [f"{i}.JPEG" for i in range(10)]
+    for share, expected in ((0.0, "P....."), (0.4, "P...LL"), (1.0, "PLLLLL")):
+        source = GpuJpegSource(paths, range(10), 32, 2, torch.device("cpu"), decode_bytes, cpu_files={7},
+                               cpu_share=share)
+        chosen = source.decoders_for([7, 1, 2, 3, 4, 5])
+        kinds = "".join("." if d is None else "P" if d is decode_bytes else
+                        "L" if d.func is decode_on_cpu and d.keywords == {"fallback": decode_bytes} else "?"
+                        for d in chosen)
+        assert kinds == expected, share
 
 
 def test_decoder_process_serves_what_the_in_process_source_serves(tmp_path):

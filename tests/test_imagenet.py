@@ -325,17 +325,19 @@ def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp
         assert torch.equal(whole[key], parallel[key]), key
 
 
-@pytest.mark.parametrize("decode", ["gpu", "gpu_process"])
-def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, decode):
+@pytest.mark.parametrize("decode,share", [("gpu", 0.0), ("gpu_process", 0.0), ("gpu", 0.5)])
+def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, decode, share):
     """data.decode=gpu: nvJPEG in batches (on a CPU machine torchvision's CPU decoder stands in) and the
-    Triton resize kernel (Triton's interpreter here); gpu_process: the same in a child process. The
+    Triton resize kernel (Triton's interpreter here); gpu_process: the same in a child process;
+    data.cpu_decode_share: part of each batch decoded by libjpeg in the reading threads. The
     odd files go to PIL, so every image equals the CPU path's within the resize kernel's rounding
     (and, on CUDA, nvJPEG's)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu"), 27, torch.device("cpu"), None)
-    gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode={decode}"), 27, device, None)
+    gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode={decode}",
+                              f"data.cpu_decode_share={share}"), 27, device, None)
     assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
-    assert gpu.train.in_process == (decode == "gpu")
+    assert gpu.train.in_process == (decode == "gpu") and gpu.train.cpu_share == share
     assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
     order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
     for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
@@ -345,6 +347,13 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
             assert diff.max() <= 1, diff.flatten(1).max(1).values
         else:  # nvJPEG upsamples chroma differently from libjpeg: 19 levels at colour edges seen on an H200
             assert diff.max() <= 32 and diff.float().mean() < 1.5, diff.flatten(1).max(1).values
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "true", "half"])
+def test_a_cpu_decode_share_outside_0_to_1_is_one_clear_error(prepared, share):
+    with pytest.raises(ConfigError, match=f"data.cpu_decode_share must be a number from 0 to 1, got"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.cpu_decode_share={share}"), 27,
+                   torch.device("cpu"), None)
 
 
 def test_resized_copies_are_the_training_images_as_jpegs_and_training_reads_only_them(prepared, tmp_path, caplog):

@@ -11,10 +11,15 @@ path by at most one or two grey levels because the CPU's uint8 path rounds betwe
 
 Files that nvJPEG refuses (a PNG named .JPEG, CMYK, ...) are decoded on the CPU by `cpu_decode`
 (bytes -> uint8 (3, H, W)) and resized by the same kernel.
+
+With `cpu_share` > 0, the reading threads also decode that fraction of each batch's JPEGs on the CPU
+(libjpeg-turbo through torchvision, `decode_on_cpu`), beside nvJPEG's share: on a machine with many
+cores the two decoders add up. The CPU-decoded images go to the GPU whole and are resized with the rest.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import os
@@ -138,15 +143,29 @@ def is_jpeg(data: bytes | np.ndarray | torch.Tensor) -> bool:
     return head == b"\xff\xd8\xff"
 
 
-def decode_batch(datas: list[torch.Tensor], device: torch.device,
-                 cpu_decode: Callable[[torch.Tensor], torch.Tensor], on_cpu: Sequence[bool] = ()) -> list[torch.Tensor]:
-    """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. JPEGs are decoded in
-    one nvJPEG call; what it refuses, anything not a JPEG, and the files marked `on_cpu` go
-    through `cpu_decode`."""
+def decode_on_cpu(data: torch.Tensor, fallback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A JPEG's bytes -> uint8 (3, H, W) by torchvision's CPU decoder (libjpeg-turbo, as PIL's, with
+    the same output on baseline and progressive RGB JPEGs; tests/test_fast_paths.py) and 25% faster
+    than PIL here; anything else, or a file it refuses, through `fallback`."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    out: list[torch.Tensor | None] = [None] * len(datas)
-    on_cpu = list(on_cpu) or [False] * len(datas)
-    jpeg_idx = [i for i, d in enumerate(datas) if is_jpeg(d) and not on_cpu[i]]
+    if is_jpeg(data):
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.RGB)
+            if image.shape[0] == 3:
+                return image
+        except RuntimeError:
+            pass
+    return fallback(data)
+
+
+def decode_batch(datas: list[torch.Tensor], device: torch.device,
+                 cpu_decode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. Images already
+    decoded on the CPU (3-D, see read_batches) are copied over; the JPEGs are decoded in one nvJPEG
+    call; what it refuses, and anything not a JPEG, go through `cpu_decode`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    out: list[torch.Tensor | None] = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in datas]
+    jpeg_idx = [i for i, d in enumerate(datas) if out[i] is None and is_jpeg(d)]
     if jpeg_idx:
         try:
             decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
@@ -164,45 +183,64 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
     return out
 
 
-def _read_files(buffer: torch.Tensor, paths: Sequence[str], offsets: Sequence[int], sizes: Sequence[int]) -> None:
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _read_files(buffer: torch.Tensor, sizes: Sequence[int], offsets: Sequence[int], paths: Sequence[str],
+                positions: Sequence[int], decoders: Sequence[Decoder | None], decoded: list, pin: bool) -> None:
     view = buffer.numpy()
-    for path, offset, size in zip(paths, offsets, sizes):
+    for at in positions:
+        path, offset, size = paths[at], offsets[at], sizes[at]
         with open(path, "rb", buffering=0) as f:
             got = f.readinto(memoryview(view[offset:offset + size]))
             if got != size or f.read(1):
                 raise RuntimeError(f"{path} changed size while being read ({size} bytes expected)")
+        if decoders[at] is not None:
+            try:
+                image = decoders[at](buffer[offset:offset + size])
+            except Exception as err:
+                raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
+            decoded[at] = image.pin_memory() if pin else image
 
 
 def read_batches(paths: Sequence[str], index_batches: list[list[int]], threads: int, pin: bool = False,
-                 ahead: int = 2) -> Iterator[list[torch.Tensor]]:
+                 ahead: int = 2, decoders: Sequence[Sequence[Decoder | None]] | None = None
+                 ) -> Iterator[list[torch.Tensor]]:
     """The bytes of each batch's files, as 1-D uint8 views of one buffer per batch (pinned with
     `pin`, so nvJPEG's copies to the GPU need no staging), read by `threads` threads, `ahead`
     batches ahead of the consumer. File reads release the GIL, so threads suffice and no byte
     crosses a process boundary. DataLoader worker processes sending the bytes back managed 12.8k
     files/s on the 16-core H200 machine; on the 2-core CPU machine, 4,096 files of 42 KB from the
-    page cache: 13.9k files/s with 2 worker processes, 32.7k with 2 threads (bench/RESULTS.md)."""
+    page cache: 13.9k files/s with 2 worker processes, 32.7k with 2 threads (bench/RESULTS.md).
+
+    `decoders[b][j]`, where given and not None, decodes file j of batch b in the reading thread
+    (JPEG decoders release the GIL too); that file then comes as its uint8 (3, H, W) image instead
+    of its bytes. Each thread takes every `threads`-th file, so decoding a batch's last files
+    spreads over all threads."""
     threads = max(1, int(threads))
     batches = iter(index_batches)
+    decoders_of = iter(decoders) if decoders is not None else itertools.repeat(None)
     with ThreadPoolExecutor(threads, thread_name_prefix="jpeg-read") as pool:
         def start(batch):
             files = [paths[i] for i in batch]
+            chosen = next(decoders_of) or [None] * len(files)
             sizes = [os.stat(f).st_size for f in files]
             offsets = [0, *itertools.accumulate(sizes)][:-1]
             buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-            chunk = max(1, math.ceil(len(files) / threads))
-            futures = [pool.submit(_read_files, buffer, files[j:j + chunk], offsets[j:j + chunk], sizes[j:j + chunk])
-                       for j in range(0, len(files), chunk)]
-            return buffer, sizes, futures
+            decoded = [None] * len(files)
+            futures = [pool.submit(_read_files, buffer, sizes, offsets, files, range(j, len(files), threads),
+                                   chosen, decoded, pin) for j in range(min(threads, len(files)))]
+            return buffer, sizes, decoded, futures
 
         pending = collections.deque(start(b) for b in itertools.islice(batches, ahead))
         while pending:
-            buffer, sizes, futures = pending.popleft()
+            buffer, sizes, decoded, futures = pending.popleft()
             for future in futures:
                 future.result()  # raises the reader's error, naming the file
             following = next(batches, None)
             if following is not None:
                 pending.append(start(following))
-            yield list(buffer.split(sizes))
+            yield [image if image is not None else blob for image, blob in zip(decoded, buffer.split(sizes))]
 
 
 class GpuJpegSource(BatchSource):
@@ -213,25 +251,35 @@ class GpuJpegSource(BatchSource):
     which hands each batch over through CUDA IPC (`DecoderProcess`)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, threads: int,
-                 device: torch.device, cpu_decode: Callable[[torch.Tensor], torch.Tensor], prefetch: int = 3,
-                 cpu_files: set[int] = frozenset(), in_process: bool = True):
+                 device: torch.device, cpu_decode: Decoder, prefetch: int = 3,
+                 cpu_files: set[int] = frozenset(), in_process: bool = True, cpu_share: float = 0.0):
         self.paths, self.size, self.threads, self.device = list(paths), size, threads, torch.device(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.cpu_decode, self.prefetch, self.cpu_files = cpu_decode, prefetch, set(cpu_files)
-        self.in_process = in_process
+        self.in_process, self.cpu_share = in_process, float(cpu_share)
         self._decoder: DecoderProcess | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def decoders_for(self, batch: list[int]) -> list[Decoder | None]:
+        """Who decodes each file of a batch in the reading threads (None: nvJPEG). The odd files
+        (`cpu_files`) go to `cpu_decode`; of the others, the last round(cpu_share * n) to libjpeg."""
+        chosen: list[Decoder | None] = [self.cpu_decode if i in self.cpu_files else None for i in batch]
+        plain = [j for j, d in enumerate(chosen) if d is None]
+        libjpeg = functools.partial(decode_on_cpu, fallback=self.cpu_decode)
+        for j in plain[len(plain) - round(self.cpu_share * len(plain)):]:
+            chosen[j] = libjpeg
+        return chosen
+
     def _loader(self, index_batches):
         index_batches = [b.tolist() for b in index_batches]
         pin = self.device.type == "cuda"
-        return zip(read_batches(self.paths, index_batches, self.threads, pin), index_batches)
+        decoders = [self.decoders_for(b) for b in index_batches]
+        return zip(read_batches(self.paths, index_batches, self.threads, pin, decoders=decoders), index_batches)
 
     def _prepare(self, datas, idx):
-        on_cpu = [i in self.cpu_files for i in idx]
-        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode, on_cpu), self.size)
+        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode), self.size)
         return images, to_device(self.labels[idx], self.device)
 
     def batches_of(self, index_batches) -> Iterator:
@@ -302,7 +350,7 @@ class DecoderProcess:
         self.device, self.labels = source.device, source.labels
         state = {"paths": source.paths, "labels": source.labels.tolist(), "size": source.size,
                  "threads": source.threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
-                 "prefetch": 0, "cpu_files": source.cpu_files}
+                 "prefetch": 0, "cpu_files": source.cpu_files, "cpu_share": source.cpu_share}
         self.commands, self.results = context.Queue(), context.Queue(max(1, source.prefetch))
         self.cancel = context.Event()
         self.process = context.Process(target=_decoder_main, args=(state, self.commands, self.results, self.cancel),

@@ -517,6 +517,9 @@ def check_options(cfg) -> None:
     if cfg.get("on_bad_file", "error") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
     check_resized_options(cfg)
+    share = cfg.get("cpu_decode_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ConfigError(f"data.cpu_decode_share must be a number from 0 to 1, got {share!r}")
 
 
 def check_bad_files(index: dict, cfg) -> list[dict]:
@@ -634,7 +637,7 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
             paths = [p for p, _ in samples]
             splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
                                         cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
-                                        in_process=decode == "gpu"))
+                                        in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0)))
         else:
             splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
