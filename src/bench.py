@@ -6,7 +6,8 @@ then times, on synthetic data already on the device:
   - full training steps (forward, backward, SGD) of torchvision's AlexNet and of the `alexnet` preset
     with LRN on/off and towers 2/1, in fp32, bf16 + channels_last, and bf16 + channels_last + compile;
   - LRN alone (fused, reference, PyTorch's, compiled PyTorch's) against a ReLU on the same tensor,
-    and the fused kernels' launch parameters (`lrn_configs`);
+    and the fused kernels' launch parameters (`lrn_configs`), with what each launch costs an SM in
+    registers and occupancy (`kernels`: read off the compiled code, so it runs without a GPU too);
 then the JPEG pipeline alone (files -> augmented batch on the GPU; and the CPU path) and end to end
 (files -> step), on generated ImageNet-sized JPEGs and on their resized copies (data.resized_jpegs). Warm-up excluded, median of repeats, device synchronised.
 Prints a table last and writes JSON with the card, library versions and date.
@@ -66,6 +67,10 @@ class Bench:
         self.warmup, self.steps, self.repeats = (5, 10, 3) if self.cuda else (1, 1, 2)
         self.started = time.perf_counter()
         self.cpu_shares = [float(v) for v in args.cpu_decode_shares.split(",") if v.strip()]
+        # The LRN's tensors (conv1's and conv2's outputs) and the fused kernels' launch parameters to try
+        # (`lrn_configs` times them, `kernels` reads their registers and occupancy).
+        self.lrn_shapes = [(256, 96, 55, 55), (256, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
+        self.lrn_sweep = [(b, w) for b in (512, 1024, 2048, 4096) for w in (4, 8)] if self.cuda else [(1024, 8)]
         self.record = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
@@ -245,9 +250,8 @@ class Bench:
         bf16 channels_last (the trainer's case), and the defaults in NCHW and on conv2's output too (an
         NCHW input is what a layout change inside a compiled graph would hand the kernel)."""
         from alexlab import lrn_triton
-        shapes = [(256, 96, 55, 55), (256, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
+        shapes, sweep = self.lrn_shapes, self.lrn_sweep
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        sweep = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8)] if self.cuda else [(4096, 4)]
         default = [(lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)]
         rows = self.record["lrn_configs"] = []
         for shape in shapes:
@@ -273,6 +277,40 @@ class Bench:
                                      "num_warps": warps, "ms_fwd_bwd": 1e3 * seconds})
                         print(f"   lrn {rows[-1]['impl']:<10} {layout:<13} {'x'.join(map(str, shape)):<14} "
                               f"block {block:>5} warps {warps}: {1e3 * seconds:.3f} ms", flush=True)
+
+    def kernels(self):
+        """What each Triton kernel costs an SM (registers, spills, shared memory, occupancy), read off
+        its code compiled for the GPU's architecture (sm_90 without one): no GPU time needed, so it
+        also runs on a CPU machine (`--only kernels`). For the LRN, every launch `lrn_configs` times."""
+        from alexlab import lrn_triton
+        from alexlab.data.gpu_decode import RESIZE_BLOCK
+        from alexlab.kernel_resources import compiled_resources
+        major, minor = torch.cuda.get_device_capability(self.device) if self.cuda else (9, 0)
+        arch = 10 * major + minor
+        default = (lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)
+        rows, jobs = [], []
+        for channels in sorted({shape[1] for shape in self.lrn_shapes}):
+            for scan in (False, True):
+                for block, warps in self.lrn_sweep:
+                    for backward in (False, True):
+                        jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, channels, scan=scan,
+                                                            block_elements=block, num_warps=warps))
+                        rows.append({"kernel": f"lrn {'fused_scan' if scan else 'fused'} "
+                                               f"{'backward' if backward else 'forward'}",
+                                     "channels": channels, "dtype": "bfloat16", "block_elements": block,
+                                     "default": (block, warps) == default})
+        jobs.append({"kernel": "alexlab.data.gpu_decode:_resize_crop_kernel", "num_warps": 8,
+                     "signature": {"src_ptr": "*u8", "offsets_ptr": "*i64", "meta_ptr": "*i32", "scale_ptr": "*fp32",
+                                   "out_ptr": "*u8", "S": "i32"}, "constexprs": {"BLOCK": RESIZE_BLOCK}})
+        rows.append({"kernel": "resize_crop", "default": True, "block_elements": RESIZE_BLOCK})
+        for row, found in zip(rows, compiled_resources(jobs, arch)):
+            row.update(found)
+        self.record["kernels"] = rows
+        for r in rows:
+            if r["default"]:
+                print(f"   {r['kernel']:<26} {r.get('channels', ''):>4} block {r['block_elements']:>5} warps "
+                      f"{r['num_warps']}: {r['registers']} registers, {r['spilled_bytes']} B spilled, "
+                      f"occupancy {r['occupancy']:.0%} ({r['arch']})", flush=True)
 
     # ---- JPEG pipeline ----
     @functools.cached_property
@@ -566,9 +604,19 @@ class Bench:
                   + " | dtype | fwd+bwd ms |", "|---|---|---:|"]
         lines += [f"| {r['op']} | {r['dtype']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn"]]
         if self.record.get("lrn_configs"):
-            lines += ["", "| fused LRN | layout | shape | block | warps | fwd+bwd ms |", "|---|---|---|---:|---:|---:|"]
+            compiled = {(k["kernel"], k.get("channels"), k["block_elements"], k["num_warps"]): k
+                        for k in self.record.get("kernels", [])}
+
+            def cost(r, what):  # registers and occupancy of the forward / backward, from `kernels`
+                found = [compiled.get((f"lrn {r['impl']} {way}", r["shape"][1], r["block_elements"], r["num_warps"]))
+                         for way in ("forward", "backward")]
+                return " / ".join("?" if not k else f"{k[what]:.0%}" if what == "occupancy" else str(k[what])
+                                  for k in found)
+            lines += ["", "| fused LRN | layout | shape | block | warps | registers fwd / bwd | occupancy fwd / bwd "
+                          "| fwd+bwd ms |", "|---|---|---|---:|---:|---|---|---:|"]
             lines += [f"| {r['impl']} | {r['layout']} | {'x'.join(map(str, r['shape']))} | {r['block_elements']} | "
-                      f"{r['num_warps']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn_configs"]]
+                      f"{r['num_warps']} | {cost(r, 'registers')} | {cost(r, 'occupancy')} | {r['ms_fwd_bwd']:.3f} |"
+                      for r in self.record["lrn_configs"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
         if "overlap" in self.record:
@@ -705,7 +753,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma-separated "
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
-    parser.add_argument("--only", default="checks,lrn,lrn_configs,train,data,e2e,profile",
+    parser.add_argument("--only", default="checks,kernels,lrn,lrn_configs,train,data,e2e,profile",
                         help="comma-separated sections")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
     parser.add_argument("--cpu-decode-shares", default="0.25,0.5",
@@ -714,7 +762,7 @@ def main(argv=None) -> int:
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))
     sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
-                "lrn_configs": bench.lrn_configs,
+                "lrn_configs": bench.lrn_configs, "kernels": bench.kernels,
                 "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile}
     for name in args.only.split(","):
         bench.section(name, sections[name])

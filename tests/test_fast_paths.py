@@ -92,6 +92,29 @@ def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size)
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_occupancy_follows_the_cuda_limits():
+    from alexlab.kernel_resources import occupancy
+    # sm_90: 65,536 registers, 64 warps, 32 blocks per SM; registers given per warp in units of 256.
+    assert occupancy(32, 0, 4) == 1.0           # 32 x 32 x 4 = 4,096 registers a block: 16 blocks, 64 warps
+    assert occupancy(252, 2048, 4) == 8 / 64    # 8,064 -> 8,192 a warp, 32,768 a block: 2 blocks
+    assert occupancy(80, 2048, 4) == 24 / 64    # 2,560 a warp, 10,240 a block: 6 blocks
+    assert occupancy(255, 0, 16) == 0.0         # 8,192 x 16 > 65,536: the block does not fit
+    assert occupancy(16, 100_000, 1) == 2 / 64  # shared memory: 2 blocks of 101 KB in 228 KB
+
+
+def test_fused_lrn_default_launch_spills_nothing_and_fills_half_an_sm():
+    """The LRN is memory-bound: it needs many warps in flight. Its kernels as launched by default,
+    compiled for an H100/H200 (sm_90) here without a GPU: no register spills, and at least half of
+    the SM's warp slots (the first launch parameters left 8 of 64 for the backward)."""
+    from alexlab.kernel_resources import compiled_resources
+    from alexlab.lrn_triton import resource_job
+    cases = [(backward, dtype, channels) for backward in (False, True) for dtype in (torch.bfloat16, torch.float32)
+             for channels in (96, 256)]  # conv1's and conv2's outputs
+    found = compiled_resources([resource_job(*case) for case in cases], arch=90)
+    for case, kernel in zip(cases, found):
+        assert kernel["spilled_bytes"] == 0 and kernel["occupancy"] >= 0.5, (case, kernel)
+
+
 @pytest.mark.parametrize("impl", ["native_nchw", "split", "dense"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grouped_conv_impls_give_the_native_result_and_gradients(impl, channels_last):

@@ -111,9 +111,19 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     return x, h * w, c, s_n, s_c, s_w
 
 
-# Elements per program (pixels x padded channels) and warps per program. Untuned guesses: the bench's
-# `lrn_configs` times other values on a GPU.
-BLOCK_ELEMENTS, NUM_WARPS = 4096, 4
+# Elements per program (pixels x padded channels) and warps per program: 4 elements per thread. The
+# first choice (4096, 4: 32 per thread) compiled to 252 registers per thread in the backward, room
+# for 8 of an SM's 64 warps, too few to keep memory busy; this one: 40 (forward) and 48-59 (backward)
+# registers, 75% and 50-62% of the warps, no spills (`resource_job`, compiled for sm_90 without a GPU;
+# tests/test_fast_paths.py keeps it so). Timing: the bench's `lrn_configs` on a GPU.
+BLOCK_ELEMENTS, NUM_WARPS = 1024, 8
+
+
+def _constants(channels: int, size: int, beta: float, scan: bool, block_elements: int) -> dict:
+    """The kernels' compile-time arguments for a launch."""
+    block_c = triton.next_power_of_2(channels)
+    return {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
+            "BLOCK_C": block_c, "BY_SCAN": scan}
 
 
 def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, num_warps):
@@ -121,13 +131,25 @@ def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, 
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
     out = torch.empty_like(x)
-    block_c = triton.next_power_of_2(channels)
-    block_p = max(1, block_elements // block_c)
-    grid = (triton.cdiv(pixels, block_p), x.shape[0])
+    constants = _constants(channels, size, beta, scan, block_elements)
+    grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
     torch.library.wrap_triton(kernel)[grid](
-        x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k,
-        SIZE=size, BETA_IS_075=beta == 0.75, BLOCK_P=block_p, BLOCK_C=block_c, BY_SCAN=scan, num_warps=num_warps)
+        x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k, **constants, num_warps=num_warps)
     return out
+
+
+def resource_job(backward: bool, dtype: torch.dtype, channels: int, size: int = 5, beta: float = 0.75,
+                 scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> dict:
+    """One kernel as `_launch` would compile it, as a job for alexlab.kernel_resources.compiled_resources
+    (registers, spills, shared memory and occupancy, read off its code; no GPU needed)."""
+    kernel = _lrn_bwd_kernel if backward else _lrn_fwd_kernel
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    ints = ("P", "C", "stride_n", "stride_c", "stride_p")
+    constants = _constants(channels, size, beta, scan, block_elements)
+    signature = {name: pointer if name.endswith("_ptr") else "i32" if name in ints else "fp32"
+                 for name in kernel.arg_names if name not in constants}
+    return {"kernel": f"{__name__}:{kernel.fn.__name__}", "signature": signature, "constexprs": constants,
+            "num_warps": num_warps}
 
 
 def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, scan: bool = False,

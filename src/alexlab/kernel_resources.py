@@ -1,0 +1,80 @@
+"""What a Triton kernel costs an NVIDIA SM, read off its compiled code, without a GPU.
+
+Triton compiles for a named architecture on any machine (its wheel carries ptxas and cuobjdump), so
+registers per thread, spilled bytes and shared memory can be read here, and from them the share of
+the SM's warp slots the kernel can fill (theoretical occupancy). A memory-bound kernel needs many
+warps in flight to hide memory latency: the fused LRN's first launch parameters used 252 registers
+per thread in the backward, which leaves room for 8 of an H100's 64 warps (bench/RESULTS.md).
+
+A job names its kernel as "module:function" so that, where Triton runs as its interpreter
+(TRITON_INTERPRET=1, as in the tests) and cannot compile, the jobs run in one child process without it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# Per SM, compute capability 8.0 to 9.0 (CUDA C Programming Guide, "Compute capabilities" table).
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
+MAX_BLOCKS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
+SHARED_BYTES_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
+REGISTER_ALLOCATION_UNIT = 256  # registers are given to a warp in blocks of 256
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int = 90) -> float:
+    """Theoretical occupancy: resident warps / the SM's maximum, for a block of `num_warps` warps."""
+    per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    blocks = min(REGISTERS_PER_SM // (per_warp * num_warps), MAX_WARPS_PER_SM[arch] // num_warps,
+                 MAX_BLOCKS_PER_SM[arch])
+    if shared_bytes:
+        blocks = min(blocks, SHARED_BYTES_PER_SM[arch] // (shared_bytes + 1024))  # 1 KB per block is the system's
+    return blocks * num_warps / MAX_WARPS_PER_SM[arch]
+
+
+def compiled_resources(jobs: list[dict], arch: int = 90) -> list[dict]:
+    """For each job {"kernel": "module:function" (a @triton.jit function), "signature": {argument:
+    Triton type ('*bf16', 'i32', 'fp32')}, "constexprs": {...}, "num_warps": n}: compile it for
+    sm_`arch` and report registers per thread, spilled bytes (local memory), shared memory per
+    block and theoretical occupancy."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)),
+                                                          env.get("PYTHONPATH")]))
+        done = subprocess.run([sys.executable, "-m", "alexlab.kernel_resources", str(arch)], input=json.dumps(jobs),
+                              capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout)
+    return [_compile(job, arch) for job in jobs]
+
+
+def _compile(job: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    module, name = job["kernel"].split(":")
+    kernel = getattr(importlib.import_module(module), name)
+    signature = dict(job["signature"], **{arg: "constexpr" for arg in job["constexprs"]})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=job["constexprs"])
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": job["num_warps"]})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
+    shared = int(compiled.metadata.shared)
+    return {"registers": registers, "spilled_bytes": spilled, "shared_bytes": shared, "num_warps": job["num_warps"],
+            "occupancy": occupancy(registers, shared, job["num_warps"], arch), "arch": f"sm_{arch}"}
+
+
+if __name__ == "__main__":  # the child of compiled_resources: jobs as JSON on stdin, results on stdout
+    print(json.dumps(compiled_resources(json.load(sys.stdin), int(sys.argv[1]))))
