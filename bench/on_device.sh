@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 # Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
-# The targets first (end to end, training steps, LRN), then tuning and diagnosis.
+# The targets first (end to end, training steps, LRN), then tuning and diagnosis; last, what the
+# kernels cost an SM as the GPU image's Triton compiles them (no GPU time; skipped if the budget is spent).
 python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-300}" \
-  --only "${SECTIONS:-checks,e2e,train,lrn,lrn_configs,profile,data}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  --only "${SECTIONS:-checks,e2e,train,lrn,lrn_configs,profile,data,kernels}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

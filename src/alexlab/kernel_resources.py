@@ -64,13 +64,17 @@ def _compile(job: dict, arch: int) -> dict:
     source = ASTSource(fn=kernel, signature=signature, constexprs=job["constexprs"])
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": job["num_warps"]})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
-                               check=True).stdout
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
+    if os.path.isfile(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                   text=True, check=True).stdout
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
+    else:  # a Triton without cuobjdump: the driver reads the same numbers when it loads the kernel
+        compiled._init_handles()
+        registers, spilled = compiled.n_regs, compiled.n_spills
     shared = int(compiled.metadata.shared)
     return {"registers": registers, "spilled_bytes": spilled, "shared_bytes": shared, "num_warps": job["num_warps"],
             "occupancy": occupancy(registers, shared, job["num_warps"], arch), "arch": f"sm_{arch}"}
