@@ -4,6 +4,9 @@
 # .whl/ (keep it out of git: echo /.whl/ >> .git/info/exclude) holds the wheels the GPU image lacks:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl hydra-core==1.3.2 omegaconf==2.3.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # an sdist on PyPI; pure Python
+# A second look, if device time is left: every cuDNN algorithm tried for each convolution (the grouped
+# ones may have faster algorithms than PyTorch's default top 10; cuDNN's choices are cached per process):
+#   run(command="TESTS=0 SECTIONS=train bash bench/on_device.sh --cudnn-benchmark-limit 0", carry=[".whl"])
 # Writes under $OUT (or ./device-out):
 # gpu.txt, gpu-tests.log, bench.json, bench.log, traces/.
 set -uo pipefail
@@ -18,7 +21,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null || export TRITON_INTERPRET=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+[ "${TESTS:-1}" = 0 ] || timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
 # The targets first (end to end, training steps, LRN), then tuning and diagnosis; last, what the
 # kernels cost an SM as the GPU image's Triton compiles them (no GPU time; skipped if the budget is spent).

@@ -75,7 +75,7 @@ class Bench:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
             "versions": library_versions() | {"triton": _version("triton")},
-            "batch_size": self.batch, "tiny": self.tiny,
+            "batch_size": self.batch, "tiny": self.tiny, "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
             "checks": {}, "train_step": [], "lrn": [], "data": [], "end_to_end": [], "errors": []}
 
     # ---- bookkeeping ----
@@ -756,9 +756,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="checks,kernels,lrn,lrn_configs,train,data,e2e,profile",
                         help="comma-separated sections")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
+    parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                        help="cuDNN algorithms tried per convolution (PyTorch's default 10; 0: all). Its choices are "
+                             "cached per process, so compare two runs, e.g. a second run with --only train")
     parser.add_argument("--cpu-decode-shares", default="0.25,0.5",
                         help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
     args = parser.parse_args(argv)
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))
     sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
