@@ -70,7 +70,9 @@ class Bench:
         # The LRN's tensors (conv1's and conv2's outputs) and the fused kernels' launch parameters to try
         # (`lrn_configs` times them, `kernels` reads their registers and occupancy).
         self.lrn_shapes = [(256, 96, 55, 55), (256, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
-        self.lrn_sweep = [(b, w) for b in (512, 1024, 2048, 4096) for w in (4, 8)] if self.cuda else [(1024, 8)]
+        from alexlab.lrn_triton import BLOCK_ELEMENTS, NUM_WARPS
+        self.lrn_sweep = [(b, w) for b in (512, 1024, 2048, 4096) for w in (4, 8)] if self.cuda else \
+            [(BLOCK_ELEMENTS, NUM_WARPS)]
         self.record = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
@@ -289,15 +291,16 @@ class Bench:
         arch = 10 * major + minor
         default = (lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)
         rows, jobs = [], []
-        for channels in sorted({shape[1] for shape in self.lrn_shapes}):
+        for shape in self.lrn_shapes:  # as the trainer launches them: bf16, channels_last
             for scan in (False, True):
                 for block, warps in self.lrn_sweep:
                     for backward in (False, True):
-                        jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, channels, scan=scan,
+                        jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, shape, scan=scan,
                                                             block_elements=block, num_warps=warps))
                         rows.append({"kernel": f"lrn {'fused_scan' if scan else 'fused'} "
                                                f"{'backward' if backward else 'forward'}",
-                                     "channels": channels, "dtype": "bfloat16", "block_elements": block,
+                                     "channels": shape[1], "shape": list(shape), "dtype": "bfloat16",
+                                     "layout": "channels_last", "block_elements": block,
                                      "default": (block, warps) == default})
         jobs.append({"kernel": "alexlab.data.gpu_decode:_resize_crop_kernel", "num_warps": 8,
                      "signature": {"src_ptr": "*u8", "offsets_ptr": "*i64", "meta_ptr": "*i32", "scale_ptr": "*fp32",
@@ -305,6 +308,8 @@ class Bench:
         rows.append({"kernel": "resize_crop", "default": True, "block_elements": RESIZE_BLOCK})
         for row, found in zip(rows, compiled_resources(jobs, arch)):
             row.update(found)
+            if row["kernel"].startswith("lrn") and found["instructions"]:  # loop-free: each thread runs it once
+                row["instructions_per_element"] = found["instructions"] / (row["block_elements"] / (32 * row["num_warps"]))
         self.record["kernels"] = rows
         for r in rows:
             if r["default"]:
@@ -604,19 +609,19 @@ class Bench:
                   + " | dtype | fwd+bwd ms |", "|---|---|---:|"]
         lines += [f"| {r['op']} | {r['dtype']} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn"]]
         if self.record.get("lrn_configs"):
-            compiled = {(k["kernel"], k.get("channels"), k["block_elements"], k["num_warps"]): k
+            compiled = {(k["kernel"], k.get("channels"), k.get("layout"), k["block_elements"], k["num_warps"]): k
                         for k in self.record.get("kernels", [])}
 
-            def cost(r, what):  # registers and occupancy of the forward / backward, from `kernels`
-                found = [compiled.get((f"lrn {r['impl']} {way}", r["shape"][1], r["block_elements"], r["num_warps"]))
-                         for way in ("forward", "backward")]
-                return " / ".join("?" if not k else f"{k[what]:.0%}" if what == "occupancy" else str(k[what])
-                                  for k in found)
+            def cost(r, what):  # of the forward / backward kernels, from `kernels`
+                found = [compiled.get((f"lrn {r['impl']} {way}", r["shape"][1], r["layout"], r["block_elements"],
+                                       r["num_warps"])) for way in ("forward", "backward")]
+                return " / ".join("?" if not k or k.get(what) is None else f"{k[what]:.0%}" if what == "occupancy"
+                                  else f"{k[what]:.0f}" for k in found)
             lines += ["", "| fused LRN | layout | shape | block | warps | registers fwd / bwd | occupancy fwd / bwd "
-                          "| fwd+bwd ms |", "|---|---|---|---:|---:|---|---|---:|"]
+                          "| instructions per element fwd / bwd | fwd+bwd ms |", "|---|---|---|---:|---:|---|---|---|---:|"]
             lines += [f"| {r['impl']} | {r['layout']} | {'x'.join(map(str, r['shape']))} | {r['block_elements']} | "
-                      f"{r['num_warps']} | {cost(r, 'registers')} | {cost(r, 'occupancy')} | {r['ms_fwd_bwd']:.3f} |"
-                      for r in self.record["lrn_configs"]]
+                      f"{r['num_warps']} | {cost(r, 'registers')} | {cost(r, 'occupancy')} | "
+                      f"{cost(r, 'instructions_per_element')} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn_configs"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
         if "overlap" in self.record:

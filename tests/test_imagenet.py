@@ -351,7 +351,7 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
 
 @pytest.mark.parametrize("share", ["1.5", "-0.1", "true", "half"])
 def test_a_cpu_decode_share_outside_0_to_1_is_one_clear_error(prepared, share):
-    with pytest.raises(ConfigError, match=f"data.cpu_decode_share must be a number from 0 to 1, got"):
+    with pytest.raises(ConfigError, match="data.cpu_decode_share must be a number from 0 to 1, got"):
         build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.cpu_decode_share={share}"), 27,
                    torch.device("cpu"), None)
 

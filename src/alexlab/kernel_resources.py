@@ -37,11 +37,32 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int = 90)
     return blocks * num_warps / MAX_WARPS_PER_SM[arch]
 
 
+def job_for_launch(kernel: str, arguments: dict, constexprs: dict, num_warps: int) -> dict:
+    """A job for compiled_resources: the kernel ("module:function") as a launch with these runtime
+    `arguments` (by name; tensors may be meta tensors) compiles it. Triton specialises on the values as
+    at run time: an integer equal to 1 becomes a constant, and integers and pointers that are multiples
+    of 16 are marked so, which lets it vectorise memory accesses."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    signature, constants, divisible = {}, dict(constexprs), []
+    for name, value in arguments.items():
+        kind, hint = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            constants[name] = hint
+        else:
+            signature[name] = kind
+            if hint == "D":
+                divisible.append(name)
+    return {"kernel": kernel, "signature": signature, "constexprs": constants, "divisible_by_16": divisible,
+            "num_warps": num_warps}
+
+
 def compiled_resources(jobs: list[dict], arch: int = 90) -> list[dict]:
     """For each job {"kernel": "module:function" (a @triton.jit function), "signature": {argument:
-    Triton type ('*bf16', 'i32', 'fp32')}, "constexprs": {...}, "num_warps": n}: compile it for
-    sm_`arch` and report registers per thread, spilled bytes (local memory), shared memory per
-    block and theoretical occupancy."""
+    Triton type ('*bf16', 'i32', 'fp32')}, "constexprs": {...}, "num_warps": n, optionally
+    "divisible_by_16": [arguments]} (job_for_launch makes one from a launch's arguments): compile it
+    for sm_`arch` and report registers per thread, spilled bytes (local memory), shared memory per
+    block, theoretical occupancy and the machine code's length."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)),
@@ -61,23 +82,29 @@ def _compile(job: dict, arch: int) -> dict:
     module, name = job["kernel"].split(":")
     kernel = getattr(importlib.import_module(module), name)
     signature = dict(job["signature"], **{arg: "constexpr" for arg in job["constexprs"]})
-    source = ASTSource(fn=kernel, signature=signature, constexprs=job["constexprs"])
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in job.get("divisible_by_16", [])}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=job["constexprs"], attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": job["num_warps"]})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    instructions = None
     if os.path.isfile(cuobjdump):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
             cubin.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
-                                   text=True, check=True).stdout
+            usage, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True,
+                                          check=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
+        instructions = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[A-Z]", sass))
     else:  # a Triton without cuobjdump: the driver reads the same numbers when it loads the kernel
         compiled._init_handles()
         registers, spilled = compiled.n_regs, compiled.n_spills
     shared = int(compiled.metadata.shared)
+    # instructions: the machine code's length, which is what each thread runs once in a kernel without
+    # loops (the LRN's); a measure of how much issuing each element costs, not a timing.
     return {"registers": registers, "spilled_bytes": spilled, "shared_bytes": shared, "num_warps": job["num_warps"],
-            "occupancy": occupancy(registers, shared, job["num_warps"], arch), "arch": f"sm_{arch}"}
+            "occupancy": occupancy(registers, shared, job["num_warps"], arch), "instructions": instructions,
+            "arch": f"sm_{arch}"}
 
 
 if __name__ == "__main__":  # the child of compiled_resources: jobs as JSON on stdin, results on stdout

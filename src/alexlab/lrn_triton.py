@@ -111,45 +111,53 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     return x, h * w, c, s_n, s_c, s_w
 
 
-# Elements per program (pixels x padded channels) and warps per program: 4 elements per thread. The
-# first choice (4096, 4: 32 per thread) compiled to 252 registers per thread in the backward, room
-# for 8 of an SM's 64 warps, too few to keep memory busy; this one: 40 (forward) and 48-59 (backward)
-# registers, 75% and 50-62% of the warps, no spills (`resource_job`, compiled for sm_90 without a GPU;
-# tests/test_fast_paths.py keeps it so). Timing: the bench's `lrn_configs` on a GPU.
-BLOCK_ELEMENTS, NUM_WARPS = 1024, 8
+# Elements per program (pixels x padded channels) and warps per program: 8 elements per thread. Two
+# costs trade here, both read off the kernels compiled for sm_90 without a GPU (`resource_job`,
+# bench/RESULTS.md). The launch timed on an H200 (4096, 4: 32 per thread) took 193 registers per
+# thread in the backward, room for 8 of an SM's 64 warps, too few to hide memory latency. Fewer
+# elements per thread free registers but cost instructions per element, and the LRN's issue time is
+# already near a ReLU's memory time. This one, on conv1's output: 40 / 64 registers (forward /
+# backward), 75% / 50% of the warps, 21% more instructions per element than that launch (4 per
+# thread cost 2.2x on conv2's). tests/test_fast_paths.py holds it there; the bench's `lrn_configs` times others.
+BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 
 
-def _constants(channels: int, size: int, beta: float, scan: bool, block_elements: int) -> dict:
-    """The kernels' compile-time arguments for a launch."""
-    block_c = triton.next_power_of_2(channels)
-    return {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
-            "BLOCK_C": block_c, "BY_SCAN": scan}
-
-
-def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, num_warps):
+def _arguments(kernel, x, extra, size, coefficient, beta, k, scan, block_elements):
+    """(runtime arguments by name, compile-time constants, grid, output) of a launch of `kernel`."""
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
     out = torch.empty_like(x)
-    constants = _constants(channels, size, beta, scan, block_elements)
+    block_c = triton.next_power_of_2(channels)
+    constants = {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
+                 "BLOCK_C": block_c, "BY_SCAN": scan}
+    values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
+    arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
     grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
-    torch.library.wrap_triton(kernel)[grid](
-        x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k, **constants, num_warps=num_warps)
+    return arguments, constants, grid, out
+
+
+def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, num_warps):
+    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, scan, block_elements)
+    torch.library.wrap_triton(kernel)[grid](**arguments, **constants, num_warps=num_warps)
     return out
 
 
-def resource_job(backward: bool, dtype: torch.dtype, channels: int, size: int = 5, beta: float = 0.75,
-                 scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> dict:
-    """One kernel as `_launch` would compile it, as a job for alexlab.kernel_resources.compiled_resources
-    (registers, spills, shared memory and occupancy, read off its code; no GPU needed)."""
+def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last: bool = True, size: int = 5,
+                 beta: float = 0.75, scan: bool = False, block_elements: int = BLOCK_ELEMENTS,
+                 num_warps: int = NUM_WARPS) -> dict:
+    """The kernel that a launch on a tensor of this shape and layout compiles (Triton specialises on the
+    arguments' values: a stride of 1, multiples of 16), as a job for
+    alexlab.kernel_resources.compiled_resources: registers, spills, occupancy, instructions, read
+    off its code without a GPU. The tensors are meta tensors: nothing is allocated."""
+    from alexlab.kernel_resources import job_for_launch
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     kernel = _lrn_bwd_kernel if backward else _lrn_fwd_kernel
-    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-    ints = ("P", "C", "stride_n", "stride_c", "stride_p")
-    constants = _constants(channels, size, beta, scan, block_elements)
-    signature = {name: pointer if name.endswith("_ptr") else "i32" if name in ints else "fp32"
-                 for name in kernel.arg_names if name not in constants}
-    return {"kernel": f"{__name__}:{kernel.fn.__name__}", "signature": signature, "constexprs": constants,
-            "num_warps": num_warps}
+    arguments, constants, _, _ = _arguments(kernel, x, [x] if backward else [], size, 1e-4 / size, beta, 2.0, scan,
+                                            block_elements)
+    return job_for_launch(f"{__name__}:{kernel.fn.__name__}", arguments, constants, num_warps)
 
 
 def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, scan: bool = False,
