@@ -6,7 +6,6 @@ Jobs are tiny (scale=tiny, one thread each: the test machine has 2 cores) and go
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
