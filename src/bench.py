@@ -111,7 +111,7 @@ class Bench:
             ref_x = x.clone().requires_grad_()
             ref_y = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_x)
             (ref_y * g).sum().backward()
-            for impl in ("fused", "fused_scan", "fused_opaque"):
+            for impl in ("fused", "fused_gather", "fused_scan", "fused_opaque"):
                 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
                     fx = x.detach().clone().to(dtype).requires_grad_()
                     y = LocalResponseNorm(impl=impl)(fx)
@@ -193,6 +193,8 @@ class Bench:
             if mode == eager:
                 rates["auto"] = row["images_per_s"] if row else 0
         self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
+        self.time_model("paper, lrn_impl=fused_gather (as timed on 2026-11-26)", ours(lrn_impl="fused_gather"), eager,
+                        size)
         self.time_model("paper, lrn_impl=fused_scan", ours(lrn_impl="fused_scan"), eager, size)
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
@@ -228,6 +230,7 @@ class Bench:
             contenders = {
                 "relu": torch.relu,
                 "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
+                "lrn fused_gather (ours, Triton, a gather per window position)": LocalResponseNorm(impl="fused_gather"),
                 "lrn fused_scan (ours, Triton, running-sum windows)": LocalResponseNorm(impl="fused_scan"),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
@@ -247,11 +250,12 @@ class Bench:
                 print(f"   {name:<40} {row['dtype']:<9} {row['ms_fwd_bwd']:.3f} ms", flush=True)
 
     def lrn_configs(self):
-        """The fused LRN's launch parameters (alexlab.lrn_triton.BLOCK_ELEMENTS, NUM_WARPS are guesses):
-        forward + backward of both window sums over block sizes and warp counts on conv1's output in
+        """The fused LRN's launch parameters (alexlab.lrn_triton.BLOCK_ELEMENTS, NUM_WARPS, chosen without a GPU):
+        forward + backward of each way of forming the window sums over block sizes and warp counts on conv1's output in
         bf16 channels_last (the trainer's case), and the defaults in NCHW and on conv2's output too (an
         NCHW input is what a layout change inside a compiled graph would hand the kernel)."""
         from alexlab import lrn_triton
+        from alexlab.lrn import FUSED_WINDOWS
         shapes, sweep = self.lrn_shapes, self.lrn_sweep
         dtype = torch.bfloat16 if self.cuda else torch.float32
         default = [(lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)]
@@ -263,21 +267,21 @@ class Bench:
                     x = x.contiguous(memory_format=torch.channels_last)
                 g = torch.randn_like(x)
                 configs = sweep if (shape, layout) == (shapes[0], "channels_last") else default
-                for scan in (False, True):
-                    for block, warps in configs:
+                for impl, window in FUSED_WINDOWS.items():
+                    for block, warps in configs if impl != "fused_opaque" else []:
                         if self.out_of_time():
                             self.record["errors"].append("lrn_configs: stopped (budget)")
                             return
                         xr = x.detach().clone().requires_grad_()
 
-                        def step(xr=xr, scan=scan, block=block, warps=warps):
+                        def step(xr=xr, window=window, block=block, warps=warps):
                             xr.grad = None
-                            lrn_triton.lrn_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, scan, block, warps).backward(g)
+                            lrn_triton.lrn_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, window, block, warps).backward(g)
                         seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
-                        rows.append({"impl": "fused_scan" if scan else "fused", "layout": layout, "shape": list(shape),
+                        rows.append({"impl": impl, "layout": layout, "shape": list(shape),
                                      "dtype": str(dtype).replace("torch.", ""), "block_elements": block,
                                      "num_warps": warps, "ms_fwd_bwd": 1e3 * seconds})
-                        print(f"   lrn {rows[-1]['impl']:<10} {layout:<13} {'x'.join(map(str, shape)):<14} "
+                        print(f"   lrn {impl:<12} {layout:<13} {'x'.join(map(str, shape)):<14} "
                               f"block {block:>5} warps {warps}: {1e3 * seconds:.3f} ms", flush=True)
 
     def kernels(self):
@@ -286,19 +290,19 @@ class Bench:
         also runs on a CPU machine (`--only kernels`). For the LRN, every launch `lrn_configs` times."""
         from alexlab import lrn_triton
         from alexlab.data.gpu_decode import RESIZE_BLOCK
+        from alexlab.lrn import FUSED_WINDOWS
         from alexlab.kernel_resources import compiled_resources
         major, minor = torch.cuda.get_device_capability(self.device) if self.cuda else (9, 0)
         arch = 10 * major + minor
         default = (lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)
         rows, jobs = [], []
         for shape in self.lrn_shapes:  # as the trainer launches them: bf16, channels_last
-            for scan in (False, True):
-                for block, warps in self.lrn_sweep:
+            for impl, window in FUSED_WINDOWS.items():
+                for block, warps in self.lrn_sweep if impl != "fused_opaque" else []:
                     for backward in (False, True):
-                        jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, shape, scan=scan,
+                        jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, shape, window=window,
                                                             block_elements=block, num_warps=warps))
-                        rows.append({"kernel": f"lrn {'fused_scan' if scan else 'fused'} "
-                                               f"{'backward' if backward else 'forward'}",
+                        rows.append({"kernel": f"lrn {impl} {'backward' if backward else 'forward'}",
                                      "channels": shape[1], "shape": list(shape), "dtype": "bfloat16",
                                      "layout": "channels_last", "block_elements": block,
                                      "default": (block, warps) == default})

@@ -24,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ((3, 13, 4, 5), True, "literal"),       # channel count not a power of two, the printed alpha
     ((1, 256, 5, 5), False, "per_size"),    # conv2's channel count
 ])
-@pytest.mark.parametrize("impl", ["fused", "fused_scan", "fused_opaque"])
+@pytest.mark.parametrize("impl", ["fused", "fused_gather", "fused_scan", "fused_opaque"])
 def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last, alpha_mode, impl):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=gen) * 30 - 5   # large activations, so the denominator matters
@@ -68,7 +68,7 @@ def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, monkeypatch):
     torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+@pytest.mark.parametrize("impl", ["fused", "fused_gather", "fused_scan"])
 def test_fused_lrn_in_bf16_is_within_bf16_rounding_of_fp32(impl):
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(2, 96, 6, 6, generator=gen) * 20).to(DEVICE)
@@ -78,7 +78,7 @@ def test_fused_lrn_in_bf16_is_within_bf16_rounding_of_fp32(impl):
     torch.testing.assert_close(y.float(), reference, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused_scan"])
+@pytest.mark.parametrize("impl", ["fused", "fused_gather", "fused_scan"])
 @pytest.mark.parametrize("size", [3, 4])  # an even window is not centred: 2 before, 1 after
 def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size):
     x = torch.rand(2, 16, 3, 3) * 10
@@ -87,6 +87,23 @@ def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size)
     reference.square().sum().backward()
     x_fused = x.clone().to(DEVICE).requires_grad_()
     y = LocalResponseNorm(size, 1e-2, 0.5, 1.0, impl=impl)(x_fused)
+    y.square().sum().backward()
+    torch.testing.assert_close(y.detach().cpu(), reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,size", [(3, 5), (5, 5), (16, 7), (16, 9), (16, 8), (8, 11), (2, 3)])
+def test_fused_lrn_window_sums_by_groups_of_four_channels_at_their_edges(channels, size):
+    """impl=fused sums windows by groups of four channels; it reaches at most four channels either side
+    (windows up to 9; wider ones, and tiles under four channels, take the gather path): windows that
+    reach past a group, past the tile, and wider than the channel count, against PyTorch's LRN."""
+    gen = torch.Generator().manual_seed(size)
+    x = torch.rand(2, channels, 3, 2, generator=gen) * 10
+    x_ref = x.clone().requires_grad_()
+    reference = nn.LocalResponseNorm(size, 1e-2, 0.75, 1.0)(x_ref)
+    reference.square().sum().backward()
+    x_fused = x.clone().to(DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = LocalResponseNorm(size, 1e-2, 0.75, 1.0, impl="fused")(x_fused)
     y.square().sum().backward()
     torch.testing.assert_close(y.detach().cpu(), reference.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
@@ -102,14 +119,14 @@ def test_occupancy_follows_the_cuda_limits():
     assert occupancy(16, 100_000, 1) == 2 / 64  # shared memory: 2 blocks of 101 KB in 228 KB
 
 
-def test_fused_lrn_default_launch_keeps_memory_busy_without_costing_many_more_instructions():
-    """The LRN moves as many bytes as a ReLU but does much more per element, so its launch trades two
-    costs. Warps in flight hide memory latency: the launch timed on an H200 (4096 elements, 4 warps)
-    left 8 of an SM's 64 warp slots to its backward. Instructions per element rise as each thread
-    holds fewer elements (512 x 8: about 1.4x on conv1's output, 2.4x on conv2's). Read off the kernels
-    as the trainer launches them (channels_last, conv1's and conv2's outputs), compiled for sm_90 here
-    without a GPU: the default must spill nothing, give every kernel at least 3x those 8 warp slots,
-    and issue at most a quarter more instructions per element than that first launch."""
+def test_fused_lrn_default_keeps_memory_busy_without_issuing_more_than_the_h200s_kernels():
+    """The LRN moves as many bytes as a ReLU but does much more per element, so two costs trade. Warps
+    in flight hide memory latency: the kernels timed on an H200 (one gather per window position, 4096
+    elements and 4 warps a program) left 8 of an SM's 64 warp slots to the backward. Instructions per
+    element rise as each thread holds fewer elements. Read off the kernels as the trainer launches
+    them (channels_last, conv1's and conv2's outputs, bf16 and fp32), compiled for sm_90 here without a
+    GPU: the default must spill nothing, give every kernel at least 3x those 8 warp slots, and issue
+    no more instructions per element than the H200's kernels (5% slack)."""
     from alexlab.kernel_resources import compiled_resources
     from alexlab.lrn_triton import BLOCK_ELEMENTS, NUM_WARPS, resource_job
     cases = [(dtype, shape) for dtype in (torch.bfloat16, torch.float32)
@@ -120,11 +137,12 @@ def test_fused_lrn_default_launch_keeps_memory_busy_without_costing_many_more_in
         found = compiled_resources(jobs, arch=90)
         return list(zip(found[::2], found[1::2]))
     per_thread, first_per_thread = BLOCK_ELEMENTS // (32 * NUM_WARPS), 4096 // (32 * 4)
-    for case, new, old in zip(cases, forward_and_backward(), forward_and_backward(block_elements=4096, num_warps=4)):
+    h200 = forward_and_backward(window="gather", block_elements=4096, num_warps=4)  # the kernels timed on the H200
+    for case, new, old in zip(cases, forward_and_backward(), h200):
         for kernel in new:
             assert kernel["spilled_bytes"] == 0 and kernel["occupancy"] >= 3 * 8 / 64, (case, kernel)
         issued, issued_first = (sum(k["instructions"] for k in pair) for pair in (new, old))
-        assert issued / per_thread <= 1.25 * issued_first / first_per_thread, (case, issued, issued_first)
+        assert issued / per_thread <= 1.05 * issued_first / first_per_thread, (case, issued, issued_first)
 
 
 @pytest.mark.parametrize("impl", ["native_nchw", "split", "dense"])

@@ -89,24 +89,27 @@ def _fused_lrn(opaque: bool):
     return lrn_triton.lrn_forward_opaque if opaque else lrn_triton.lrn_forward
 
 
-IMPLEMENTATIONS = ("auto", "fused", "fused_scan", "fused_opaque", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "fused_gather", "fused_scan", "fused_opaque", "reference")
+# The fused kernels' ways of forming the channel-window sums (alexlab.lrn_triton._window_sum).
+FUSED_WINDOWS = {"fused": "lanes", "fused_opaque": "lanes", "fused_gather": "gather", "fused_scan": "scan"}
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
                         impl: str = "auto") -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
-    impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused | fused_scan (the
-    same kernels summing each window as the difference of a running sum: two gathers instead of
-    `size`; not yet timed on a GPU) | fused_opaque (fused, as an op torch.compile calls without
-    tracing into it; not yet timed on a GPU) | reference."""
+    impl: auto (the fused Triton kernels on CUDA, the reference elsewhere) | fused (window sums by
+    groups of four channels in registers; not yet timed on a GPU) | fused_gather (one gather of the
+    tile per window position: the kernels timed on the H200) | fused_scan (each window as the
+    difference of a running sum; not yet timed on a GPU) | fused_opaque (fused, as an op
+    torch.compile calls without tracing into it; not yet timed on a GPU) | reference."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.
-    explicit = impl in ("fused", "fused_scan", "fused_opaque")
+    explicit = impl in FUSED_WINDOWS
     runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1")
     if impl != "reference" and runnable:
         fused = _fused_lrn(impl == "fused_opaque")
         if fused is not None:
-            return fused(x, size, coefficient, beta, k, impl == "fused_scan")
+            return fused(x, size, coefficient, beta, k, FUSED_WINDOWS.get(impl, "lanes"))
         if explicit:
             raise RuntimeError(f"LRN impl={impl} needs Triton, which is not installed")
     return _LRNFunction.apply(x, size, coefficient, beta, k)

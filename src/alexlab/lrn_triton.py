@@ -7,7 +7,8 @@ once and writes y; the backward reads x and the incoming gradient and writes dx,
 denominators instead of saving them, so LRN moves the same bytes as a ReLU. Sums run in fp32
 whatever the input dtype. (A first version loaded the five shifted channel windows from memory
 instead: 14.7 ms in fp32 and 1.7 ms in bf16 on 256x96x55x55 on an H200, against 0.84 and 0.74 ms
-for this one; bench/RESULTS.md.)
+for the gather windows, `window="gather"`; bench/RESULTS.md.) The window sums are formed by groups
+of four channels by default (`_window_sum_lanes`), which issues fewer instructions.
 
     d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
     dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
@@ -20,6 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+# How the kernels form each channel-window sum (see _window_sum); `window` in the ops below.
+LANES, GATHER, SCAN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+WINDOWS = {"lanes": 0, "gather": 1, "scan": 2}
 
 
 @triton.jit
@@ -37,12 +42,106 @@ def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
 
 
 @triton.jit
-def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr, BY_SCAN: tl.constexpr):
+def _shift_chunks(v, by: tl.constexpr, G: tl.constexpr):
+    """v[:, g + by], zero outside [0, G), for a [BLOCK_P, G] tensor."""
+    g = tl.arange(0, G)[None, :] + by
+    picked = tl.gather(v, tl.broadcast_to(tl.minimum(tl.maximum(g, 0), G - 1), v.shape), axis=1)
+    return tl.where((g >= 0) & (g < G), picked, 0.0)
+
+
+@triton.jit
+def _pick(k: tl.constexpr, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3):
+    """The channel at offset k (-4..7) from the first of a thread's four: the previous four, its own, the next."""
+    v = c0
+    if k == -4:
+        v = p0
+    if k == -3:
+        v = p1
+    if k == -2:
+        v = p2
+    if k == -1:
+        v = p3
+    if k == 1:
+        v = c1
+    if k == 2:
+        v = c2
+    if k == 3:
+        v = c3
+    if k == 4:
+        v = n0
+    if k == 5:
+        v = n1
+    if k == 6:
+        v = n2
+    if k == 7:
+        v = n3
+    return v
+
+
+@triton.jit
+def _lane_sum(j: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3):
+    """The window sum of the j-th of each group of four channels."""
+    s = _pick(j + lo, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    for o in tl.static_range(lo + 1, hi + 1):
+        s += _pick(j + o, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    return s
+
+
+@triton.jit
+def _window_sum_lanes(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """_window_sum by groups of four channels (-4 <= lo, hi <= 4): the tile is split into the four
+    channels of each group, held by one thread; a window takes its group's own four and, from the
+    neighbouring groups, only the channels it reaches (for size 5: two from each side, four tl.gather
+    of a quarter of the tile). The gathers move values between threads; the rest are additions in
+    registers. Compiled for sm_90 this issues 18-25% fewer instructions per element than one gather
+    per window position, in fewer registers (bench/RESULTS.md)."""
+    G: tl.constexpr = BLOCK_C // 4
+    a, b = tl.split(tl.reshape(t, (BLOCK_P, G, 2, 2)))
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    zero = tl.zeros_like(c0)
+    p0 = zero
+    p1 = zero
+    p2 = zero
+    p3 = zero
+    n0 = zero
+    n1 = zero
+    n2 = zero
+    n3 = zero
+    if lo <= -4:
+        p0 = _shift_chunks(c0, -1, G)
+    if lo <= -3:
+        p1 = _shift_chunks(c1, -1, G)
+    if lo <= -2:
+        p2 = _shift_chunks(c2, -1, G)
+    if lo <= -1:
+        p3 = _shift_chunks(c3, -1, G)
+    if hi >= 1:
+        n0 = _shift_chunks(c0, 1, G)
+    if hi >= 2:
+        n1 = _shift_chunks(c1, 1, G)
+    if hi >= 3:
+        n2 = _shift_chunks(c2, 1, G)
+    if hi >= 4:
+        n3 = _shift_chunks(c3, 1, G)
+    o0 = _lane_sum(0, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    o1 = _lane_sum(1, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    o2 = _lane_sum(2, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    o3 = _lane_sum(3, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_P, BLOCK_C))
+
+
+@triton.jit
+def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr, WINDOW: tl.constexpr):
     """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a [BLOCK_P, BLOCK_C] tile held in registers, zero
-    outside [0, BLOCK_C) (channels >= C are zero in t). tl.gather moves values between threads, so
-    each input element is read from memory once. BY_SCAN: a running sum along the channels and two
-    gathers (its ends) instead of one gather per window position (hi - lo + 1 of them)."""
-    if BY_SCAN:
+    outside [0, BLOCK_C) (channels >= C are zero in t). Values move between threads (tl.gather), not
+    through memory, so each input element is read from memory once. WINDOW: how the sum is formed:
+    LANES (_window_sum_lanes), GATHER (one tl.gather of the whole tile per window position, hi - lo + 1
+    of them; the kernels timed on the H200), SCAN (a running sum along the channels and two gathers,
+    its ends)."""
+    if WINDOW == LANES:
+        out = _window_sum_lanes(t, lo, hi, t.shape[0], BLOCK_C)
+    elif WINDOW == SCAN:
         running = tl.cumsum(t, axis=1)
         top = tl.gather(running, tl.broadcast_to(tl.minimum(c + hi, BLOCK_C - 1), t.shape), axis=1)
         below = c + (lo - 1)
@@ -60,7 +159,7 @@ def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr,
 
 @triton.jit
 def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr, BY_SCAN: tl.constexpr):
+               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr):
     """This program's tile, BLOCK_P pixels x all channels of image n: (c, offsets, mask, x in fp32,
     denominator base d)."""
     n = tl.program_id(1)
@@ -70,16 +169,16 @@ def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.con
     mask = (p < P) & (c < C)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
-    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C, BY_SCAN)
+    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C, WINDOW)
     return c, at, mask, x, d
 
 
 @triton.jit
 def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BY_SCAN: tl.constexpr):
+                    WINDOW: tl.constexpr):
     c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                   BY_SCAN)
+                                   WINDOW)
     scale, _ = _neg_pow(d, beta, BETA_IS_075)
     y = x * scale
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -88,13 +187,13 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 @triton.jit
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BY_SCAN: tl.constexpr):
+                    WINDOW: tl.constexpr):
     c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                   BY_SCAN)
+                                   WINDOW)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
     scale, over_d = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
-    back = _window_sum(g * x * over_d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, BY_SCAN)
+    back = _window_sum(g * x * over_d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, WINDOW)
     dx = g * scale - (2.0 * beta * coeff) * x * back
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -113,38 +212,43 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 
 # Elements per program (pixels x padded channels) and warps per program: 8 elements per thread. Two
 # costs trade here, both read off the kernels compiled for sm_90 without a GPU (`resource_job`,
-# bench/RESULTS.md). The launch timed on an H200 (4096, 4: 32 per thread) took 193 registers per
-# thread in the backward, room for 8 of an SM's 64 warps, too few to hide memory latency. Fewer
-# elements per thread free registers but cost instructions per element, and the LRN's issue time is
-# already near a ReLU's memory time. This one, on conv1's output: 40 / 64 registers (forward /
-# backward), 75% / 50% of the warps, 21% more instructions per element than that launch (4 per
-# thread cost 2.2x on conv2's). tests/test_fast_paths.py holds it there; the bench's `lrn_configs` times others.
+# bench/RESULTS.md). The kernels timed on an H200 (gather windows, 4096 elements, 4 warps) took 193
+# registers per thread in the backward, room for 8 of an SM's 64 warps, too few to hide memory
+# latency. Fewer elements per thread free registers but cost instructions per element, and the LRN's
+# issue time is already near a ReLU's memory time. This launch with the LANES window sums: 32 / 48
+# registers (forward / backward), 100% / 62% of the warps, and no more instructions per element than
+# those H200 kernels (conv1's output: 76 vs 77). tests/test_fast_paths.py holds it there; the bench's
+# `lrn_configs` times the others.
 BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 
 
-def _arguments(kernel, x, extra, size, coefficient, beta, k, scan, block_elements):
+def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements):
     """(runtime arguments by name, compile-time constants, grid, output) of a launch of `kernel`."""
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
     out = torch.empty_like(x)
     block_c = triton.next_power_of_2(channels)
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {list(WINDOWS)}, got {window!r}")
+    if window == "lanes" and (block_c < 4 or size > 9):  # groups of four channels, windows up to 9
+        window = "gather"
     constants = {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
-                 "BLOCK_C": block_c, "BY_SCAN": scan}
+                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window]}
     values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
     arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
     grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
     return arguments, constants, grid, out
 
 
-def _launch(kernel, x, extra, size, coefficient, beta, k, scan, block_elements, num_warps):
-    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, scan, block_elements)
+def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps):
+    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements)
     torch.library.wrap_triton(kernel)[grid](**arguments, **constants, num_warps=num_warps)
     return out
 
 
 def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last: bool = True, size: int = 5,
-                 beta: float = 0.75, scan: bool = False, block_elements: int = BLOCK_ELEMENTS,
+                 beta: float = 0.75, window: str = "lanes", block_elements: int = BLOCK_ELEMENTS,
                  num_warps: int = NUM_WARPS) -> dict:
     """The kernel that a launch on a tensor of this shape and layout compiles (Triton specialises on the
     arguments' values: a stride of 1, multiples of 16), as a job for
@@ -155,19 +259,20 @@ def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     kernel = _lrn_bwd_kernel if backward else _lrn_fwd_kernel
-    arguments, constants, _, _ = _arguments(kernel, x, [x] if backward else [], size, 1e-4 / size, beta, 2.0, scan,
+    arguments, constants, _, _ = _arguments(kernel, x, [x] if backward else [], size, 1e-4 / size, beta, 2.0, window,
                                             block_elements)
     return job_for_launch(f"{__name__}:{kernel.fn.__name__}", arguments, constants, num_warps)
 
 
-def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, scan: bool = False,
+def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "lanes",
              block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, scan, block_elements, num_warps)
+    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window, block_elements, num_warps)
 
 
 def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-              scan: bool = False, block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, scan, block_elements,
+              window: str = "lanes", block_elements: int = BLOCK_ELEMENTS,
+              num_warps: int = NUM_WARPS) -> torch.Tensor:
+    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, window, block_elements,
                    num_warps)
 
 

@@ -12,8 +12,8 @@ Every ablation switch of the paper lives in `build_model`:
     remove            drop middle conv layers and/or fc6, fc7; widths adapt, pooling stays
     init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
 
-Speed only (same function, same parameters): lrn_impl (auto|fused|fused_scan|fused_opaque|reference, see lrn.py) and
-grouped_conv (auto|native|native_nchw|split|dense, see TowerConv2d).
+Speed only (same function, same parameters): lrn_impl (auto|fused|fused_gather|fused_scan|fused_opaque|
+reference, see lrn.py) and grouped_conv (auto|native|native_nchw|split|dense, see TowerConv2d).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
