@@ -30,9 +30,9 @@ WINDOWS = {"lanes": 0, "gather": 1, "scan": 2}
 @triton.jit
 def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
     """(d^-beta, d^(-beta-1)) without a division, which costs more than these in fp32."""
-    if BETA_IS_075:  # the paper's beta: rsqrt and sqrt instead of exp/log
+    if BETA_IS_075:  # the paper's beta: d^-0.5 * d^-0.25 from one rsqrt and one sqrt, no exp/log
         r = tl.rsqrt(d)
-        scale = r * tl.rsqrt(tl.sqrt(d))
+        scale = r * tl.sqrt(r)
         over_d = scale * r * r
     else:
         log_d = tl.log2(d)
@@ -88,14 +88,15 @@ def _lane_sum(j: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr, p0, p1, p2, p
 
 
 @triton.jit
-def _window_sum_lanes(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """_window_sum by groups of four channels (-4 <= lo, hi <= 4): the tile is split into the four
-    channels of each group, held by one thread; a window takes its group's own four and, from the
-    neighbouring groups, only the channels it reaches (for size 5: two from each side, four tl.gather
-    of a quarter of the tile). The gathers move values between threads; the rest are additions in
-    registers. Compiled for sm_90 this issues 18-25% fewer instructions per element than one gather
-    per window position, in fewer registers (bench/RESULTS.md)."""
-    G: tl.constexpr = BLOCK_C // 4
+def _window_sum_lanes(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, G: tl.constexpr):
+    """_window_sum by groups of four channels (-4 <= lo, hi <= 4): the [BLOCK_P, G, 4] tile is split into
+    the four channels of each group, which one thread holds; a window takes its group's own four and,
+    from the neighbouring groups, only the channels it reaches (for size 5: two from each side, four
+    tl.gather of a quarter of the tile). The gathers move values between threads; the rest are
+    additions in registers. Compiled for sm_90 this issues a quarter to a third fewer instructions per
+    element than one gather per window position at the same launch, in fewer registers
+    (bench/RESULTS.md)."""
+    shape: tl.constexpr = t.shape
     a, b = tl.split(tl.reshape(t, (BLOCK_P, G, 2, 2)))
     c0, c2 = tl.split(a)
     c1, c3 = tl.split(b)
@@ -128,57 +129,71 @@ def _window_sum_lanes(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constex
     o1 = _lane_sum(1, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
     o2 = _lane_sum(2, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
     o3 = _lane_sum(3, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
-    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_P, BLOCK_C))
+    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), shape)
 
 
 @triton.jit
-def _window_sum(t, c, lo: tl.constexpr, hi: tl.constexpr, BLOCK_C: tl.constexpr, WINDOW: tl.constexpr):
-    """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a [BLOCK_P, BLOCK_C] tile held in registers, zero
-    outside [0, BLOCK_C) (channels >= C are zero in t). Values move between threads (tl.gather), not
-    through memory, so each input element is read from memory once. WINDOW: how the sum is formed:
-    LANES (_window_sum_lanes), GATHER (one tl.gather of the whole tile per window position, hi - lo + 1
-    of them; the kernels timed on the H200), SCAN (a running sum along the channels and two gathers,
-    its ends)."""
+def _window_sum(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a tile of BLOCK_P pixels x BLOCK_C channels held in
+    registers as [BLOCK_P, BLOCK_C] or [BLOCK_P, BLOCK_C // 4, 4] (channel 4g + j at [:, g, j]; see
+    _load_tile), zero outside [0, BLOCK_C)
+    (channels >= C are zero in t). Values move between threads (tl.gather), not through memory, so
+    each input element is read from memory once. WINDOW: how the sum is formed: LANES
+    (_window_sum_lanes), GATHER (one tl.gather of the whole tile per window position, hi - lo + 1 of
+    them; the kernels timed on the H200), SCAN (a running sum along the channels and two gathers, its
+    ends)."""
     if WINDOW == LANES:
-        out = _window_sum_lanes(t, lo, hi, t.shape[0], BLOCK_C)
-    elif WINDOW == SCAN:
-        running = tl.cumsum(t, axis=1)
-        top = tl.gather(running, tl.broadcast_to(tl.minimum(c + hi, BLOCK_C - 1), t.shape), axis=1)
-        below = c + (lo - 1)
-        bottom = tl.gather(running, tl.broadcast_to(tl.maximum(below, 0), t.shape), axis=1)
-        out = top - tl.where(below >= 0, bottom, 0.0)
+        out = _window_sum_lanes(t, lo, hi, BLOCK_P, BLOCK_C // 4)
     else:
-        out = tl.zeros(t.shape, dtype=tl.float32)
-        for o in tl.static_range(lo, hi + 1):
-            idx = c + o
-            valid = (idx >= 0) & (idx < BLOCK_C)
-            picked = tl.gather(t, tl.broadcast_to(tl.minimum(tl.maximum(idx, 0), BLOCK_C - 1), t.shape), axis=1)
-            out += tl.where(valid, picked, 0.0)
+        flat = tl.reshape(t, (BLOCK_P, BLOCK_C))
+        c = tl.arange(0, BLOCK_C)[None, :]
+        if WINDOW == SCAN:
+            running = tl.cumsum(flat, axis=1)
+            top = tl.gather(running, tl.broadcast_to(tl.minimum(c + hi, BLOCK_C - 1), flat.shape), axis=1)
+            below = c + (lo - 1)
+            bottom = tl.gather(running, tl.broadcast_to(tl.maximum(below, 0), flat.shape), axis=1)
+            summed = top - tl.where(below >= 0, bottom, 0.0)
+        else:
+            summed = tl.zeros(flat.shape, dtype=tl.float32)
+            for o in tl.static_range(lo, hi + 1):
+                idx = c + o
+                valid = (idx >= 0) & (idx < BLOCK_C)
+                picked = tl.gather(flat, tl.broadcast_to(tl.minimum(tl.maximum(idx, 0), BLOCK_C - 1), flat.shape),
+                                   axis=1)
+                summed += tl.where(valid, picked, 0.0)
+        out = tl.reshape(summed, t.shape)
     return out
 
 
 @triton.jit
 def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr):
-    """This program's tile, BLOCK_P pixels x all channels of image n: (c, offsets, mask, x in fp32,
-    denominator base d)."""
+               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+    """This program's tile, BLOCK_P pixels x all channels of image n: (offsets, mask, x in fp32,
+    denominator base d). GROUPED: as [BLOCK_P, BLOCK_C // 4, 4], so that Triton gives each thread a
+    group of four channels from the load on (LANES sums need no layout change through shared memory;
+    for up to 128 channels, 32 groups, one per thread of a warp), else [BLOCK_P, BLOCK_C]."""
     n = tl.program_id(1)
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
-    c = tl.arange(0, BLOCK_C)[None, :]
+    if GROUPED:
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None, None]
+        c = tl.arange(0, BLOCK_C // 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    else:
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+        c = tl.arange(0, BLOCK_C)[None, :]
     at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
     mask = (p < P) & (c < C)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
-    d = k + coeff * _window_sum(x * x, c, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_C, WINDOW)
-    return c, at, mask, x, d
+    d = k + coeff * _window_sum(x * x, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_P, BLOCK_C, WINDOW)
+    return at, mask, x, d
 
 
 @triton.jit
 def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    WINDOW: tl.constexpr):
-    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                   WINDOW)
+                    WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+    at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
+                                WINDOW, GROUPED)
     scale, _ = _neg_pow(d, beta, BETA_IS_075)
     y = x * scale
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -187,13 +202,13 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 @triton.jit
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    WINDOW: tl.constexpr):
-    c, at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                   WINDOW)
+                    WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+    at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
+                                WINDOW, GROUPED)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
     scale, over_d = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
-    back = _window_sum(g * x * over_d, c, -((SIZE - 1) // 2), SIZE // 2, BLOCK_C, WINDOW)
+    back = _window_sum(g * x * over_d, -((SIZE - 1) // 2), SIZE // 2, BLOCK_P, BLOCK_C, WINDOW)
     dx = g * scale - (2.0 * beta * coeff) * x * back
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -215,10 +230,10 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 # bench/RESULTS.md). The kernels timed on an H200 (gather windows, 4096 elements, 4 warps) took 193
 # registers per thread in the backward, room for 8 of an SM's 64 warps, too few to hide memory
 # latency. Fewer elements per thread free registers but cost instructions per element, and the LRN's
-# issue time is already near a ReLU's memory time. This launch with the LANES window sums: 32 / 48
-# registers (forward / backward), 100% / 62% of the warps, and no more instructions per element than
-# those H200 kernels (conv1's output: 76 vs 77). tests/test_fast_paths.py holds it there; the bench's
-# `lrn_configs` times the others.
+# issue time is near a ReLU's memory time. This launch with the LANES window sums, on conv1's output:
+# 32 / 40 registers (forward / backward), 100% / 75% of the warps, 60 instructions per element
+# against those H200 kernels' 77. tests/test_fast_paths.py holds it there; the bench's `lrn_configs`
+# times the others.
 BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 
 
@@ -228,13 +243,13 @@ def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_eleme
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
     out = torch.empty_like(x)
-    block_c = triton.next_power_of_2(channels)
+    block_c = max(4, triton.next_power_of_2(channels))  # whole groups of four channels
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {list(WINDOWS)}, got {window!r}")
-    if window == "lanes" and (block_c < 4 or size > 9):  # groups of four channels, windows up to 9
+    if window == "lanes" and size > 9:  # the groups reach four channels either side
         window = "gather"
     constants = {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
-                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window]}
+                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window], "GROUPED": window == "lanes" and block_c <= 128}
     values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
     arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
     grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
