@@ -42,6 +42,7 @@ from alexlab.tracking import device_name, library_versions  # noqa: E402
 from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+PAPER_LRN_SHAPES = ((256, 96, 55, 55), (256, 256, 27, 27))  # conv1's and conv2's outputs, batch 256
 
 
 def model_preset(name: str, **changes) -> dict:
@@ -69,7 +70,7 @@ class Bench:
         self.cpu_shares = [float(v) for v in args.cpu_decode_shares.split(",") if v.strip()]
         # The LRN's tensors (conv1's and conv2's outputs) and the fused kernels' launch parameters to try
         # (`lrn_configs` times them, `kernels` reads their registers and occupancy).
-        self.lrn_shapes = [(256, 96, 55, 55), (256, 256, 27, 27)] if self.cuda else [(2, 24, 3, 3)]
+        self.lrn_shapes = list(PAPER_LRN_SHAPES) if self.cuda else [(2, 24, 3, 3)]
         from alexlab.lrn_triton import BLOCK_ELEMENTS, NUM_WARPS
         self.lrn_sweep = [(b, w) for b in (512, 1024, 2048, 4096) for w in (4, 8)] if self.cuda else \
             [(BLOCK_ELEMENTS, NUM_WARPS)]
@@ -296,7 +297,9 @@ class Bench:
         arch = 10 * major + minor
         default = (lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)
         rows, jobs = [], []
-        for shape in self.lrn_shapes:  # as the trainer launches them: bf16, channels_last
+        # The paper's shapes even on a CPU (compiling needs no GPU); as the trainer launches them: bf16,
+        # channels_last. The tiny version compiles the default launch only.
+        for shape in PAPER_LRN_SHAPES:
             for impl, window in FUSED_WINDOWS.items():
                 for block, warps in self.lrn_sweep if impl != "fused_opaque" else []:
                     for backward in (False, True):
@@ -319,7 +322,9 @@ class Bench:
             if r["default"]:
                 print(f"   {r['kernel']:<26} {r.get('channels', ''):>4} block {r['block_elements']:>5} warps "
                       f"{r['num_warps']}: {r['registers']} registers, {r['spilled_bytes']} B spilled, "
-                      f"occupancy {r['occupancy']:.0%} ({r['arch']})", flush=True)
+                      f"occupancy {r['occupancy']:.0%}"
+                      + (f", {r['instructions_per_element']:.0f} instructions per element" if r.get(
+                          "instructions_per_element") else "") + f" ({r['arch']})", flush=True)
 
     # ---- JPEG pipeline ----
     @functools.cached_property
