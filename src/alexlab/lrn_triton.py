@@ -138,10 +138,10 @@ def _window_sum(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BL
     """out[:, i] = sum_{o = lo..hi} t[:, i + o] over a tile of BLOCK_P pixels x BLOCK_C channels held in
     registers as [BLOCK_P, BLOCK_C] or [BLOCK_P, BLOCK_C // 4, 4] (channel 4g + j at [:, g, j]; see
     _load_tile), zero outside [0, BLOCK_C) (channels >= C are zero in t). Values move between threads
-    (tl.gather), not through memory, so each input element is read from memory once. WINDOW: how the sum is formed: LANES
-    (_window_sum_lanes), GATHER (one tl.gather of the whole tile per window position, hi - lo + 1 of
-    them; the kernels timed on the H200), SCAN (a running sum along the channels and two gathers, its
-    ends)."""
+    (tl.gather), not through memory, so each input element is read from memory once. WINDOW: how the
+    sum is formed: LANES (_window_sum_lanes), GATHER (one tl.gather of the whole tile per window
+    position, hi - lo + 1 of them; the kernels timed on the H200), SCAN (a running sum along the
+    channels and two gathers, its ends)."""
     if WINDOW == LANES:
         out = _window_sum_lanes(t, lo, hi, BLOCK_P, BLOCK_C // 4)
     else:
@@ -257,7 +257,7 @@ def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_eleme
 
 def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps):
     arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements)
-    torch.library.wrap_triton(kernel)[grid](**arguments, **constants, num_warps=num_warps)
+    torch.library.wrap_triton(kernel)[grid](*arguments.values(), **constants, num_warps=num_warps)  # kernel's order
     return out
 
 
