@@ -50,40 +50,12 @@ def _shift_chunks(v, by: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _pick(k: tl.constexpr, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3):
-    """The channel at offset k (-4..7) from the first of a thread's four: the previous four, its own, the next."""
-    v = c0
-    if k == -4:
-        v = p0
-    if k == -3:
-        v = p1
-    if k == -2:
-        v = p2
-    if k == -1:
-        v = p3
-    if k == 1:
-        v = c1
-    if k == 2:
-        v = c2
-    if k == 3:
-        v = c3
-    if k == 4:
-        v = n0
-    if k == 5:
-        v = n1
-    if k == 6:
-        v = n2
-    if k == 7:
-        v = n3
-    return v
-
-
-@triton.jit
-def _lane_sum(j: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3):
-    """The window sum of the j-th of each group of four channels."""
-    s = _pick(j + lo, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+def _lane_sum(j: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr, lanes):
+    """The window sum of the j-th of each group of four channels; lanes[4 + k] holds the channel at
+    offset k (-4..7) from the group's first: the previous group's four, its own, the next group's."""
+    s = lanes[4 + j + lo]
     for o in tl.static_range(lo + 1, hi + 1):
-        s += _pick(j + o, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+        s += lanes[4 + j + o]
     return s
 
 
@@ -125,10 +97,11 @@ def _window_sum_lanes(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constex
         n2 = _shift_chunks(c2, 1, G)
     if hi >= 4:
         n3 = _shift_chunks(c3, 1, G)
-    o0 = _lane_sum(0, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
-    o1 = _lane_sum(1, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
-    o2 = _lane_sum(2, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
-    o3 = _lane_sum(3, lo, hi, p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    lanes = (p0, p1, p2, p3, c0, c1, c2, c3, n0, n1, n2, n3)
+    o0 = _lane_sum(0, lo, hi, lanes)
+    o1 = _lane_sum(1, lo, hi, lanes)
+    o2 = _lane_sum(2, lo, hi, lanes)
+    o3 = _lane_sum(3, lo, hi, lanes)
     return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), shape)
 
 
