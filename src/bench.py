@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from alexlab.io import atomic_write_json  # noqa: E402
+from alexlab.lrn import FUSED_WINDOWS  # noqa: E402
 from alexlab.model import TOWER_IMPLS, build_model  # noqa: E402
 from alexlab.timing import seconds_per_call as time_steps, synchronize as sync  # noqa: E402
 from alexlab.tracking import device_name, library_versions  # noqa: E402
@@ -43,6 +44,8 @@ from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_LRN_SHAPES = ((256, 96, 55, 55), (256, 256, 27, 27))  # conv1's and conv2's outputs, batch 256
+# lrn_impl -> how its kernels form the window sums; fused_opaque runs fused's kernels
+LRN_WINDOWS = {impl: window for impl, window in FUSED_WINDOWS.items() if impl != "fused_opaque"}
 
 
 def model_preset(name: str, **changes) -> dict:
@@ -251,12 +254,12 @@ class Bench:
                 print(f"   {name:<40} {row['dtype']:<9} {row['ms_fwd_bwd']:.3f} ms", flush=True)
 
     def lrn_configs(self):
-        """The fused LRN's launch parameters (alexlab.lrn_triton.BLOCK_ELEMENTS, NUM_WARPS, chosen without a GPU):
-        forward + backward of each way of forming the window sums over block sizes and warp counts on conv1's output in
-        bf16 channels_last (the trainer's case), and the defaults in NCHW and on conv2's output too (an
-        NCHW input is what a layout change inside a compiled graph would hand the kernel)."""
+        """The fused LRN's launch parameters (alexlab.lrn_triton.BLOCK_ELEMENTS, NUM_WARPS, chosen without
+        a GPU): forward + backward of each way of forming the window sums over block sizes and warp counts
+        on conv1's output in bf16 channels_last (the trainer's case), and the defaults in NCHW and on
+        conv2's output too (an NCHW input is what a layout change inside a compiled graph would hand the
+        kernel)."""
         from alexlab import lrn_triton
-        from alexlab.lrn import FUSED_WINDOWS
         shapes, sweep = self.lrn_shapes, self.lrn_sweep
         dtype = torch.bfloat16 if self.cuda else torch.float32
         default = [(lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)]
@@ -268,8 +271,8 @@ class Bench:
                     x = x.contiguous(memory_format=torch.channels_last)
                 g = torch.randn_like(x)
                 configs = sweep if (shape, layout) == (shapes[0], "channels_last") else default
-                for impl, window in FUSED_WINDOWS.items():
-                    for block, warps in configs if impl != "fused_opaque" else []:
+                for impl, window in LRN_WINDOWS.items():
+                    for block, warps in configs:
                         if self.out_of_time():
                             self.record["errors"].append("lrn_configs: stopped (budget)")
                             return
@@ -291,7 +294,6 @@ class Bench:
         also runs on a CPU machine (`--only kernels`). For the LRN, every launch `lrn_configs` times."""
         from alexlab import lrn_triton
         from alexlab.data.gpu_decode import RESIZE_BLOCK
-        from alexlab.lrn import FUSED_WINDOWS
         from alexlab.kernel_resources import compiled_resources
         major, minor = torch.cuda.get_device_capability(self.device) if self.cuda else (9, 0)
         arch = 10 * major + minor
@@ -300,8 +302,8 @@ class Bench:
         # The paper's shapes even on a CPU (compiling needs no GPU); as the trainer launches them: bf16,
         # channels_last. The tiny version compiles the default launch only.
         for shape in PAPER_LRN_SHAPES:
-            for impl, window in FUSED_WINDOWS.items():
-                for block, warps in self.lrn_sweep if impl != "fused_opaque" else []:
+            for impl, window in LRN_WINDOWS.items():
+                for block, warps in self.lrn_sweep:
                     for backward in (False, True):
                         jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, shape, window=window,
                                                             block_elements=block, num_warps=warps))
