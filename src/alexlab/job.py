@@ -54,6 +54,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     run_dir = Path(run_dir)
     tracker = None
     world = distributed.World()
+    completed = False
     try:
         config = resolved_config(cfg)
         world = distributed.init(cuda=config["device"] != "cpu" and _cuda_available())
@@ -64,6 +65,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
             tracker = NullTracker(run_dir)
         state = fit(cfg, run_dir, tracker, world)
         record = tracker.finish("completed", state=state)
+        completed = True
         if not world.is_main:
             return record
         final = record["final"] or {}
@@ -86,7 +88,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:
-        world.close()
+        world.close(completed)
 
 
 def _cuda_available() -> bool:
