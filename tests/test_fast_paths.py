@@ -119,6 +119,20 @@ def test_occupancy_follows_the_cuda_limits():
     assert occupancy(16, 100_000, 1) == 2 / 64  # shared memory: 2 blocks of 101 KB in 228 KB
 
 
+def test_kernel_arguments_are_specialised_as_tritons_launcher_does_also_where_it_lacks_its_function(monkeypatch):
+    """kernel_resources compiles a kernel as a launch would: Triton's own specialisation where this
+    Triton has it (3.8), else the same rules written out (a Triton without native_specialize_impl)."""
+    import sys
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from alexlab.kernel_resources import _specialize
+    x = torch.empty(256, 96, 55, 55, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last)
+    values = [x, x.float(), 1, 16, 96, 3025, 290400, 2**31 + 16, 0.5, 1e-4]
+    triton_says = [native_specialize_impl(BaseBackend, v, False, True, True) for v in values]
+    monkeypatch.setitem(sys.modules, "triton._C.libtriton", None)  # the import fails
+    assert [_specialize(v) for v in values] == triton_says
+
+
 def test_fused_lrn_default_keeps_memory_busy_without_issuing_more_than_the_h200s_kernels():
     """The LRN moves as many bytes as a ReLU but does much more per element, so two costs trade. Warps
     in flight hide memory latency: the kernels timed on an H200 (one gather per window position, 4096

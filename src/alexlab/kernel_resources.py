@@ -42,11 +42,9 @@ def job_for_launch(kernel: str, arguments: dict, constexprs: dict, num_warps: in
     `arguments` (by name; tensors may be meta tensors) compiles it. Triton specialises on the values as
     at run time: an integer equal to 1 becomes a constant, and integers and pointers that are multiples
     of 16 are marked so, which lets it vectorise memory accesses."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
     signature, constants, divisible = {}, dict(constexprs), []
     for name, value in arguments.items():
-        kind, hint = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, hint = _specialize(value)
         if kind == "constexpr":
             constants[name] = hint
         else:
@@ -55,6 +53,28 @@ def job_for_launch(kernel: str, arguments: dict, constexprs: dict, num_warps: in
                 divisible.append(name)
     return {"kernel": kernel, "signature": signature, "constexprs": constants, "divisible_by_16": divisible,
             "num_warps": num_warps}
+
+
+def _specialize(value) -> tuple:
+    """(Triton type or "constexpr", "D" for a multiple of 16 / the constant) as Triton's launcher
+    specialises an argument; its own function where this Triton has it (3.8 does)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    except ImportError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "data_ptr"):
+        raise TypeError(f"cannot specialise {value!r}")
+    if hasattr(value, "data_ptr"):  # a tensor: a pointer to its element type
+        names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "uint8": "u8", "int32": "i32",
+                 "int64": "i64"}
+        return "*" + names[str(value.dtype).replace("torch.", "")], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if value == 1:
+        return "constexpr", 1
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
 
 
 def compiled_resources(jobs: list[dict], arch: int = 90) -> list[dict]:
