@@ -294,7 +294,7 @@ class Bench:
         also runs on a CPU machine (`--only kernels`). For the LRN, every launch `lrn_configs` times."""
         from alexlab import lrn_triton
         from alexlab.data.gpu_decode import RESIZE_BLOCK
-        from alexlab.kernel_resources import compiled_resources
+        from alexlab.kernel_resources import compiled_resources, job_for_launch
         major, minor = torch.cuda.get_device_capability(self.device) if self.cuda else (9, 0)
         arch = 10 * major + minor
         default = (lrn_triton.BLOCK_ELEMENTS, lrn_triton.NUM_WARPS)
@@ -311,9 +311,13 @@ class Bench:
                                      "channels": shape[1], "shape": list(shape), "dtype": "bfloat16",
                                      "layout": "channels_last", "block_elements": block,
                                      "default": (block, warps) == default})
-        jobs.append({"kernel": "alexlab.data.gpu_decode:_resize_crop_kernel", "num_warps": 8,
-                     "signature": {"src_ptr": "*u8", "offsets_ptr": "*i64", "meta_ptr": "*i32", "scale_ptr": "*fp32",
-                                   "out_ptr": "*u8", "S": "i32"}, "constexprs": {"BLOCK": RESIZE_BLOCK}})
+        meta = functools.partial(torch.empty, device="meta")  # a batch of 256 as resize_square_batch launches it
+        jobs.append(job_for_launch("alexlab.data.gpu_decode:_resize_crop_kernel",
+                                   {"src_ptr": meta(256 * 3 * 375 * 500, dtype=torch.uint8),
+                                    "offsets_ptr": meta(256, dtype=torch.int64),
+                                    "meta_ptr": meta(256, 6, dtype=torch.int32), "scale_ptr": meta(256, 2),
+                                    "out_ptr": meta(256, 3, 256, 256, dtype=torch.uint8), "S": 256},
+                                   {"BLOCK": RESIZE_BLOCK}, 8))
         rows.append({"kernel": "resize_crop", "default": True, "block_elements": RESIZE_BLOCK})
         for row, found in zip(rows, compiled_resources(jobs, arch)):
             row.update(found)

@@ -3,8 +3,8 @@
 Triton compiles for a named architecture on any machine (its wheel carries ptxas and cuobjdump), so
 registers per thread, spilled bytes and shared memory can be read here, and from them the share of
 the SM's warp slots the kernel can fill (theoretical occupancy). A memory-bound kernel needs many
-warps in flight to hide memory latency: the fused LRN's first launch parameters used 252 registers
-per thread in the backward, which leaves room for 8 of an H100's 64 warps (bench/RESULTS.md).
+warps in flight to hide memory latency: the fused LRN kernels timed on an H200 used 193 registers
+per thread in the backward, which leaves room for 8 of an SM's 64 warps (bench/RESULTS.md).
 
 A job names its kernel as "module:function" so that, where Triton runs as its interpreter
 (TRITON_INTERPRET=1, as in the tests) and cannot compile, the jobs run in one child process without it.
