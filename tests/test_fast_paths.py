@@ -95,8 +95,9 @@ def test_fused_lrn_with_another_beta_and_size_uses_the_general_power(impl, size)
 @pytest.mark.parametrize("channels,size", [(3, 5), (5, 5), (16, 7), (16, 9), (16, 8), (8, 11), (2, 3)])
 def test_fused_lrn_window_sums_by_groups_of_four_channels_at_their_edges(channels, size):
     """impl=fused sums windows by groups of four channels; it reaches at most four channels either side
-    (windows up to 9; wider ones, and tiles under four channels, take the gather path): windows that
-    reach past a group, past the tile, and wider than the channel count, against PyTorch's LRN."""
+    (windows up to 9; wider ones take the gather path; fewer than four channels are padded to a group):
+    windows that reach past a group, past the tile, and wider than the channel count, against PyTorch's
+    LRN."""
     gen = torch.Generator().manual_seed(size)
     x = torch.rand(2, channels, 3, 2, generator=gen) * 10
     x_ref = x.clone().requires_grad_()
