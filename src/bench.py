@@ -176,6 +176,7 @@ class Bench:
         if step.func.tower_impls:  # grouped_conv=auto: what the timing at the first step chose per layer
             row["tower_impls"] = step.func.tower_impls
         self.record["train_step"].append(row)
+        self.save()  # row by row: a run stopped by its time limit keeps what it measured
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
         del model, step
         if self.cuda:
