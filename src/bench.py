@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import functools
 import os
 import statistics
@@ -97,11 +98,15 @@ class Bench:
             self.record["errors"].append(f"{name}: skipped, over the {self.args.budget_s} s budget")
             return
         print(f"== {name}", flush=True)
+        # A section still running after --stack-dump-s prints every thread's stack (to stderr): where it hangs.
+        faulthandler.dump_traceback_later(self.args.stack_dump_s, exit=False)
         try:
             fn()
         except Exception:  # noqa: BLE001 - one broken section must not lose the others' numbers
             self.record["errors"].append(f"{name}: {traceback.format_exc(limit=3)}")
             print(traceback.format_exc(), flush=True)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         self.save()
 
     # ---- correctness ----
@@ -497,6 +502,7 @@ class Bench:
                    "threads": self.args.workers, "images": n, "images_per_s": rate,
                    "projected_90_epochs_hours": 24 * days}
             self.record["end_to_end"].append(row)
+            self.save()
             print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
                   flush=True)
         self.overlap()
@@ -726,10 +732,14 @@ def _version(name):
 
 
 def _in_processes(fn, jobs) -> None:
-    """fn(job) for every job, in up to 16 processes (generating the benchmark's files)."""
+    """fn(job) for every job, in up to 16 processes (generating the benchmark's files). Spawned, not
+    forked: a forked child of a process whose OpenMP threads have run hangs in libgomp at its first
+    parallel region (resizing a photo), which stopped the H100 run of 2026-11-27 for minutes."""
     if jobs:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        with ProcessPoolExecutor(min(16, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
             list(pool.map(fn, jobs, chunksize=64))
 
 
@@ -770,6 +780,8 @@ def main(argv=None) -> int:
                         "(default /tmp/alexlab-bench-jpeg-grain, -tiny on a CPU)")
     parser.add_argument("--jpegs", type=int, default=0, help="number of JPEGs (default 6144 on CUDA, 6 on CPU)")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many s")
+    parser.add_argument("--stack-dump-s", type=float, default=240,
+                        help="print every thread's stack when a section has run this long (finding a hang)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile modes")
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma-separated "
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")

@@ -41,3 +41,27 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}
     assert all("Self CPU" in p["table"] for p in record["profiles"].values())
     assert "| training step |" in proc.stdout  # the table comes last
+
+
+def test_bench_writes_resized_copies_after_the_parent_used_torch_threads(tmp_path):
+    """The H100 run of 2026-11-27 hung for minutes where the benchmark wrote its resized copies: its
+    process pool forked a parent whose OpenMP threads had run, and libgomp hangs in such a child at its
+    first parallel region (here: resizing a 500x375 photo). The pool must start its workers clean."""
+    from PIL import Image
+    from skimage import data
+    photo = tmp_path / "photo.JPEG"
+    Image.fromarray(data.astronaut()).resize((500, 375)).save(photo, quality=90)
+    script = f"""
+import sys; sys.path.insert(0, {str(ROOT / 'src')!r})
+import torch, torch.nn.functional as F
+from pathlib import Path
+import bench
+F.interpolate(torch.rand(64, 3, 500, 375), size=(256, 256), mode="bilinear", antialias=True)  # OpenMP threads run
+folder = Path({str(tmp_path)!r})
+bench._in_processes(bench._write_resized_copy, [(folder / "photo.JPEG", folder / f"copy{{i}}.JPEG", 256, 95)
+                                                for i in range(4)])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(4):
+        assert Image.open(tmp_path / f"copy{i}.JPEG").size == (256, 256)
