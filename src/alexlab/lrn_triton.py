@@ -7,8 +7,9 @@ once and writes y; the backward reads x and the incoming gradient and writes dx,
 denominators instead of saving them, so LRN moves the same bytes as a ReLU. Sums run in fp32
 whatever the input dtype. (A first version loaded the five shifted channel windows from memory
 instead: 14.7 ms in fp32 and 1.7 ms in bf16 on 256x96x55x55 on an H200, against 0.84 and 0.74 ms
-for the gather windows, `window="gather"`; bench/RESULTS.md.) The window sums are formed by groups
-of four channels by default (`_window_sum_lanes`), which issues fewer instructions.
+for the gather windows, `window="gather"`; bench/RESULTS.md.) The window sums can also be formed by
+groups of four channels (`window="lanes"`, `_window_sum_lanes`), which issues fewer instructions
+under Triton 3.8 but ran no faster on an H100 under Triton 3.6, so `lrn_impl=auto` runs the gather.
 
     d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
     dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
@@ -204,8 +205,9 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 # latency. Fewer elements per thread free registers but cost instructions per element, and the LRN's
 # issue time is near a ReLU's memory time. This launch with the LANES window sums, on conv1's output:
 # 32 / 40 registers (forward / backward), 100% / 75% of the warps, 60 instructions per element
-# against those H200 kernels' 77. tests/test_fast_paths.py holds it there; the bench's `lrn_configs`
-# times the others.
+# against those H200 kernels' 77; with the gather windows 40 / 64 registers, 75% / 50%. The gather
+# kernels took 4x a ReLU's time at 4096 x 4 on an H200, and 1.8x at this launch on an H100 (bf16).
+# tests/test_fast_paths.py holds it there; the bench's `lrn_configs` times the others.
 BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 
 
