@@ -179,7 +179,7 @@ class Bench:
         row = {"model": label, "mode": mode, "images_per_s": self.batch / seconds, "ms_per_step": 1e3 * seconds,
                "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
         if step.func.tower_impls:  # grouped_conv=auto: what the timing at the first step chose per layer
-            row["tower_impls"] = step.func.tower_impls
+            row["tower_impls"], row["tower_ms"] = step.func.tower_impls, step.func.tower_ms
         self.record["train_step"].append(row)
         self.save()  # row by row: a run stopped by its time limit keeps what it measured
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)

@@ -195,8 +195,11 @@ def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients()
     grouped["features.conv4"].impl = "split"  # chosen by the user: left alone
     x = torch.randn(4, 3, 27, 27)
     before = model(x)
-    chosen = choose_tower_impls(model, x, repeats=1)
-    assert set(chosen) == {"features.conv2", "features.conv5"}
+    timings = {}
+    chosen = choose_tower_impls(model, x, repeats=1, timings=timings)
+    assert set(chosen) == {"features.conv2", "features.conv5"} == set(timings)
+    for name, impl in chosen.items():  # every candidate timed; the fastest kept
+        assert set(timings[name]) == set(TOWER_IMPLS) and timings[name][impl] == min(timings[name].values())
     assert all(grouped[name].impl == impl and impl in TOWER_IMPLS for name, impl in chosen.items())
     assert grouped["features.conv4"].impl == "split"
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)

@@ -204,11 +204,12 @@ class TowerConv2d(nn.Conv2d):
         return super().extra_repr() + (f", impl={self.impl}" if self.groups > 1 else "")
 
 
-def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5
-                       ) -> dict[str, str]:
+def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
+                       timings: dict | None = None) -> dict[str, str]:
     """For each grouped TowerConv2d left at impl=auto: time forward + backward of each of TOWER_IMPLS
     on the input the layer gets from `x`, and keep the fastest in the layer. Gradients are
-    taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl}."""
+    taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl};
+    fills `timings`, if given, with {layer: {impl: ms}} (how close the race was)."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, TowerConv2d) and m.groups > 1 and m.impl == "auto"}
     if not layers:
@@ -236,6 +237,8 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
                 torch.autograd.grad(out, wrt, torch.ones_like(out))
             seconds[impl] = seconds_per_call(step, x.device, warmup=2, steps=repeats, repeats=1)
         layer.impl = chosen[name] = min(seconds, key=seconds.get)
+        if timings is not None:
+            timings[name] = {impl: round(1e3 * t, 4) for impl, t in seconds.items()}
     return chosen
 
 

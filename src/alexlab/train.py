@@ -143,13 +143,15 @@ class TrainStep:
         window: misses, images (since the last step log)
 
     On CUDA the first call also picks each tower layer's grouped-conv implementation by timing
-    (model.grouped_conv=auto; `tower_impls` holds the choice), before torch.compile traces.
+    (model.grouped_conv=auto; `tower_impls` holds the choice, `tower_ms` each candidate's forward +
+    backward in ms), before torch.compile traces.
     """
 
     def __init__(self, model, step_model, optimizer, device: torch.device, bf16: bool = False):
         self.model = model  # the plain module; step_model may wrap it (DDP, torch.compile)
         self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
         self.tower_impls: dict[str, str] | None = None
+        self.tower_ms: dict[str, dict[str, float]] = {}
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -158,7 +160,8 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
         if self.tower_impls is None:
-            self.tower_impls = choose_tower_impls(self.model, x, self.autocast) if x.is_cuda else {}
+            self.tower_impls = choose_tower_impls(self.model, x, self.autocast, timings=self.tower_ms) \
+                if x.is_cuda else {}
         with self.autocast():
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), labels)
@@ -298,7 +301,8 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                     raise Interrupted(signum)
             progress.close()
             if epoch == first_epoch and train_step.tower_impls:
-                tracker.note(f"grouped convolutions timed at the first step, fastest kept: {train_step.tower_impls}")
+                tracker.note(f"grouped convolutions timed at the first step, fastest kept: {train_step.tower_impls} "
+                             f"(forward + backward, ms: {train_step.tower_ms})")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
