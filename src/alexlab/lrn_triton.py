@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 # How the kernels form each channel-window sum (see _window_sum); `window` in the ops below.
-LANES, GATHER, SCAN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-WINDOWS = {"lanes": 0, "gather": 1, "scan": 2}
+WINDOWS = {"lanes": 0, "gather": 1, "scan": 2}  # the `window` argument -> the kernels' WINDOW constant
+LANES, GATHER, SCAN = (tl.constexpr(WINDOWS[name]) for name in ("lanes", "gather", "scan"))
 
 
 @triton.jit
