@@ -91,11 +91,13 @@ def _fused_lrn(opaque: bool):
 
 IMPLEMENTATIONS = ("auto", "fused", "fused_gather", "fused_scan", "fused_opaque", "reference")
 # The fused kernels' ways of forming the channel-window sums (alexlab.lrn_triton._window_sum).
-FUSED_WINDOWS = {"fused": "lanes", "fused_opaque": "lanes", "fused_gather": "gather", "fused_scan": "scan"}
+FUSED_WINDOWS = {"fused": "lanes", "fused_gather": "gather", "fused_scan": "scan"}
 # impl=auto on CUDA: on an H100 (2026-11-27, Triton 3.6) the gather window sums ran as fast as the
 # groups of four in bf16 (0.466 against 0.465 ms on conv1's output) and 1.5x faster in fp32 (0.51 ms
 # against 0.75, where Triton 3.6 moves the groups' tile through shared memory).
 AUTO_FUSED_IMPL = "fused_gather"
+# fused_opaque: auto's kernels, called as an opaque op, so the two differ only in the tracing
+FUSED_WINDOWS["fused_opaque"] = FUSED_WINDOWS[AUTO_FUSED_IMPL]
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
@@ -103,7 +105,7 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (fused_gather on CUDA, the reference elsewhere) | fused (window sums by groups of four
     channels in registers) | fused_gather (one gather of the tile per window position) | fused_scan
-    (each window as the difference of a running sum) | fused_opaque (fused, as an op torch.compile
+    (each window as the difference of a running sum) | fused_opaque (fused_gather, as an op torch.compile
     calls without tracing into it) | reference. Timings: bench/RESULTS.md."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.

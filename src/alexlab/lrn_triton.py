@@ -9,7 +9,8 @@ whatever the input dtype. (A first version loaded the five shifted channel windo
 instead: 14.7 ms in fp32 and 1.7 ms in bf16 on 256x96x55x55 on an H200, against 0.84 and 0.74 ms
 for the gather windows, `window="gather"`; bench/RESULTS.md.) The window sums can also be formed by
 groups of four channels (`window="lanes"`, `_window_sum_lanes`), which issues fewer instructions
-under Triton 3.8 but ran no faster on an H100 under Triton 3.6, so `lrn_impl=auto` runs the gather.
+under Triton 3.8 but ran no faster on an H100 under Triton 3.6, so `lrn_impl=auto` runs the gather
+(the ops' default `window`).
 
     d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
     dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
@@ -237,7 +238,7 @@ def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements
 
 
 def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last: bool = True, size: int = 5,
-                 beta: float = 0.75, window: str = "lanes", block_elements: int = BLOCK_ELEMENTS,
+                 beta: float = 0.75, window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
                  num_warps: int = NUM_WARPS) -> dict:
     """The kernel that a launch on a tensor of this shape and layout compiles (Triton specialises on the
     arguments' values: a stride of 1, multiples of 16), as a job for
@@ -253,13 +254,13 @@ def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last
     return job_for_launch(f"{__name__}:{kernel.fn.__name__}", arguments, constants, num_warps)
 
 
-def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "lanes",
+def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "gather",
              block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
     return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window, block_elements, num_warps)
 
 
 def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-              window: str = "lanes", block_elements: int = BLOCK_ELEMENTS,
+              window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
               num_warps: int = NUM_WARPS) -> torch.Tensor:
     return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, window, block_elements,
                    num_warps)
