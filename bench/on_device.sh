@@ -4,6 +4,8 @@
 # .whl/ (keep it out of git: echo /.whl/ >> .git/info/exclude) holds the wheels the GPU image lacks:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl hydra-core==1.3.2 omegaconf==2.3.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # an sdist on PyPI; pure Python
+#   python3 -m pip download --no-deps -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.0.4.44
+#     (data.jpeg_decoder=nvimgcodec, the hardware JPEG engines; 29 MB; nvJPEG 13.0 as the image's CUDA)
 # A second look, if device time is left: every cuDNN algorithm tried for each convolution (the grouped
 # ones may have faster algorithms than PyTorch's default top 10; cuDNN's choices are cached per process):
 #   run(command="TESTS=0 SECTIONS=train bash bench/on_device.sh --cudnn-benchmark-limit 0", carry=[".whl"])

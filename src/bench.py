@@ -36,6 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from alexlab.errors import ConfigError  # noqa: E402
 from alexlab.io import atomic_write_json  # noqa: E402
 from alexlab.lrn import FUSED_WINDOWS  # noqa: E402
 from alexlab.model import TOWER_IMPLS, build_model  # noqa: E402
@@ -45,7 +46,7 @@ from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_LRN_SHAPES = ((256, 96, 55, 55), (256, 256, 27, 27))  # conv1's and conv2's outputs, batch 256
-# lrn_impl -> how its kernels form the window sums; fused_opaque runs fused's kernels
+# lrn_impl -> how its kernels form the window sums; fused_opaque runs fused_gather's kernels
 LRN_WINDOWS = {impl: window for impl, window in FUSED_WINDOWS.items() if impl != "fused_opaque"}
 
 
@@ -83,7 +84,8 @@ class Bench:
             "device": device_name(str(self.device)), "cpu_count": os.cpu_count(),
             "versions": library_versions() | {"triton": _version("triton")},
             "batch_size": self.batch, "tiny": self.tiny, "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
-            "checks": {}, "train_step": [], "lrn": [], "data": [], "end_to_end": [], "errors": []}
+            "checks": {}, "train_step": [], "lrn": [], "data": [], "end_to_end": [], "overlap": [], "notes": [],
+            "errors": []}
 
     # ---- bookkeeping ----
     def out_of_time(self) -> bool:
@@ -373,7 +375,7 @@ class Bench:
         return self.resized_files if resized else self.jpeg_files
 
     def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True, resized: bool = False,
-                                  cpu_share: float = 0.0):
+                                  cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
         """The GPU JPEG source over the benchmark's files (or their resized copies), and the paper's
         augmentation."""
         from alexlab.data.augment import Augmenter, PixelStats
@@ -385,14 +387,14 @@ class Bench:
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
                                self.device, decode_bytes, prefetch=prefetch, in_process=in_process,
-                               cpu_share=cpu_share)
+                               cpu_share=cpu_share, jpeg_decoder=decoder, hw_decoder_load=hw_load)
         return source, augment
 
     def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
-                 resized: bool = False, cpu_share: float = 0.0):
+                 resized: bool = False, cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
         """Images/s from files to augmented batches (and through `model_step` if given)."""
         from alexlab.data.augment import batch_generator
-        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share)
+        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share, decoder, hw_load)
         paths = self.files(resized)
         rates = []
         for epoch in range(epochs):
@@ -421,6 +423,12 @@ class Bench:
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
                                         "threads": self.args.workers, "images": n, "images_per_s": rate})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
+        for hw_load in self.nvimgcodec_loads():  # data.jpeg_decoder=nvimgcodec
+            rate, n = self.pipeline(decoder="nvimgcodec", hw_load=hw_load)
+            self.record["data"].append({"pipeline": f"JPEG files -> nvImageCodec (hw_decoder_load={hw_load}) -> resize "
+                                                    f"kernel -> augment (prefetch thread, side stream)",
+                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
+            print(f"   gpu jpeg pipeline, nvimgcodec hw_decoder_load={hw_load}: {rate:.0f} img/s", flush=True)
         for share in self.cpu_shares:  # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG
             rate, n = self.pipeline(cpu_share=share)
             self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
@@ -458,6 +466,14 @@ class Bench:
             self.record["data"].append({"pipeline": "nvJPEG batch decode alone (bytes in memory)",
                                         "images_per_s": len(datas) / seconds})
             print(f"   nvjpeg decode alone: {len(datas) / seconds:.0f} img/s", flush=True)
+        for hw_load in self.nvimgcodec_loads():  # 1.0: the hardware engines (where the card has them); 0: CUDA
+            from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
+            decoder = NvImageCodecJpeg(self.device, hw_load)
+            datas = [b for b in blobs[0] if b.dim() == 1]
+            seconds = time_steps(lambda: decoder(datas), self.device, 2, 5, 3)
+            self.record["data"].append({"pipeline": f"nvImageCodec batch decode alone, hw_decoder_load={hw_load} "
+                                                    f"(bytes in memory)", "images_per_s": len(datas) / seconds})
+            print(f"   nvimgcodec decode alone, hw_decoder_load={hw_load}: {len(datas) / seconds:.0f} img/s", flush=True)
 
     def cpu_pipeline(self, resized: bool) -> float:
         """Images/s of data.decode=cpu's source (ImageFolderSource) over the files, worker start excluded."""
@@ -475,46 +491,67 @@ class Bench:
     def end_to_end(self):
         impl = self.record.get("fastest_grouped_conv", "auto")
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
-        # Decode and the step did not overlap (bench/RESULTS.md). Suspects: nvJPEG's internal work on
-        # the legacy default stream, which the step runs on (second row: the step on a stream of its
-        # own), and anything in one process that serialises them (third row: decoding in a child).
-        # Then part of each batch decoded by libjpeg in the reading threads (data.cpu_decode_share).
-        # Last, the resized copies (data.resized_jpegs=true): a third of the bytes and pixels to decode.
-        variants = [(False, True, False, 0.0), *((False, True, False, s) for s in self.cpu_shares),
-                    (True, True, False, 0.0), (False, False, False, 0.0), (False, True, True, 0.0),
-                    (False, False, True, 0.0)] if self.cuda else [(False, True, False, 0.0), (False, True, True, 0.0),
-                                                            *((False, True, False, s) for s in self.cpu_shares[:1])]
-        for side_stream, in_process, resized, share in variants:
+        # Measured on an H100 (bench/RESULTS.md): nvJPEG (torchvision) and the step share the SMs and
+        # mostly take turns; a child process for decoding helped 21%, the step on its own stream 3%,
+        # libjpeg in the reading threads (cpu_decode_share) made it slower. Now first: nvImageCodec,
+        # which can decode on the GPU's hardware JPEG engines and leave the SMs to the step; then the
+        # resized copies (data.resized_jpegs=true: a third of the bytes and pixels to decode).
+        plain = dict(side_stream=False, in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0)
+        hw = [plain | dict(decoder="nvimgcodec", hw_load=load) for load in self.nvimgcodec_loads()]
+        variants = [plain, *hw[:1], *(v | dict(in_process=False) for v in hw[:1]), plain | dict(in_process=False),
+                    plain | dict(resized=True), *(v | dict(resized=True, in_process=False) for v in hw[:1]),
+                    *hw[1:], *(plain | dict(share=s) for s in self.cpu_shares), plain | dict(side_stream=True)]
+        if not self.cuda:  # the tiny version: each kind of row once
+            variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1])]
+        for v in variants:
+            side_stream, in_process, resized, share = v["side_stream"], v["in_process"], v["resized"], v["share"]
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             train_step = trainer_step(model, self.device, mode)
             stream = torch.cuda.Stream(self.device) if side_stream else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
-                                        resized=resized, cpu_share=share)
+                                        resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
             days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
-            where = ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
+            where = (f"data.jpeg_decoder=nvimgcodec, hw_decoder_load={v['hw_load']}, " if v["decoder"] == "nvimgcodec"
+                     else "") + ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
                 ("" if in_process else ", decoding in a child process (data.decode=gpu_process)") + \
                 (", the resized copies (data.resized_jpegs=true)" if resized else "") + \
                 (f", data.cpu_decode_share={share}" if share else "")
             row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                f"grouped_conv={impl}, {where})",
                    "threads": self.args.workers, "images": n, "images_per_s": rate,
-                   "projected_90_epochs_hours": 24 * days}
+                   "jpeg_decoder": v["decoder"], "projected_90_epochs_hours": 24 * days}
             self.record["end_to_end"].append(row)
             self.save()
             print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
                   flush=True)
-        self.overlap()
+        for decoder in ("torchvision", *(["nvimgcodec"] if self.nvimgcodec_loads() else [])):
+            self.overlap(decoder=decoder)
 
-    def overlap(self, seconds: float = 0.0):
+    def nvimgcodec_loads(self) -> list[float]:
+        """data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec; none if it is not installed."""
+        if not self.args.hw_decoder_loads:
+            return []
+        from alexlab.data.nvimgcodec_jpeg import import_nvimgcodec
+        try:
+            import_nvimgcodec()
+        except ConfigError as err:
+            note = f"nvImageCodec rows skipped: {err}"
+            if note not in self.record["notes"]:
+                self.record["notes"].append(note)
+                print(f"   {note}", flush=True)
+            return []
+        return [float(v) for v in self.args.hw_decoder_loads.split(",")]
+
+    def overlap(self, seconds: float = 0.0, decoder: str = "torchvision"):
         """Can decoding and the training step share the machine? Each alone for a few seconds, then
         both at once with no data between them (the decoder in a thread on its own CUDA stream, the
         step on synthetic batches). overlap = decode_together/decode_alone + step_together/step_alone:
         1 means they ran one after the other, 2 means neither slowed the other down."""
         from alexlab.data.augment import batch_generator
         seconds = seconds or (4.0 if self.cuda else 0.5)
-        source, augment = self.jpeg_source_and_augmenter(prefetch=0)
+        source, augment = self.jpeg_source_and_augmenter(prefetch=0, decoder=decoder)
         step = self.train_step_fn(build_model(model_preset(self.ours), 1000).to(self.device), "bf16+cl",
                                   self.ours_size)
         step()  # warm-up: the grouped-conv timing and cuDNN's search
@@ -561,11 +598,11 @@ class Bench:
         decode_alone, = rates(decode_for)
         step_alone, = rates(steps_for)
         decode_together, step_together = rates(decode_for, steps_for)
-        row = {"decode_alone": decode_alone, "step_alone": step_alone, "decode_together": decode_together,
-               "step_together": step_together, "seconds_each": seconds,
+        row = {"jpeg_decoder": decoder, "decode_alone": decode_alone, "step_alone": step_alone,
+               "decode_together": decode_together, "step_together": step_together, "seconds_each": seconds,
                "overlap": decode_together / decode_alone + step_together / step_alone}
-        self.record["overlap"] = row
-        print(f"   overlap of decode and step: {row['overlap']:.2f} (1 = one after the other, 2 = fully); "
+        self.record["overlap"].append(row)
+        print(f"   overlap of decode ({decoder}) and step: {row['overlap']:.2f} (1 = one after the other, 2 = fully); "
               f"decode {decode_alone:.0f} -> {decode_together:.0f} img/s, "
               f"step {step_alone:.0f} -> {step_together:.0f} img/s", flush=True)
 
@@ -646,9 +683,8 @@ class Bench:
                       f"{cost(r, 'instructions_per_element')} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn_configs"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
-        if "overlap" in self.record:
-            o = self.record["overlap"]
-            lines.append(f"\ndecode and step at once: overlap {o['overlap']:.2f} (1 = serial, 2 = full); decode "
+        for o in self.record["overlap"]:
+            lines.append(f"\ndecode ({o['jpeg_decoder']}) and step at once: overlap {o['overlap']:.2f} (1 = serial, 2 = full); decode "
                          f"{o['decode_alone']:.0f} -> {o['decode_together']:.0f} img/s, step {o['step_alone']:.0f} -> "
                          f"{o['step_together']:.0f} img/s")
         if self.record["end_to_end"]:
@@ -792,8 +828,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                         help="cuDNN algorithms tried per convolution (PyTorch's default 10; 0: all). Its choices are "
                              "cached per process, so compare two runs, e.g. a second run with --only train")
-    parser.add_argument("--cpu-decode-shares", default="0.25,0.5",
+    parser.add_argument("--cpu-decode-shares", default="0.25",
                         help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
+    parser.add_argument("--hw-decoder-loads", default="1.0,0.5",
+                        help="data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec where it is "
+                             "installed, comma-separated ('' for none); the first also runs in a child process")
     args = parser.parse_args(argv)
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit

@@ -12,7 +12,7 @@ from torch import nn
 
 from alexlab.lrn import LocalResponseNorm
 from alexlab.model import TOWER_IMPLS, build_model
-from conftest import model_cfg
+from conftest import model_cfg, skip_without_nvimgcodec
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -341,6 +341,35 @@ def test_torchvisions_cpu_jpeg_decoder_gives_pils_pixels(tmp_path):
     calls = []
     image = decode_on_cpu(torch.from_numpy(np.fromfile(png, dtype=np.uint8)), lambda d: calls.append(d) or decode_bytes(d))
     assert len(calls) == 1 and torch.equal(image, torch.from_numpy(_photos()["tiny"].copy()).permute(2, 0, 1))
+
+
+def test_nvimgcodec_decodes_batches_as_pil_does_and_returns_none_for_what_it_refuses(tmp_path):
+    """data.jpeg_decoder=nvimgcodec: each batch in one call, planar RGB as torchvision's decoders
+    give it. On a CPU (libjpeg-turbo) PIL's pixels exactly; on CUDA (hardware engines or CUDA
+    decoder) within nvJPEG's chroma upsampling. Its buffers are reused from call to call: a second
+    batch of other files must come out as those files, not as the first batch."""
+    skip_without_nvimgcodec()
+    from PIL import Image
+    from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
+    paths = _jpeg_variants(tmp_path)
+    garbage = tmp_path / "garbage.JPEG"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    decoder = NvImageCodecJpeg(torch.device(DEVICE))
+    for batch in (paths[:7], [str(garbage), *paths[7:][::-1]], paths[:7]):
+        datas = [torch.from_numpy(np.fromfile(path, dtype=np.uint8)) for path in batch]
+        got = decoder(datas)
+        assert len(got) == len(batch)
+        for path, image in zip(batch, got):
+            if path == str(garbage):
+                assert image is None  # the caller's CPU decoder takes it (and names the file if it fails)
+                continue
+            pil = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+            assert image.device.type == DEVICE and image.dtype == torch.uint8 and image.shape == pil.shape, path
+            diff = (image.cpu().int() - pil.int()).abs()
+            if DEVICE == "cpu":
+                assert diff.max() == 0, path
+            else:
+                assert diff.max() <= 32 and diff.float().mean() < 1.5, path
 
 
 def test_reading_threads_decode_the_files_given_a_decoder_and_hand_over_the_rest_as_bytes(tmp_path):

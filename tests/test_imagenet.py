@@ -18,7 +18,7 @@ from alexlab.data import build_data
 from alexlab.data import imagenet
 from alexlab.data.augment import batch_generator
 from alexlab.errors import ConfigError
-from conftest import ROOT, compose_cfg, run_cli
+from conftest import ROOT, compose_cfg, run_cli, skip_without_nvimgcodec
 
 skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402 - after the skip
@@ -325,19 +325,25 @@ def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp
         assert torch.equal(whole[key], parallel[key]), key
 
 
-@pytest.mark.parametrize("decode,share", [("gpu", 0.0), ("gpu_process", 0.0), ("gpu", 0.5)])
-def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, decode, share):
+@pytest.mark.parametrize("decode,share,decoder", [("gpu", 0.0, "torchvision"), ("gpu_process", 0.0, "torchvision"),
+                                                   ("gpu", 0.5, "torchvision"), ("gpu", 0.0, "nvimgcodec"),
+                                                   ("gpu_process", 0.0, "nvimgcodec")])
+def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, decode, share, decoder):
     """data.decode=gpu: nvJPEG in batches (on a CPU machine torchvision's CPU decoder stands in) and the
     Triton resize kernel (Triton's interpreter here); gpu_process: the same in a child process;
-    data.cpu_decode_share: part of each batch decoded by libjpeg in the reading threads. The
-    odd files go to PIL, so every image equals the CPU path's within the resize kernel's rounding
-    (and, on CUDA, nvJPEG's)."""
+    data.cpu_decode_share: part of each batch decoded by libjpeg in the reading threads;
+    data.jpeg_decoder=nvimgcodec: nvImageCodec instead of torchvision (its hardware decoder on an
+    H100, its CPU decoder here). The odd files go to PIL, so every image equals the CPU path's
+    within the resize kernel's rounding (and, on CUDA, nvJPEG's)."""
+    if decoder == "nvimgcodec":
+        skip_without_nvimgcodec()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu"), 27, torch.device("cpu"), None)
     gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode={decode}",
-                              f"data.cpu_decode_share={share}"), 27, device, None)
+                              f"data.cpu_decode_share={share}", f"data.jpeg_decoder={decoder}"), 27, device, None)
     assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
     assert gpu.train.in_process == (decode == "gpu") and gpu.train.cpu_share == share
+    assert gpu.train.jpeg_decoder == decoder
     assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
     order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
     for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
@@ -349,11 +355,22 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
             assert diff.max() <= 32 and diff.float().mean() < 1.5, diff.flatten(1).max(1).values
 
 
+@pytest.mark.parametrize("name", ["cpu_decode_share", "hw_decoder_load"])
 @pytest.mark.parametrize("share", ["1.5", "-0.1", "true", "half"])
-def test_a_cpu_decode_share_outside_0_to_1_is_one_clear_error(prepared, share):
-    with pytest.raises(ConfigError, match="data.cpu_decode_share must be a number from 0 to 1, got"):
-        build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.cpu_decode_share={share}"), 27,
+def test_a_decode_share_outside_0_to_1_is_one_clear_error(prepared, name, share):
+    with pytest.raises(ConfigError, match=f"data.{name} must be a number from 0 to 1, got"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.{name}={share}"), 27,
                    torch.device("cpu"), None)
+
+
+def test_an_unknown_or_missing_jpeg_decoder_is_one_clear_error(prepared, monkeypatch):
+    with pytest.raises(ConfigError, match="data.jpeg_decoder must be torchvision or nvimgcodec, got 'nvjpeg'"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.jpeg_decoder=nvjpeg"), 27,
+                   torch.device("cpu"), None)
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # as if not installed: its import fails
+    with pytest.raises(ConfigError, match=r"needs NVIDIA's nvImageCodec: pip install nvidia-nvimgcodec-cu13"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu", "data.jpeg_decoder=nvimgcodec"),
+                   27, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None)
 
 
 def test_resized_copies_are_the_training_images_as_jpegs_and_training_reads_only_them(prepared, tmp_path, caplog):

@@ -1,6 +1,7 @@
 """JPEG files to uint8 batches on the GPU: threads only read file bytes (data.workers of them, into
 one pinned buffer per batch); the GPU decodes
-them in batches (nvJPEG through `torchvision.io.decode_jpeg(..., device="cuda")`) and one Triton
+them in batches (nvJPEG on the SMs through `torchvision.io.decode_jpeg(..., device="cuda")`, or
+with `jpeg_decoder="nvimgcodec"` the GPU's hardware JPEG engines, see nvimgcodec_jpeg.py) and one Triton
 kernel resizes every image of the batch at once (shorter side to `size`, centre crop), so the
 CPU does almost nothing per image. A background thread prepares the next batches on a side CUDA
 stream while the current training step runs.
@@ -158,25 +159,39 @@ def decode_on_cpu(data: torch.Tensor, fallback: Callable[[torch.Tensor], torch.T
     return fallback(data)
 
 
-def decode_batch(datas: list[torch.Tensor], device: torch.device,
-                 cpu_decode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. Images already
-    decoded on the CPU (3-D, see read_batches) are copied over; the JPEGs are decoded in one nvJPEG
-    call; what it refuses, and anything not a JPEG, go through `cpu_decode`."""
+def torchvision_jpeg(device: torch.device) -> Callable[[list[torch.Tensor]], list[torch.Tensor | None]]:
+    """data.jpeg_decoder=torchvision: JPEG bytes -> uint8 (3, H, W) on `device` in one nvJPEG call
+    (torchvision's libjpeg on a CPU); None for each file it refuses."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one file spoiled the batch call: find it, keep the others on the GPU
+            out: list[torch.Tensor | None] = []
+            for data in datas:
+                try:
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+    return decode
+
+
+def decode_batch(datas: list[torch.Tensor], device: torch.device,
+                 cpu_decode: Callable[[torch.Tensor], torch.Tensor],
+                 jpeg_decoder: Callable[[list[torch.Tensor]], list[torch.Tensor | None]] | None = None
+                 ) -> list[torch.Tensor]:
+    """File bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`. Images already
+    decoded on the CPU (3-D, see read_batches) are copied over; the JPEGs are decoded in one call of
+    `jpeg_decoder` (default: torchvision's nvJPEG); what it refuses, and anything not a JPEG, go
+    through `cpu_decode`."""
+    jpeg_decoder = jpeg_decoder or torchvision_jpeg(device)
     out: list[torch.Tensor | None] = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in datas]
     jpeg_idx = [i for i, d in enumerate(datas) if out[i] is None and is_jpeg(d)]
     if jpeg_idx:
-        try:
-            decoded = decode_jpeg([datas[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg_idx, decoded):
-                out[i] = img
-        except RuntimeError:
-            for i in jpeg_idx:  # one file spoiled the batch call: find it, keep the others on the GPU
-                try:
-                    out[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
+        for i, img in zip(jpeg_idx, jpeg_decoder([datas[i] for i in jpeg_idx])):
+            out[i] = img
     for i, img in enumerate(out):
         if img is None or img.shape[0] != 3:
             out[i] = cpu_decode(datas[i]).to(device)
@@ -252,12 +267,26 @@ class GpuJpegSource(BatchSource):
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, threads: int,
                  device: torch.device, cpu_decode: Decoder, prefetch: int = 3,
-                 cpu_files: set[int] = frozenset(), in_process: bool = True, cpu_share: float = 0.0):
+                 cpu_files: set[int] = frozenset(), in_process: bool = True, cpu_share: float = 0.0,
+                 jpeg_decoder: str = "torchvision", hw_decoder_load: float = 1.0):
         self.paths, self.size, self.threads, self.device = list(paths), size, threads, torch.device(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.cpu_decode, self.prefetch, self.cpu_files = cpu_decode, prefetch, set(cpu_files)
         self.in_process, self.cpu_share = in_process, float(cpu_share)
+        self.jpeg_decoder, self.hw_decoder_load = jpeg_decoder, float(hw_decoder_load)
         self._decoder: DecoderProcess | None = None
+        self._jpeg = None  # made where the decoding runs (in the child, for in_process=False)
+
+    def jpeg_batch_decoder(self):
+        if self._jpeg is None:
+            if self.jpeg_decoder == "nvimgcodec":
+                from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
+                self._jpeg = NvImageCodecJpeg(self.device, self.hw_decoder_load)
+            elif self.jpeg_decoder == "torchvision":
+                self._jpeg = torchvision_jpeg(self.device)
+            else:
+                raise ValueError(f"jpeg_decoder must be torchvision or nvimgcodec, got {self.jpeg_decoder!r}")
+        return self._jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -279,7 +308,8 @@ class GpuJpegSource(BatchSource):
         return zip(read_batches(self.paths, index_batches, self.threads, pin, decoders=decoders), index_batches)
 
     def _prepare(self, datas, idx):
-        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode), self.size)
+        images = resize_square_batch(decode_batch(datas, self.device, self.cpu_decode, self.jpeg_batch_decoder()),
+                                     self.size)
         return images, to_device(self.labels[idx], self.device)
 
     def batches_of(self, index_batches) -> Iterator:
@@ -350,7 +380,8 @@ class DecoderProcess:
         self.device, self.labels = source.device, source.labels
         state = {"paths": source.paths, "labels": source.labels.tolist(), "size": source.size,
                  "threads": source.threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
-                 "prefetch": 0, "cpu_files": source.cpu_files, "cpu_share": source.cpu_share}
+                 "prefetch": 0, "cpu_files": source.cpu_files, "cpu_share": source.cpu_share,
+                 "jpeg_decoder": source.jpeg_decoder, "hw_decoder_load": source.hw_decoder_load}
         self.commands, self.results = context.Queue(), context.Queue(max(1, source.prefetch))
         self.cancel = context.Event()
         self.process = context.Process(target=_decoder_main, args=(state, self.commands, self.results, self.cancel),

@@ -517,9 +517,12 @@ def check_options(cfg) -> None:
     if cfg.get("on_bad_file", "error") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
     check_resized_options(cfg)
-    share = cfg.get("cpu_decode_share", 0.0)
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ConfigError(f"data.cpu_decode_share must be a number from 0 to 1, got {share!r}")
+    for name in ("cpu_decode_share", "hw_decoder_load"):
+        share = cfg.get(name, 0.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ConfigError(f"data.{name} must be a number from 0 to 1, got {share!r}")
+    if cfg.get("jpeg_decoder", "torchvision") not in ("torchvision", "nvimgcodec"):
+        raise ConfigError(f"data.jpeg_decoder must be torchvision or nvimgcodec, got {cfg.get('jpeg_decoder')!r}")
 
 
 def check_bad_files(index: dict, cfg) -> list[dict]:
@@ -599,6 +602,10 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
     The splits decode on the CPU (ImageFolderSource) or on the GPU (GpuJpegSource): data.decode."""
     check_options(cfg)
     decode = resolve_decode(cfg, device)
+    jpeg_decoder = cfg.get("jpeg_decoder", "torchvision")
+    if jpeg_decoder == "nvimgcodec" and decode != "cpu":
+        from alexlab.data.nvimgcodec_jpeg import import_nvimgcodec
+        import_nvimgcodec()  # not installed: one message here, not a failure in the decoding thread
     out = find_prepared(cfg, cache_dir)
     if out is None:
         raise ConfigError(f"{_root(cfg)} is not prepared: run `{prepare_command(cfg)}` once first (it decodes "
@@ -637,7 +644,8 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
             paths = [p for p, _ in samples]
             splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
                                         cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
-                                        in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0)))
+                                        in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0),
+                                        jpeg_decoder=jpeg_decoder, hw_decoder_load=cfg.get("hw_decoder_load", 1.0)))
         else:
             splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
