@@ -492,29 +492,28 @@ class Bench:
         impl = self.record.get("fastest_grouped_conv", "auto")
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
         # Measured on an H100 (bench/RESULTS.md): nvJPEG (torchvision) and the step share the SMs and
-        # mostly take turns; a child process for decoding helped 21%, the step on its own stream 3%,
-        # libjpeg in the reading threads (cpu_decode_share) made it slower. Now first: nvImageCodec,
-        # which can decode on the GPU's hardware JPEG engines and leave the SMs to the step; then the
-        # resized copies (data.resized_jpegs=true: a third of the bytes and pixels to decode).
-        plain = dict(side_stream=False, in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0)
+        # mostly take turns; a child process for decoding helped 21%, the step on a CUDA stream of its
+        # own 3% (no longer timed), libjpeg in the reading threads (cpu_decode_share) made it slower.
+        # Now first: nvImageCodec, which can decode on the GPU's hardware JPEG engines and leave the
+        # SMs to the step; then the resized copies (data.resized_jpegs=true: a third of the bytes and
+        # pixels to decode).
+        plain = dict(in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0)
         hw = [plain | dict(decoder="nvimgcodec", hw_load=load) for load in self.nvimgcodec_loads()]
         variants = [plain, *hw[:1], *(v | dict(in_process=False) for v in hw[:1]), plain | dict(in_process=False),
                     plain | dict(resized=True), *(v | dict(resized=True, in_process=False) for v in hw[:1]),
-                    *hw[1:], *(plain | dict(share=s) for s in self.cpu_shares), plain | dict(side_stream=True)]
+                    *hw[1:], *(plain | dict(share=s) for s in self.cpu_shares)]
         if not self.cuda:  # the tiny version: each kind of row once
             variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1])]
         for v in variants:
-            side_stream, in_process, resized, share = v["side_stream"], v["in_process"], v["resized"], v["share"]
+            in_process, resized, share = v["in_process"], v["resized"], v["share"]
             torch.manual_seed(0)
             model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
             train_step = trainer_step(model, self.device, mode)
-            stream = torch.cuda.Stream(self.device) if side_stream else None
-            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
-                                        resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
+            rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
+                                    resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
             days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
             where = (f"data.jpeg_decoder=nvimgcodec, hw_decoder_load={v['hw_load']}, " if v["decoder"] == "nvimgcodec"
-                     else "") + ("the step on its own CUDA stream" if side_stream else "the step on the default stream") + \
+                     else "") + "the step on the default stream" + \
                 ("" if in_process else ", decoding in a child process (data.decode=gpu_process)") + \
                 (", the resized copies (data.resized_jpegs=true)" if resized else "") + \
                 (f", data.cpu_decode_share={share}" if share else "")
@@ -830,7 +829,7 @@ def main(argv=None) -> int:
                              "cached per process, so compare two runs, e.g. a second run with --only train")
     parser.add_argument("--cpu-decode-shares", default="0.25",
                         help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
-    parser.add_argument("--hw-decoder-loads", default="1.0,0.5",
+    parser.add_argument("--hw-decoder-loads", default="1.0,0.75,0",
                         help="data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec where it is "
                              "installed, comma-separated ('' for none); the first also runs in a child process")
     args = parser.parse_args(argv)
