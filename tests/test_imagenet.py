@@ -363,10 +363,15 @@ def test_a_decode_share_outside_0_to_1_is_one_clear_error(prepared, name, share)
                    torch.device("cpu"), None)
 
 
-def test_an_unknown_or_missing_jpeg_decoder_is_one_clear_error(prepared, monkeypatch):
+def test_an_unknown_missing_or_idle_jpeg_decoder_is_said_clearly(prepared, monkeypatch, caplog):
     with pytest.raises(ConfigError, match="data.jpeg_decoder must be torchvision or nvimgcodec, got 'nvjpeg'"):
         build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.jpeg_decoder=nvjpeg"), 27,
                    torch.device("cpu"), None)
+    with caplog.at_level("WARNING", logger="alexlab"):  # the CPU path decodes with PIL: said, not silently ignored
+        data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu", "data.jpeg_decoder=nvimgcodec"),
+                          27, torch.device("cpu"), None)
+    assert type(data.train).__name__ == "ImageFolderSource"
+    assert "data.jpeg_decoder=nvimgcodec applies to data.decode=gpu or gpu_process" in caplog.text
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # as if not installed: its import fails
     with pytest.raises(ConfigError, match=r"needs NVIDIA's nvImageCodec: pip install nvidia-nvimgcodec-cu13"):
         build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu", "data.jpeg_decoder=nvimgcodec"),

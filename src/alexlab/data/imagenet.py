@@ -606,6 +606,9 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
     if jpeg_decoder == "nvimgcodec" and decode != "cpu":
         from alexlab.data.nvimgcodec_jpeg import import_nvimgcodec
         import_nvimgcodec()  # not installed: one message here, not a failure in the decoding thread
+    elif jpeg_decoder == "nvimgcodec":
+        log.warning("data.jpeg_decoder=nvimgcodec applies to data.decode=gpu or gpu_process; "
+                    "data.decode=%s here, so PIL decodes on the CPU", cfg.get("decode", "auto"))
     out = find_prepared(cfg, cache_dir)
     if out is None:
         raise ConfigError(f"{_root(cfg)} is not prepared: run `{prepare_command(cfg)}` once first (it decodes "
