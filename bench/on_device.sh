@@ -34,4 +34,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 # is spent).
 # A section running over 240 s prints every thread's stack into bench.log (a hang's place).
 python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-300}" \
-  --only "${SECTIONS:-checks,e2e,data,train,profile,lrn,lrn_configs,kernels}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  --only "${SECTIONS:-checks,e2e,data,train,traffic,profile,lrn,lrn_configs,kernels}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -232,6 +232,36 @@ class Bench:
             best_row = max(paper, key=lambda r: r["images_per_s"])
             self.record["fastest_paper_mode"] = best_row["mode"]
 
+    def traffic(self):
+        """Bytes one bf16 channels_last training step moves through memory (alexlab.traffic: each op
+        reads its inputs and writes its outputs once), at the real sizes (batch 256) on the meta
+        device, so without a GPU too; beside each, on CUDA, the step measured by `train`."""
+        import torchvision
+        from alexlab.traffic import step_traffic
+        measured = {r["model"]: r["ms_per_step"] for r in self.record["train_step"]
+                    if r["mode"] == "bf16+cl" and self.cuda}
+        ours = lambda **c: (lambda: build_model(model_preset("alexnet", **c), 1000))  # noqa: E731
+        models = [("torchvision alexnet", lambda: torchvision.models.alexnet(num_classes=1000), 224),
+                  ("paper, grouped_conv=native", ours(grouped_conv="native"), 227),
+                  ("paper, grouped_conv=dense", ours(grouped_conv="dense"), 227),
+                  ("paper, grouped_conv=split", ours(grouped_conv="split"), 227),
+                  ("no LRN (towers 2)", ours(lrn=False, grouped_conv="native"), 227),
+                  ("one tower (lrn)", ours(towers=1), 227),
+                  ("no LRN, one tower", ours(lrn=False, towers=1), 227),
+                  ("paper, reference LRN", ours(lrn_impl="reference", grouped_conv="native"), 227)]
+        self.record["traffic"] = []
+        for label, make, size in models:
+            counter = step_traffic(make(), 256, size)
+            row = {"model": label, "batch": 256, "gb_per_step": counter.total / 1e9,
+                   "floor_ms_at_bandwidth": 1e3 * counter.total / (self.args.bandwidth_tbs * 1e12),
+                   "top_ops_gb": {op: round(b / 1e9, 3) for op, b in counter.by_op.most_common(8)}}
+            if label in measured:
+                row["measured_ms_per_step"] = measured[label]
+                row["effective_tb_per_s"] = counter.total / (measured[label] * 1e-3) / 1e12
+            self.record["traffic"].append(row)
+            print(f"   traffic, {label}: {row['gb_per_step']:.2f} GB a step, {row['floor_ms_at_bandwidth']:.2f} ms at "
+                  f"{self.args.bandwidth_tbs} TB/s", flush=True)
+
     # ---- LRN alone ----
     def lrn_alone(self):
         from alexlab.lrn import LocalResponseNorm
@@ -680,6 +710,13 @@ class Bench:
             lines += [f"| {r['impl']} | {r['layout']} | {'x'.join(map(str, r['shape']))} | {r['block_elements']} | "
                       f"{r['num_warps']} | {cost(r, 'registers')} | {cost(r, 'occupancy')} | "
                       f"{cost(r, 'instructions_per_element')} | {r['ms_fwd_bwd']:.3f} |" for r in self.record["lrn_configs"]]
+        if self.record.get("traffic"):
+            lines += ["", f"| bytes a bf16 step moves (batch 256) | GB | ms at {self.args.bandwidth_tbs} TB/s | "
+                          "measured ms |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['model']} | {r['gb_per_step']:.2f} | {r['floor_ms_at_bandwidth']:.2f} | "
+                      f"{r['measured_ms_per_step']:.2f} |" if "measured_ms_per_step" in r else
+                      f"| {r['model']} | {r['gb_per_step']:.2f} | {r['floor_ms_at_bandwidth']:.2f} | |"
+                      for r in self.record["traffic"]]
         lines += ["", "| pipeline | img/s |", "|---|---:|"]
         lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
         for o in self.record["overlap"]:
@@ -821,7 +858,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes to time, comma-separated "
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
-    parser.add_argument("--only", default="checks,kernels,lrn,lrn_configs,train,data,e2e,profile",
+    parser.add_argument("--only", default="checks,kernels,lrn,lrn_configs,train,traffic,data,e2e,profile",
                         help="comma-separated sections")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
@@ -829,6 +866,9 @@ def main(argv=None) -> int:
                              "cached per process, so compare two runs, e.g. a second run with --only train")
     parser.add_argument("--cpu-decode-shares", default="0.25",
                         help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
+                        help="memory bandwidth (TB/s, bytes read + written) for the traffic section's floor; "
+                             "3.0: a device-to-device copy on an H100")
     parser.add_argument("--hw-decoder-loads", default="1.0,0.75,0",
                         help="data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec where it is "
                              "installed, comma-separated ('' for none); the first also runs in a child process")
@@ -839,7 +879,8 @@ def main(argv=None) -> int:
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))
     sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
                 "lrn_configs": bench.lrn_configs, "kernels": bench.kernels,
-                "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile}
+                "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile,
+                "traffic": bench.traffic}
     for name in args.only.split(","):
         bench.section(name, sections[name])
     table = bench.table()

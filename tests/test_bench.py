@@ -41,6 +41,12 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
                 or r.get("jpeg_decoder") == "nvimgcodec"]
     assert len(hardware) == 7 and all(r["images_per_s"] > 0 for r in hardware)
     assert record["versions"]["torch"] and record["device"] and record["date"]
+    # Bytes a step moves, at the real sizes even here: LRN adds its fused kernels' passes over conv1's
+    # and conv2's outputs (bf16, batch 256): x in and out forward, x and gradient in and dx out backward.
+    traffic = {r["model"]: r["gb_per_step"] for r in record["traffic"]}
+    lrn_outputs = 2 * 256 * (96 * 55 * 55 + 256 * 27 * 27)
+    assert abs(traffic["paper, grouped_conv=native"] - traffic["no LRN (towers 2)"] - 5 * lrn_outputs / 1e9) < 1e-6
+    assert traffic["torchvision alexnet"] < traffic["paper, grouped_conv=native"] < traffic["paper, reference LRN"]
     assert [o["jpeg_decoder"] for o in record["overlap"]] == ["torchvision", "nvimgcodec"]
     assert all(0 < o["overlap"] < 3 for o in record["overlap"])
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}

@@ -108,9 +108,11 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     (each window as the difference of a running sum) | fused_opaque (fused_gather, as an op torch.compile
     calls without tracing into it) | reference. Timings: bench/RESULTS.md."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
-    # elsewhere (a CPU tensor, such as the shape probe in build_model) the reference runs.
+    # the opaque op also on the meta device (shapes only: alexlab.traffic); elsewhere (a CPU tensor,
+    # such as the shape probe in build_model) the reference runs.
     explicit = impl in FUSED_WINDOWS
-    runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1")
+    runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1") or \
+        (impl == "fused_opaque" and x.is_meta)
     if impl != "reference" and runnable:
         fused = _fused_lrn(impl == "fused_opaque")
         if fused is not None:
