@@ -111,6 +111,20 @@ class Bench:
             faulthandler.cancel_dump_traceback_later()
         self.save()
 
+    def add_data_row(self, row: dict) -> None:
+        self.record["data"].append(row)
+        self.save()  # each row at once: a run stopped by its time limit keeps what it measured
+
+    @contextlib.contextmanager
+    def row_guard(self, label: str):
+        """One row that fails (nvImageCodec on a machine it has never run on) is recorded as an error;
+        the section's other rows still run."""
+        try:
+            yield
+        except Exception:  # noqa: BLE001
+            self.record["errors"].append(f"{label}: {traceback.format_exc(limit=3)}")
+            print(f"   {label}: FAILED\n{traceback.format_exc()}", flush=True)
+
     # ---- correctness ----
     def checks(self):
         from torch import nn
@@ -445,46 +459,23 @@ class Bench:
         return statistics.median(rates) if rates else float("nan"), len(paths)
 
     def data_alone(self):
+        """The JPEG pipeline without the training step: first its parts on one batch whose bytes are in
+        memory (seconds each), then whole epochs from the files."""
         from alexlab.data.gpu_decode import decode_batch, read_batches, resize_square_batch
         from alexlab.data.imagenet import decode_bytes
-        for prefetch, how, resized in ((3, "prefetch thread, side stream", False), (0, "inline", False),
-                                       (3, "prefetch thread, side stream; the resized copies", True)):
-            rate, n = self.pipeline(prefetch=prefetch, resized=resized)
-            self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
-                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
-            print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
-        for hw_load in self.nvimgcodec_loads():  # data.jpeg_decoder=nvimgcodec
-            rate, n = self.pipeline(decoder="nvimgcodec", hw_load=hw_load)
-            self.record["data"].append({"pipeline": f"JPEG files -> nvImageCodec (hw_decoder_load={hw_load}) -> resize "
-                                                    f"kernel -> augment (prefetch thread, side stream)",
-                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
-            print(f"   gpu jpeg pipeline, nvimgcodec hw_decoder_load={hw_load}: {rate:.0f} img/s", flush=True)
-        for share in self.cpu_shares:  # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG
-            rate, n = self.pipeline(cpu_share=share)
-            self.record["data"].append({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
-                                                    f"threads ({share:.0%}) -> resize kernel -> augment",
-                                        "threads": self.args.workers, "images": n, "images_per_s": rate})
-            print(f"   gpu jpeg pipeline, cpu_decode_share={share}: {rate:.0f} img/s", flush=True)
-        for resized in (False, True):  # the CPU path (data.decode=cpu): PIL in DataLoader workers
-            rate = self.cpu_pipeline(resized)
-            what = "the resized copies" if resized else "the original-size files"
-            self.record["data"].append({"pipeline": f"CPU path: PIL decode + resize in DataLoader workers ({what})",
-                                        "workers": self.args.workers, "images_per_s": rate})
-            print(f"   cpu pipeline ({what}): {rate:.0f} img/s", flush=True)
         paths = self.jpeg_files
         batches = [list(range(i, min(i + self.batch, len(paths)))) for i in range(0, len(paths), self.batch)]
         tic = time.perf_counter()
         blobs = list(read_batches(paths, batches, self.args.workers, pin=self.cuda))
-        self.record["data"].append({"pipeline": "file bytes only (reading threads)", "threads": self.args.workers,
-                                    "images_per_s": len(paths) / (time.perf_counter() - tic)})
+        self.add_data_row({"pipeline": "file bytes only (reading threads)", "threads": self.args.workers,
+                           "images_per_s": len(paths) / (time.perf_counter() - tic)})
         decoded = decode_batch(blobs[0], self.device, decode_bytes)
         seconds = time_steps(lambda: resize_square_batch(decoded, self.image_size), self.device, 2, 5, 3)
-        self.record["data"].append({"pipeline": "resize kernel alone (decoded images on the device)",
-                                    "images_per_s": len(decoded) / seconds})
+        self.add_data_row({"pipeline": "resize kernel alone (decoded images on the device)",
+                           "images_per_s": len(decoded) / seconds})
         seconds = time_steps(lambda: resize_square_batch(decode_batch(blobs[0], self.device, decode_bytes),
                                                          self.image_size), self.device, 2, 5, 3)
-        self.record["data"].append({"pipeline": "decode + resize, bytes in memory",
-                                    "images_per_s": len(blobs[0]) / seconds})
+        self.add_data_row({"pipeline": "decode + resize, bytes in memory", "images_per_s": len(blobs[0]) / seconds})
         for row in self.record["data"][-3:]:
             print(f"   {row['pipeline']}: {row['images_per_s']:.0f} img/s", flush=True)
         if self.cuda:  # decode alone, bytes already in memory
@@ -493,17 +484,44 @@ class Bench:
             datas = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in self.jpeg_files[:self.batch]]
             seconds = time_steps(lambda: decode_jpeg(datas, mode=ImageReadMode.RGB, device="cuda"),
                                  self.device, 2, 5, 3)
-            self.record["data"].append({"pipeline": "nvJPEG batch decode alone (bytes in memory)",
-                                        "images_per_s": len(datas) / seconds})
+            self.add_data_row({"pipeline": "nvJPEG batch decode alone (bytes in memory)",
+                               "images_per_s": len(datas) / seconds})
             print(f"   nvjpeg decode alone: {len(datas) / seconds:.0f} img/s", flush=True)
         for hw_load in self.nvimgcodec_loads():  # 1.0: the hardware engines (where the card has them); 0: CUDA
-            from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
-            decoder = NvImageCodecJpeg(self.device, hw_load)
-            datas = [b for b in blobs[0] if b.dim() == 1]
-            seconds = time_steps(lambda: decoder(datas), self.device, 2, 5, 3)
-            self.record["data"].append({"pipeline": f"nvImageCodec batch decode alone, hw_decoder_load={hw_load} "
-                                                    f"(bytes in memory)", "images_per_s": len(datas) / seconds})
-            print(f"   nvimgcodec decode alone, hw_decoder_load={hw_load}: {len(datas) / seconds:.0f} img/s", flush=True)
+            with self.row_guard(f"data, nvimgcodec decode alone, hw_decoder_load={hw_load}"):
+                from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
+                decoder = NvImageCodecJpeg(self.device, hw_load)
+                datas = [b for b in blobs[0] if b.dim() == 1]
+                seconds = time_steps(lambda: decoder(datas), self.device, 2, 5, 3)
+                self.add_data_row({"pipeline": f"nvImageCodec batch decode alone, hw_decoder_load={hw_load} "
+                                               f"(bytes in memory)", "images_per_s": len(datas) / seconds})
+                print(f"   nvimgcodec decode alone, hw_decoder_load={hw_load}: {len(datas) / seconds:.0f} img/s",
+                      flush=True)
+        for prefetch, how, resized in ((3, "prefetch thread, side stream", False), (0, "inline", False),
+                                       (3, "prefetch thread, side stream; the resized copies", True)):
+            rate, n = self.pipeline(prefetch=prefetch, resized=resized)
+            self.add_data_row({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
+                               "threads": self.args.workers, "images": n, "images_per_s": rate})
+            print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
+        for hw_load in self.nvimgcodec_loads():  # data.jpeg_decoder=nvimgcodec
+            with self.row_guard(f"data, nvimgcodec pipeline, hw_decoder_load={hw_load}"):
+                rate, n = self.pipeline(decoder="nvimgcodec", hw_load=hw_load)
+                self.add_data_row({"pipeline": f"JPEG files -> nvImageCodec (hw_decoder_load={hw_load}) -> "
+                                               f"resize kernel -> augment (prefetch thread, side stream)",
+                                   "threads": self.args.workers, "images": n, "images_per_s": rate})
+                print(f"   gpu jpeg pipeline, nvimgcodec hw_decoder_load={hw_load}: {rate:.0f} img/s", flush=True)
+        for share in self.cpu_shares:  # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG
+            rate, n = self.pipeline(cpu_share=share)
+            self.add_data_row({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
+                                           f"threads ({share:.0%}) -> resize kernel -> augment",
+                               "threads": self.args.workers, "images": n, "images_per_s": rate})
+            print(f"   gpu jpeg pipeline, cpu_decode_share={share}: {rate:.0f} img/s", flush=True)
+        for resized in (False, True):  # the CPU path (data.decode=cpu): PIL in DataLoader workers
+            rate = self.cpu_pipeline(resized)
+            what = "the resized copies" if resized else "the original-size files"
+            self.add_data_row({"pipeline": f"CPU path: PIL decode + resize in DataLoader workers ({what})",
+                               "workers": self.args.workers, "images_per_s": rate})
+            print(f"   cpu pipeline ({what}): {rate:.0f} img/s", flush=True)
 
     def cpu_pipeline(self, resized: bool) -> float:
         """Images/s of data.decode=cpu's source (ImageFolderSource) over the files, worker start excluded."""
@@ -536,27 +554,29 @@ class Bench:
             variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1])]
         for v in variants:
             in_process, resized, share = v["in_process"], v["resized"], v["share"]
-            torch.manual_seed(0)
-            model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
-            train_step = trainer_step(model, self.device, mode)
-            rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
-                                    resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
-            days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
-            where = (f"data.jpeg_decoder=nvimgcodec, hw_decoder_load={v['hw_load']}, " if v["decoder"] == "nvimgcodec"
-                     else "") + "the step on the default stream" + \
-                ("" if in_process else ", decoding in a child process (data.decode=gpu_process)") + \
-                (", the resized copies (data.resized_jpegs=true)" if resized else "") + \
-                (f", data.cpu_decode_share={share}" if share else "")
-            row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
-                               f"grouped_conv={impl}, {where})",
-                   "threads": self.args.workers, "images": n, "images_per_s": rate,
-                   "jpeg_decoder": v["decoder"], "projected_90_epochs_hours": 24 * days}
-            self.record["end_to_end"].append(row)
-            self.save()
-            print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
-                  flush=True)
+            where = ", ".join(filter(None, [
+                f"nvImageCodec, hw_decoder_load={v['hw_load']}" if v["decoder"] == "nvimgcodec" else "nvJPEG (torchvision)",
+                "in the training process" if in_process else "in a child process (data.decode=gpu_process)",
+                "the resized copies (data.resized_jpegs=true)" if resized else "",
+                f"data.cpu_decode_share={share}" if share else ""]))
+            with self.row_guard(f"end to end, {where}"):
+                torch.manual_seed(0)
+                model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
+                train_step = trainer_step(model, self.device, mode)
+                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
+                                        resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
+                days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
+                row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
+                                   f"grouped_conv={impl}; {where})",
+                       "threads": self.args.workers, "images": n, "images_per_s": rate,
+                       "jpeg_decoder": v["decoder"], "projected_90_epochs_hours": 24 * days}
+                self.record["end_to_end"].append(row)
+                self.save()
+                print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
+                      flush=True)
         for decoder in ("torchvision", *(["nvimgcodec"] if self.nvimgcodec_loads() else [])):
-            self.overlap(decoder=decoder)
+            with self.row_guard(f"overlap of decode ({decoder}) and step"):
+                self.overlap(decoder=decoder)
 
     def nvimgcodec_loads(self) -> list[float]:
         """data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec; none if it is not installed."""
