@@ -102,6 +102,7 @@ class Bench:
         print(f"== {name}", flush=True)
         # A section still running after --stack-dump-s prints every thread's stack (to stderr): where it hangs.
         faulthandler.dump_traceback_later(self.args.stack_dump_s, exit=False)
+        tic = time.perf_counter()
         try:
             fn()
         except Exception:  # noqa: BLE001 - one broken section must not lose the others' numbers
@@ -109,6 +110,9 @@ class Bench:
             print(traceback.format_exc(), flush=True)
         finally:
             faulthandler.cancel_dump_traceback_later()
+        # what each section costs, for planning the next run's budget on a lent GPU
+        self.record.setdefault("section_seconds", {})[name] = round(time.perf_counter() - tic, 1)
+        print(f"== {name}: {self.record['section_seconds'][name]} s", flush=True)
         self.save()
 
     def add_data_row(self, row: dict) -> None:
@@ -591,7 +595,8 @@ class Bench:
                 self.record["notes"].append(note)
                 print(f"   {note}", flush=True)
             return []
-        return [float(v) for v in self.args.hw_decoder_loads.split(",")]
+        loads = [float(v) for v in self.args.hw_decoder_loads.split(",")]
+        return loads if self.cuda else loads[:1]  # nvImageCodec's CPU decoder has no engines to share
 
     def overlap(self, seconds: float = 0.0, decoder: str = "torchvision"):
         """Can decoding and the training step share the machine? Each alone for a few seconds, then
