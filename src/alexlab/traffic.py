@@ -70,9 +70,11 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy on the meta device whose fused LRNs run as the opaque op: one op reading x and writing
     the output (backward: reading x and the gradient, writing dx), the bytes the CUDA kernels move."""
     import copy
-    from alexlab.lrn import LocalResponseNorm
+    from alexlab.lrn import LocalResponseNorm, _fused_lrn
     meta = copy.deepcopy(model).to("meta")
     for module in meta.modules():
         if isinstance(module, LocalResponseNorm) and module.impl != "reference":
+            if _fused_lrn(True) is None:  # else the reference's many ops would be counted instead
+                raise RuntimeError("counting the fused LRN's bytes needs its op, which needs Triton")
             module.impl = "fused_opaque"
     return meta
