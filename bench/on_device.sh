@@ -36,4 +36,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 # BENCH_TIMEOUT_S: the bench is stopped there (its JSON keeps every row written so far), so that the
 # call returns its files inside the device's 600 s limit even if something hangs.
 timeout "${BENCH_TIMEOUT_S:-420}" python3 src/bench.py --out "$OUT/bench.json" --trace-dir "$OUT/traces" --budget-s "${BUDGET:-300}" \
-  --only "${SECTIONS:-checks,e2e,data,train,traffic,profile,lrn,lrn_configs,kernels}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  --only "${SECTIONS:-checks,e2e,data,train,lrn,traffic,profile,lrn_configs,kernels}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -292,6 +292,10 @@ class Bench:
                 "lrn fused (ours, Triton)": LocalResponseNorm(impl="fused"),
                 "lrn fused_gather (ours, Triton, a gather per window position)": LocalResponseNorm(impl="fused_gather"),
                 "lrn fused_scan (ours, Triton, running-sum windows)": LocalResponseNorm(impl="fused_scan"),
+                # conv1's block as the model runs it: the ReLU inside the LRN's kernels, against the two apart
+                "relu inside lrn fused_gather (the model's conv1 and conv2)": LocalResponseNorm(impl="fused_gather",
+                                                                                               relu=True),
+                "relu, then lrn fused_gather": lambda t: LocalResponseNorm(impl="fused_gather")(torch.relu(t)),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
             if self.cuda and not self.args.no_compile:

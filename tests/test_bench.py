@@ -43,11 +43,12 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     assert set(record["section_seconds"]) == {"checks", "kernels", "lrn", "lrn_configs", "train", "traffic", "data",
                                               "e2e", "profile"}
     assert record["versions"]["torch"] and record["device"] and record["date"]
-    # Bytes a step moves, at the real sizes even here: LRN adds its fused kernels' passes over conv1's
-    # and conv2's outputs (bf16, batch 256): x in and out forward, x and gradient in and dx out backward.
+    # Bytes a step moves, at the real sizes even here. conv1's and conv2's ReLU runs inside their fused
+    # LRN, which reads and writes what the ReLU alone did (x in and out forward; x and gradient in, dx
+    # out backward), so the paper's net moves what the net without LRN moves; the reference LRN, many
+    # passes more; torchvision's net, with 64 and 192 channels where the paper has 96 and 256, less.
     traffic = {r["model"]: r["gb_per_step"] for r in record["traffic"]}
-    lrn_outputs = 2 * 256 * (96 * 55 * 55 + 256 * 27 * 27)
-    assert abs(traffic["paper, grouped_conv=native"] - traffic["no LRN (towers 2)"] - 5 * lrn_outputs / 1e9) < 1e-6
+    assert abs(traffic["paper, grouped_conv=native"] - traffic["no LRN (towers 2)"]) < 1e-6
     assert traffic["torchvision alexnet"] < traffic["paper, grouped_conv=native"] < traffic["paper, reference LRN"]
     assert [o["jpeg_decoder"] for o in record["overlap"]] == ["torchvision", "nvimgcodec"]
     assert all(0 < o["overlap"] < 3 for o in record["overlap"])

@@ -143,6 +143,33 @@ def test_each_switch_changes_the_network(preset):
         assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("preset", ["alexnet", "small"])
+def test_the_relu_inside_the_lrn_is_relu_then_pytorchs_lrn(preset):
+    """conv1's and conv2's ReLU runs inside their LRN module (relu=True, one pass over memory): the
+    net must compute what ReLU followed by nn.LocalResponseNorm computes, forward and backward."""
+    torch.manual_seed(0)
+    ours = build_model(model_cfg(preset), 10)
+    assert len(modules_of(ours, nn.ReLU)) == 5  # conv3, conv4, conv5, fc6, fc7; conv1's and conv2's are in the LRNs
+    oracle = build_model(model_cfg(preset), 10)
+    oracle.load_state_dict(ours.state_dict())
+    for name, module in list(oracle.features.named_children()):
+        if isinstance(module, LocalResponseNorm):
+            assert module.relu
+            torch_alpha = module.coefficient * module.size  # PyTorch divides alpha by size
+            setattr(oracle.features, name, nn.Sequential(nn.ReLU(), nn.LocalResponseNorm(
+                module.size, torch_alpha, module.beta, module.k)))
+    size = model_cfg(preset)["input_size"]
+    # float64: float32's rounding differences between the two LRNs flip max-pooling's near ties
+    ours, oracle = ours.double().eval(), oracle.double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    out, expected = ours(x), oracle(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
 def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     model = build_model(model_cfg("alexnet", remove=["conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]), 10)
     convs = modules_of(model, nn.Conv2d)

@@ -101,12 +101,14 @@ FUSED_WINDOWS["fused_opaque"] = FUSED_WINDOWS[AUTO_FUSED_IMPL]
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-                        impl: str = "auto") -> torch.Tensor:
+                        impl: str = "auto", relu: bool = False) -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (fused_gather on CUDA, the reference elsewhere) | fused (window sums by groups of four
     channels in registers) | fused_gather (one gather of the tile per window position) | fused_scan
     (each window as the difference of a running sum) | fused_opaque (fused_gather, as an op torch.compile
-    calls without tracing into it) | reference. Timings: bench/RESULTS.md."""
+    calls without tracing into it) | reference. Timings: bench/RESULTS.md.
+    relu: the LRN of relu(x); the fused kernels apply it as they load x, saving the ReLU's own passes
+    over memory (forward and backward)."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # the opaque op also on the meta device (shapes only: alexlab.traffic); elsewhere (a CPU tensor,
     # such as the shape probe in build_model) the reference runs.
@@ -116,27 +118,29 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     if impl != "reference" and runnable:
         fused = _fused_lrn(impl == "fused_opaque")
         if fused is not None:
-            return fused(x, size, coefficient, beta, k, FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL])
+            return fused(x, size, coefficient, beta, k, FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL],
+                         relu=relu)
         if explicit:
             raise RuntimeError(f"LRN impl={impl} needs Triton, which is not installed")
-    return _LRNFunction.apply(x, size, coefficient, beta, k)
+    return _LRNFunction.apply(torch.relu(x) if relu else x, size, coefficient, beta, k)
 
 
 class LocalResponseNorm(nn.Module):
-    """Across-channel LRN with explicit alpha semantics (see the module docstring)."""
+    """Across-channel LRN with explicit alpha semantics (see the module docstring). relu=True: the
+    ReLU that comes before it in the paper runs inside it, in the fused kernels' one pass."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                 alpha_mode: str = "per_size", impl: str = "auto"):
+                 alpha_mode: str = "per_size", impl: str = "auto", relu: bool = False):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"LRN impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        self.impl = impl
+        self.impl, self.relu = impl, relu
         self.size, self.alpha, self.beta, self.k, self.alpha_mode = size, alpha, beta, k, alpha_mode
         self.coefficient = effective_alpha(alpha, size, alpha_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl)
+        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu)
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
-                f"alpha_mode={self.alpha_mode}")
+        return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "
+                f"k={self.k}, alpha_mode={self.alpha_mode}")

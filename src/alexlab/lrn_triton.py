@@ -142,11 +142,12 @@ def _window_sum(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BL
 
 @triton.jit
 def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
     """This program's tile, BLOCK_P pixels x all channels of image n: (offsets, mask, x in fp32,
     denominator base d). GROUPED: as [BLOCK_P, BLOCK_C // 4, 4], so that Triton gives each thread a
     group of four channels from the load on (LANES sums need no layout change through shared memory;
-    for up to 128 channels, 32 groups, one per thread of a warp), else [BLOCK_P, BLOCK_C]."""
+    for up to 128 channels, 32 groups, one per thread of a warp), else [BLOCK_P, BLOCK_C]. RELU: x is
+    the ReLU of what is loaded (the LRN of a ReLU in one pass over memory)."""
     n = tl.program_id(1)
     if GROUPED:
         p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None, None]
@@ -157,6 +158,8 @@ def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.con
     at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
     mask = (p < P) & (c < C)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        x = tl.maximum(x, 0.0)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
     d = k + coeff * _window_sum(x * x, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_P, BLOCK_C, WINDOW)
     return at, mask, x, d
@@ -165,9 +168,9 @@ def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.con
 @triton.jit
 def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+                    WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
     at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                WINDOW, GROUPED)
+                                WINDOW, GROUPED, RELU)
     scale, _ = _neg_pow(d, beta, BETA_IS_075)
     y = x * scale
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -176,14 +179,16 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 @triton.jit
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    WINDOW: tl.constexpr, GROUPED: tl.constexpr):
+                    WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
     at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
-                                WINDOW, GROUPED)
+                                WINDOW, GROUPED, RELU)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
     scale, over_d = _neg_pow(d, beta, BETA_IS_075)
     # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
     back = _window_sum(g * x * over_d, -((SIZE - 1) // 2), SIZE // 2, BLOCK_P, BLOCK_C, WINDOW)
     dx = g * scale - (2.0 * beta * coeff) * x * back
+    if RELU:  # x is the ReLU's output here: the gradient passes where it is positive, as PyTorch's ReLU's
+        dx = tl.where(x > 0.0, dx, 0.0)
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,7 +217,7 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 
 
-def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements):
+def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements, relu=False):
     """(runtime arguments by name, compile-time constants, grid, output) of a launch of `kernel`."""
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
@@ -224,22 +229,24 @@ def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_eleme
     if window == "lanes" and size > 9:  # the groups reach four channels either side
         window = "gather"
     constants = {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
-                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window], "GROUPED": window == "lanes" and block_c <= 128}
+                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window], "GROUPED": window == "lanes" and block_c <= 128,
+                 "RELU": bool(relu)}
     values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
     arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
     grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
     return arguments, constants, grid, out
 
 
-def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps):
-    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements)
+def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps, relu):
+    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements,
+                                                 relu)
     torch.library.wrap_triton(kernel)[grid](*arguments.values(), **constants, num_warps=num_warps)  # kernel's order
     return out
 
 
 def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last: bool = True, size: int = 5,
                  beta: float = 0.75, window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
-                 num_warps: int = NUM_WARPS) -> dict:
+                 num_warps: int = NUM_WARPS, relu: bool = False) -> dict:
     """The kernel that a launch on a tensor of this shape and layout compiles (Triton specialises on the
     arguments' values: a stride of 1, multiples of 16), as a job for
     alexlab.kernel_resources.compiled_resources: registers, spills, occupancy, instructions, read
@@ -250,20 +257,21 @@ def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last
         x = x.contiguous(memory_format=torch.channels_last)
     kernel = _lrn_bwd_kernel if backward else _lrn_fwd_kernel
     arguments, constants, _, _ = _arguments(kernel, x, [x] if backward else [], size, 1e-4 / size, beta, 2.0, window,
-                                            block_elements)
+                                            block_elements, relu)
     return job_for_launch(f"{__name__}:{kernel.fn.__name__}", arguments, constants, num_warps)
 
 
 def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "gather",
-             block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window, block_elements, num_warps)
+             block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS, relu: bool = False) -> torch.Tensor:
+    """relu: the LRN of relu(x), x read once (the ReLU before conv1's and conv2's LRN, fused)."""
+    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window, block_elements, num_warps, relu)
 
 
 def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
               window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
-              num_warps: int = NUM_WARPS) -> torch.Tensor:
+              num_warps: int = NUM_WARPS, relu: bool = False) -> torch.Tensor:
     return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, window, block_elements,
-                   num_warps)
+                   num_warps, relu)
 
 
 def _register(make_op, suffix: str):

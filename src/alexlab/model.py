@@ -2,7 +2,8 @@
 
 Every ablation switch of the paper lives in `build_model`:
 
-    lrn / lrn_alpha   LRN after the activation of the layers marked `lrn` (conv1, conv2)
+    lrn / lrn_alpha   LRN after the activation of the layers marked `lrn` (conv1, conv2); a ReLU
+                      there runs inside the LRN module (LocalResponseNorm(relu=True)), same function
     overlap_pool      max-pool 3/2 (paper) or 2/2
     dropout           p on the outputs of fc6 and fc7 (0 = off)
     activation        relu or tanh for every hidden layer
@@ -123,11 +124,16 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
                                                   stride=layer.get("stride", 1), padding=layer.get("pad", 0),
                                                   groups=layer["groups"],
                                                   impl=cfg.get("grouped_conv", "auto"))
-            features[f"act{n}"] = act()
-            if cfg["lrn"] and layer.get("lrn", False):
+            lrn_here = cfg["lrn"] and layer.get("lrn", False)
+            # ReLU then LRN: the ReLU runs inside the LRN module (relu=True), whose fused kernels apply it
+            # as they load the conv output: one pass over it instead of two, forward and backward.
+            relu_in_lrn = lrn_here and cfg["activation"] == "relu"
+            if not relu_in_lrn:
+                features[f"act{n}"] = act()
+            if lrn_here:
                 features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
                                                         lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"],
-                                                        impl=cfg.get("lrn_impl", "auto"))
+                                                        impl=cfg.get("lrn_impl", "auto"), relu=relu_in_lrn)
             channels = layer["out"]
         # A removed layer's pooling stays, so the later layers see the same spatial size.
         if layer.get("pool", False):
