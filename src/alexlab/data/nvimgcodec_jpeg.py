@@ -75,9 +75,9 @@ class NvImageCodecJpeg:
     """JPEG bytes (uint8 1-D CPU tensors) -> uint8 (3, H, W) images on `device`, one call per batch;
     None where nvImageCodec refuses a file.
 
-    The decoded images live in nvImageCodec's buffers, which it allocates with cuMemAlloc and
-    frees with cuMemFree (each a wait for the whole GPU, training step included). So the buffers
-    are kept and reused from batch to batch; before a call overwrites them, the stream they were
+    The decoded images live in nvImageCodec's own buffers (its library calls cuMemAlloc and
+    cuMemFree, by the symbols in its binary; a cuMemFree waits for the whole GPU, training step
+    included). So the buffers are kept and reused from batch to batch; before a call overwrites them, the stream they were
     handed out on is synchronised, so the work queued on them (the resize) is done. The images of
     one call are valid until the next call."""
 
