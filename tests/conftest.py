@@ -22,7 +22,6 @@ requires_fashion = pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-
 def skip_without_nvimgcodec() -> None:
     """For data.jpeg_decoder=nvimgcodec: imported as the workbench imports it (its JPEG extensions only)."""
     from alexlab.data.nvimgcodec_jpeg import import_nvimgcodec
@@ -31,6 +30,7 @@ def skip_without_nvimgcodec() -> None:
         import_nvimgcodec()
     except ConfigError:
         pytest.skip("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)")
+
 
 def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
