@@ -72,9 +72,9 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     import copy
     from alexlab.lrn import LocalResponseNorm, _fused_lrn
     meta = copy.deepcopy(model).to("meta")
-    for module in meta.modules():
-        if isinstance(module, LocalResponseNorm) and module.impl != "reference":
-            if _fused_lrn(True) is None:  # else the reference's many ops would be counted instead
-                raise RuntimeError("counting the fused LRN's bytes needs its op, which needs Triton")
-            module.impl = "fused_opaque"
+    fused = [m for m in meta.modules() if isinstance(m, LocalResponseNorm) and m.impl != "reference"]
+    if fused and _fused_lrn(True) is None:  # else the reference's many ops would be counted instead
+        raise RuntimeError("counting the fused LRN's bytes needs its op, which needs Triton")
+    for module in fused:
+        module.impl = "fused_opaque"
     return meta
