@@ -396,6 +396,44 @@ def test_reading_threads_decode_the_files_given_a_decoder_and_hand_over_the_rest
         list(read_batches(paths, batches, 2, decoders=decoders))
 
 
+def _threads_alive_after(copy, calling_threads: int = 4, omp_threads: int = 4) -> int:
+    """How many threads this process has more after `calling_threads` threads each ran `copy` on a
+    decoded photo's size (3x375x500 uint8) and ended, with torch set to `omp_threads` threads."""
+    import os
+    import threading
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
+    before_threads, before = torch.get_num_threads(), len(os.listdir("/proc/self/task"))
+    torch.set_num_threads(omp_threads)
+    try:
+        workers = [threading.Thread(target=lambda: [copy(image) for _ in range(3)]) for _ in range(calling_threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return len(os.listdir("/proc/self/task")) - before
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_reading_threads_copy_decoded_images_without_starting_openmp_teams():
+    """The reading threads' copy of a CPU-decoded image to pinned memory (host_copy) leaves no
+    threads behind. torch's copy, which it replaces, left a team of OpenMP threads behind for each thread
+    that ran it (checked last, as the witness that this test can see such teams)."""
+    from alexlab.data.gpu_decode import host_copy
+    pin = torch.cuda.is_available()
+    image = torch.arange(3 * 5 * 7, dtype=torch.uint8).reshape(3, 5, 7)
+    for source in (image, image.permute(1, 2, 0).contiguous().permute(2, 0, 1)):  # CHW, and CHW of HWC memory
+        copy = host_copy(source, pin_memory=pin)
+        assert torch.equal(copy, image) and copy.is_contiguous() and copy.is_pinned() == pin
+        assert copy.data_ptr() != source.data_ptr()
+    # Teams would add 4 x 3 threads; a margin of a few for other tests' threads starting or ending meanwhile.
+    assert _threads_alive_after(lambda x: host_copy(x, pin_memory=pin)) < 4
+    witness = _threads_alive_after(lambda x: x.pin_memory() if pin else torch.empty_like(x).copy_(x))
+    if witness < 4:
+        pytest.skip(f"this torch's own copy left {witness} threads, so the count above shows nothing")
+
+
 def test_cpu_share_sends_the_last_plain_jpegs_of_each_batch_to_libjpeg_and_the_odd_ones_to_pil():
     from alexlab.data.gpu_decode import GpuJpegSource, decode_on_cpu
     from alexlab.data.imagenet import decode_bytes

@@ -201,6 +201,17 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
+def host_copy(image: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """A contiguous copy of a CPU tensor (pinned with `pin_memory`, so that its copy to the GPU needs
+    no staging), made by numpy in the calling thread. torch's own copy (Tensor.pin_memory()) runs
+    OpenMP's parallel loop, and every reading thread that runs one keeps a team of
+    torch.get_num_threads() threads of its own: 16 reading threads on a 16-core machine would keep
+    256, spinning between batches (tests/test_fast_paths.py counts them)."""
+    out = torch.empty(image.shape, dtype=image.dtype, pin_memory=pin_memory)
+    np.copyto(out.numpy(), image.numpy())
+    return out
+
+
 def _read_files(buffer: torch.Tensor, sizes: Sequence[int], offsets: Sequence[int], paths: Sequence[str],
                 positions: Sequence[int], decoders: Sequence[Decoder | None], decoded: list, pin: bool) -> None:
     view = buffer.numpy()
@@ -215,7 +226,7 @@ def _read_files(buffer: torch.Tensor, sizes: Sequence[int], offsets: Sequence[in
                 image = decoders[at](buffer[offset:offset + size])
             except Exception as err:
                 raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
-            decoded[at] = image.pin_memory() if pin else image
+            decoded[at] = host_copy(image, pin_memory=True) if pin else image
 
 
 def read_batches(paths: Sequence[str], index_batches: list[list[int]], threads: int, pin: bool = False,
