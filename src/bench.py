@@ -518,7 +518,8 @@ class Bench:
                                                f"resize kernel -> augment (prefetch thread, side stream)",
                                    "threads": self.args.workers, "images": n, "images_per_s": rate})
                 print(f"   gpu jpeg pipeline, nvimgcodec hw_decoder_load={hw_load}: {rate:.0f} img/s", flush=True)
-        for share in self.cpu_shares:  # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG
+        # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG (the tiny version: one share)
+        for share in self.cpu_shares if self.cuda else self.cpu_shares[:1]:
             rate, n = self.pipeline(cpu_share=share)
             self.add_data_row({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
                                            f"threads ({share:.0%}) -> resize kernel -> augment",
@@ -549,15 +550,17 @@ class Bench:
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
         # Measured on an H100 (bench/RESULTS.md): nvJPEG (torchvision) and the step share the SMs and
         # mostly take turns; a child process for decoding helped 21%, the step on a CUDA stream of its
-        # own 3% (no longer timed), libjpeg in the reading threads (cpu_decode_share) made it slower.
+        # own 3% (no longer timed), libjpeg in the reading threads (cpu_decode_share) made it slower,
+        # then with torch's copy to pinned memory in each reading thread (now host_copy, by numpy).
         # Now first: nvImageCodec, which can decode on the GPU's hardware JPEG engines and leave the
-        # SMs to the step; then the resized copies (data.resized_jpegs=true: a third of the bytes and
-        # pixels to decode).
+        # SMs to the step, alone and with libjpeg's share beside it; then the resized copies
+        # (data.resized_jpegs=true: a third of the bytes and pixels to decode).
         plain = dict(in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0)
         hw = [plain | dict(decoder="nvimgcodec", hw_load=load) for load in self.nvimgcodec_loads()]
-        variants = [plain, *hw[:1], *(v | dict(in_process=False) for v in hw[:1]), plain | dict(in_process=False),
-                    plain | dict(resized=True), *(v | dict(resized=True, in_process=False) for v in hw[:1]),
-                    *hw[1:], *(plain | dict(share=s) for s in self.cpu_shares)]
+        hw_child = [v | dict(in_process=False) for v in hw[:1]]
+        variants = [plain, *hw[:1], *hw_child, *(v | dict(share=s) for v in hw_child for s in self.cpu_shares[:1]),
+                    plain | dict(in_process=False), plain | dict(resized=True),
+                    *(v | dict(resized=True) for v in hw_child), *hw[1:], *(plain | dict(share=s) for s in self.cpu_shares)]
         if not self.cuda:  # the tiny version: each kind of row once
             variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1])]
         for v in variants:
@@ -893,7 +896,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                         help="cuDNN algorithms tried per convolution (PyTorch's default 10; 0: all). Its choices are "
                              "cached per process, so compare two runs, e.g. a second run with --only train")
-    parser.add_argument("--cpu-decode-shares", default="0.25",
+    parser.add_argument("--cpu-decode-shares", default="0.25,0.5",
                         help="data.cpu_decode_share values to time beside nvJPEG alone, comma-separated ('' for none)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
                         help="memory bandwidth (TB/s, bytes read + written) for the traffic section's floor; "
