@@ -168,7 +168,8 @@ def test_fused_lrn_default_launch_keeps_memory_busy_and_groups_of_four_issue_no_
         assert issued / per_thread <= 1.1 * issued_first / first_per_thread, (case, issued, issued_first)
 
 
-@pytest.mark.parametrize("impl", ["native_nchw", "split", "dense"])
+@pytest.mark.parametrize("impl", ["native_nchw", "split", "dense", "native/dense/dense", "dense/split/native",
+                                  "split/native/split"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grouped_conv_impls_give_the_native_result_and_gradients(impl, channels_last):
     torch.manual_seed(0)
@@ -189,6 +190,51 @@ def test_grouped_conv_impls_give_the_native_result_and_gradients(impl, channels_
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_each_direction_of_a_grouped_conv_each_way_gives_pytorchs_grouped_conv_and_its_gradients(channels_last):
+    from alexlab.model import DIRECTION_IMPLS, grouped_conv_direction
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 9, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)  # groups=2
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = nn.functional.conv2d(x, weight, bias, (2, 1), (1, 0), 1, 2)  # PyTorch's grouped conv: the oracle
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    want_x, want_w = torch.autograd.grad(out, (x, weight), grad)
+    for how in DIRECTION_IMPLS:
+        with torch.no_grad():
+            got = {d: grouped_conv_direction(d, how, x, weight, 2, (2, 1), (1, 0), bias=bias, grad=grad)
+                   for d in ("forward", "input_grad", "weight_grad")}
+        torch.testing.assert_close(got["forward"], out.detach(), msg=how)
+        torch.testing.assert_close(got["input_grad"], want_x, msg=how)
+        torch.testing.assert_close(got["weight_grad"], want_w, msg=how)
+
+
+@pytest.mark.parametrize("impl", ["native/dense/dense", "split/split/dense"])
+def test_a_grouped_conv_by_direction_under_bf16_autocast_computes_as_pytorchs_does(impl):
+    """Under autocast F.conv2d computes in bf16 and autograd returns the parameters' gradients in
+    float32; the conv by direction does the same, with the same values up to bf16 rounding."""
+    from alexlab.model import TowerConv2d
+    torch.manual_seed(0)
+    native = TowerConv2d(8, 6, 3, padding=1, groups=2, impl="native").to(DEVICE)
+    mixed = TowerConv2d(8, 6, 3, padding=1, groups=2, impl=impl).to(DEVICE)
+    mixed.load_state_dict(native.state_dict())
+    x = torch.randn(4, 8, 7, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    outs, grads = {}, {}
+    for name, layer in (("native", native), ("mixed", mixed)):
+        inp = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs[name] = layer(inp)
+        outs[name].float().square().sum().backward()
+        grads[name] = [inp.grad, layer.weight.grad, layer.bias.grad]
+    assert outs["mixed"].dtype == outs["native"].dtype == torch.bfloat16
+    torch.testing.assert_close(outs["mixed"].float(), outs["native"].float(), rtol=2e-2, atol=2e-2)
+    for want, got in zip(grads["native"], grads["mixed"]):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
 def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
     from alexlab.model import TowerConv2d, choose_tower_impls
     torch.manual_seed(0)
@@ -202,8 +248,14 @@ def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients()
     chosen = choose_tower_impls(model, x, repeats=1, timings=timings)
     assert set(chosen) == {"features.conv2", "features.conv5"} == set(timings)
     for name, impl in chosen.items():  # every candidate timed; the fastest kept
-        assert set(timings[name]) == set(TOWER_IMPLS) and timings[name][impl] == min(timings[name].values())
-    assert all(grouped[name].impl == impl and impl in TOWER_IMPLS for name, impl in chosen.items())
+        whole, directions = timings[name]["whole"], timings[name]["directions"]
+        assert set(directions) == {"forward", "input_grad", "weight_grad"}
+        assert all(set(ways) == {"native", "split", "dense"} for ways in directions.values())
+        # the fastest way of each direction: when they differ, that mix is timed whole too
+        mix = [min(directions[d], key=directions[d].get) for d in ("forward", "input_grad", "weight_grad")]
+        assert set(whole) == set(TOWER_IMPLS) | ({"/".join(mix)} if len(set(mix)) > 1 else set())
+        assert whole[impl] == min(whole.values())
+    assert all(grouped[name].impl == impl and impl in timings[name]["whole"] for name, impl in chosen.items())
     assert grouped["features.conv4"].impl == "split"
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())

@@ -14,13 +14,15 @@ Every ablation switch of the paper lives in `build_model`:
     init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
 
 Speed only (same function, same parameters): lrn_impl (auto|fused|fused_gather|fused_scan|fused_opaque|
-reference, see lrn.py) and grouped_conv (auto|native|native_nchw|split|dense, see TowerConv2d).
+reference, see lrn.py) and grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such
+as native/dense/dense, see TowerConv2d).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -33,7 +35,11 @@ from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 GROUPED_CONV_IMPLS = ("auto", "native", "native_nchw", "split", "dense")
-TOWER_IMPLS = GROUPED_CONV_IMPLS[1:]  # what auto chooses from
+TOWER_IMPLS = GROUPED_CONV_IMPLS[1:]  # what auto chooses from, beside a choice per direction:
+# grouped_conv="F/I/W": the forward, the input's gradient and the weight's gradient each run one of
+# these ways (TowerConv2d), e.g. "native/dense/dense".
+DIRECTION_IMPLS = ("native", "split", "dense")
+DIRECTIONS = ("forward", "input_grad", "weight_grad")
 REMOVABLE_FC = ("fc6", "fc7")
 # Section 5: "We initialized the neuron biases in the second, fourth, and fifth convolutional
 # layers, as well as in the fully-connected hidden layers, with the constant 1."
@@ -71,9 +77,10 @@ def _check(cfg: dict) -> None:
         value = lrn.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
             raise ConfigError(f"model.lrn_params.{key} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
-    if cfg.get("grouped_conv", "auto") not in GROUPED_CONV_IMPLS:
-        raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, "
-                          f"got {cfg.get('grouped_conv')!r}")
+    if not is_tower_impl(cfg.get("grouped_conv", "auto")):
+        raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, or one of "
+                          f"{list(DIRECTION_IMPLS)} per direction as forward/input_grad/weight_grad "
+                          f"(such as native/dense/dense), got {cfg.get('grouped_conv')!r}")
     if cfg.get("init") not in ("paper", "kaiming"):
         raise ConfigError(f"model.init must be paper or kaiming, got {cfg.get('init')!r}")
     remove = cfg.get("remove") or []
@@ -172,18 +179,112 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     return model
 
 
+def is_tower_impl(impl) -> bool:
+    """One of GROUPED_CONV_IMPLS, or DIRECTION_IMPLS per direction ("native/dense/dense")."""
+    if not isinstance(impl, str):
+        return False
+    parts = impl.split("/")
+    return impl in GROUPED_CONV_IMPLS or (len(parts) == len(DIRECTIONS) and all(p in DIRECTION_IMPLS for p in parts))
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight (out, in/groups, k, k) as the dense weight (out, in, k, k) of the same
+    function: each group's block on the diagonal, zeros elsewhere."""
+    blocks = weight.chunk(groups, 0)
+    return torch.cat([torch.cat([blk if j == i else torch.zeros_like(blk) for j in range(groups)], 1)
+                      for i, blk in enumerate(blocks)], 0)
+
+
+def _conv_backward(grad, x, weight, stride, padding, groups, want_input: bool):
+    """One of a convolution's two gradients (input's or weight's), by the kernels autograd would call."""
+    mask = [want_input, not want_input, False]
+    grads = torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), [1, 1],
+                                                False, [0, 0], groups, mask)
+    return grads[0] if want_input else grads[1]
+
+
+def grouped_conv_direction(direction: str, how: str, x, weight, groups: int, stride, padding,
+                           bias=None, grad=None) -> torch.Tensor:
+    """One direction of a grouped convolution (groups > 1, no dilation), run `how`:
+    native (groups in one cuDNN call), split (a dense call per group, then concatenated) or dense
+    (one dense call with the block-diagonal weight: `groups` times the multiply-adds, but dense
+    kernels). forward -> the output; input_grad, weight_grad -> that gradient, given the output's
+    gradient `grad`. Every way gives the same values up to rounding."""
+    if how == "native":
+        if direction == "forward":
+            return nn.functional.conv2d(x, weight, bias, stride, padding, 1, groups)
+        return _conv_backward(grad, x, weight, stride, padding, groups, direction == "input_grad")
+    if how == "dense":
+        dense = block_diagonal(weight, groups)
+        if direction == "forward":
+            return nn.functional.conv2d(x, dense, bias, stride, padding)
+        if direction == "input_grad":
+            return _conv_backward(grad, x, dense, stride, padding, 1, True)
+        full = _conv_backward(grad, x, dense, stride, padding, 1, False)  # (out, in, k, k): keep the diagonal
+        rows, cols = weight.shape[0] // groups, weight.shape[1]
+        return torch.cat([full[i * rows:(i + 1) * rows, i * cols:(i + 1) * cols] for i in range(groups)], 0)
+    if how != "split":
+        raise ValueError(f"a grouped conv direction runs native, split or dense, not {how!r}")
+    xs, ws = x.chunk(groups, 1), weight.chunk(groups, 0)
+    if direction == "forward":
+        bs = bias.chunk(groups, 0) if bias is not None else [None] * groups
+        return torch.cat([nn.functional.conv2d(xi, wi, bi, stride, padding) for xi, wi, bi in zip(xs, ws, bs)], 1)
+    gs = grad.chunk(groups, 1)
+    parts = [_conv_backward(gi, xi, wi, stride, padding, 1, direction == "input_grad") for gi, xi, wi in zip(gs, xs, ws)]
+    return torch.cat(parts, 1 if direction == "input_grad" else 0)
+
+
+class _ConvByDirection(torch.autograd.Function):
+    """A grouped convolution whose forward, input gradient and weight gradient each run their own
+    way (grouped_conv_direction). Under autocast it computes in the autocast dtype, as F.conv2d
+    does there, and returns the gradients in the parameters' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups, hows):
+        device = x.device.type
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            out = grouped_conv_direction("forward", hows[0], x, weight, groups, stride, padding, bias=bias)
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.hows = (groups, stride, padding), hows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        (x_dtype, w_dtype, b_dtype), (groups, stride, padding) = ctx.dtypes, ctx.geometry
+        grad = grad.to(x.dtype)
+        grads = [None, None, None]
+        for i, direction, dtype in ((0, "input_grad", x_dtype), (1, "weight_grad", w_dtype)):
+            if ctx.needs_input_grad[i]:
+                grads[i] = grouped_conv_direction(direction, ctx.hows[1 + i], x, weight, groups, stride, padding,
+                                                  grad=grad).to(dtype)
+        if ctx.needs_input_grad[2]:
+            grads[2] = grad.sum((0, 2, 3)).to(b_dtype)
+        return *grads, None, None, None, None
+
+
 class TowerConv2d(nn.Conv2d):
-    """nn.Conv2d whose grouped case (the two towers) can run four ways, same weights and result:
+    """nn.Conv2d whose grouped case (the two towers) can run several ways, same weights and result:
     native (groups=2 in one call), native_nchw (the same on NCHW copies of a channels_last input and
     weight: cuDNN's grouped kernels differ by layout), split (one dense conv per tower, then
     concatenate) or dense (one dense conv with a block-diagonal weight: twice the multiply-adds, but
-    sometimes cuDNN's faster kernels). auto: on CUDA the trainer times them on each layer's real
-    input at its first step and keeps the fastest (`choose_tower_impls`); before that, dense on CUDA
-    (24.2k vs 20.3k img/s for the paper net on an H200, bench/RESULTS.md) and native elsewhere (the
-    CPU's grouped kernels are not slow)."""
+    sometimes cuDNN's faster kernels); or "F/I/W", a way for each direction: the forward, the input's
+    gradient and the weight's gradient (native, split or dense each; cuDNN's grouped kernels have
+    been slow in one direction only, e.g. the weight's gradient in channels_last, PyTorch issue
+    34977). auto: on CUDA the trainer times them on each layer's real input at its first step and
+    keeps the fastest (`choose_tower_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
+    the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped kernels are
+    not slow)."""
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if not is_tower_impl(impl):
+            raise ValueError(f"unknown grouped conv impl {impl!r}")
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,18 +294,11 @@ class TowerConv2d(nn.Conv2d):
         if impl == "native_nchw":
             out = self._conv_forward(x.contiguous(), self.weight.contiguous(), self.bias)
             return out.contiguous(memory_format=torch.channels_last) if not x.is_contiguous() else out
-        if impl == "split":
-            xs = x.chunk(self.groups, 1)
-            ws = self.weight.chunk(self.groups, 0)
-            bs = self.bias.chunk(self.groups, 0) if self.bias is not None else [None] * self.groups
-            conv = nn.functional.conv2d
-            return torch.cat([conv(xi, wi, bi, self.stride, self.padding, self.dilation)
-                              for xi, wi, bi in zip(xs, ws, bs)], 1)
-        # dense: weight (out, in/g, k, k) -> block-diagonal (out, in, k, k)
-        blocks = self.weight.chunk(self.groups, 0)
-        rows = [torch.cat([blk if j == i else torch.zeros_like(blk) for j in range(self.groups)], 1)
-                for i, blk in enumerate(blocks)]
-        return nn.functional.conv2d(x, torch.cat(rows, 0), self.bias, self.stride, self.padding, self.dilation)
+        if impl in ("split", "dense"):
+            return grouped_conv_direction("forward", impl, x, self.weight, self.groups, self.stride, self.padding,
+                                          bias=self.bias)
+        return _ConvByDirection.apply(x, self.weight, self.bias, self.stride, self.padding, self.groups,
+                                      tuple(impl.split("/")))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", impl={self.impl}" if self.groups > 1 else "")
@@ -213,9 +307,12 @@ class TowerConv2d(nn.Conv2d):
 def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
                        timings: dict | None = None) -> dict[str, str]:
     """For each grouped TowerConv2d left at impl=auto: time forward + backward of each of TOWER_IMPLS
-    on the input the layer gets from `x`, and keep the fastest in the layer. Gradients are
+    on the input the layer gets from `x`; time each direction (forward, input's gradient, weight's
+    gradient) alone each of the DIRECTION_IMPLS ways, and where the fastest ways differ, that mix
+    ("native/dense/dense") forward + backward too; keep the fastest in the layer. Gradients are
     taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl};
-    fills `timings`, if given, with {layer: {impl: ms}} (how close the race was)."""
+    fills `timings`, if given, with {layer: {"whole": {impl: ms}, "directions": {direction: {way: ms}}}}
+    (how close the races were)."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, TowerConv2d) and m.groups > 1 and m.impl == "auto"}
     if not layers:
@@ -229,23 +326,53 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     finally:
         for hook in hooks:
             hook.remove()
+
+    def timed(call) -> float:
+        return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=1)
+
     chosen = {}
     for name, layer in layers.items():
         inp = inputs[name].requires_grad_()
+        wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None]
+
+        def step():
+            with autocast():
+                out = layer(inp)
+            torch.autograd.grad(out, wrt, torch.ones_like(out))
         seconds = {}
         for impl in TOWER_IMPLS:
             layer.impl = impl
-
-            def step():
-                with autocast():
-                    out = layer(inp)
-                wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None]
-                torch.autograd.grad(out, wrt, torch.ones_like(out))
-            seconds[impl] = seconds_per_call(step, x.device, warmup=2, steps=repeats, repeats=1)
+            seconds[impl] = timed(step)
+        directions = _time_directions(layer, inp, autocast, timed)
+        mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
+        if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
+            layer.impl = mix
+            seconds[mix] = timed(step)
         layer.impl = chosen[name] = min(seconds, key=seconds.get)
         if timings is not None:
-            timings[name] = {impl: round(1e3 * t, 4) for impl, t in seconds.items()}
+            timings[name] = {"whole": {impl: round(1e3 * t, 4) for impl, t in seconds.items()},
+                             "directions": {d: {how: round(1e3 * t, 4) for how, t in ways.items()}
+                                            for d, ways in directions.items()}}
     return chosen
+
+
+def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed) -> dict[str, dict[str, float]]:
+    """Seconds of each direction of `layer` on `inp`, each way, on the tensors it computes with
+    (under autocast, the autocast dtype: that of the layer's output)."""
+    with torch.no_grad(), autocast():
+        out = layer(inp)
+    dtype = out.dtype
+    x, weight = inp.detach().to(dtype), layer.weight.detach().to(dtype)
+    bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+    grad = torch.ones_like(out)
+    seconds: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for direction in DIRECTIONS:
+            seconds[direction] = {
+                how: timed(functools.partial(grouped_conv_direction, direction, how, x, weight, layer.groups,
+                                             layer.stride, layer.padding, bias=bias, grad=grad))
+                for how in DIRECTION_IMPLS}
+    return seconds
 
 
 class AlexNet(nn.Module):

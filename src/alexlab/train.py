@@ -144,14 +144,14 @@ class TrainStep:
 
     On CUDA the first call also picks each tower layer's grouped-conv implementation by timing
     (model.grouped_conv=auto; `tower_impls` holds the choice, `tower_ms` each candidate's forward +
-    backward in ms), before torch.compile traces.
+    backward and each direction's ways in ms, see choose_tower_impls), before torch.compile traces.
     """
 
     def __init__(self, model, step_model, optimizer, device: torch.device, bf16: bool = False):
         self.model = model  # the plain module; step_model may wrap it (DDP, torch.compile)
         self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
         self.tower_impls: dict[str, str] | None = None
-        self.tower_ms: dict[str, dict[str, float]] = {}
+        self.tower_ms: dict[str, dict] = {}
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -302,7 +302,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
             progress.close()
             if epoch == first_epoch and train_step.tower_impls:
                 tracker.note(f"grouped convolutions timed at the first step, fastest kept: {train_step.tower_impls} "
-                             f"(forward + backward, ms: {train_step.tower_ms})")
+                             f"(ms: {train_step.tower_ms})")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
