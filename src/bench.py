@@ -229,7 +229,8 @@ class Bench:
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
-        for impl in TOWER_IMPLS:
+        # and one way per direction: cuDNN's grouped kernels, the weight's gradient by a dense call
+        for impl in (*TOWER_IMPLS, "native/dense/dense"):
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)
             rates[impl] = row["images_per_s"] if row else 0
         fastest = max(rates, key=rates.get)
