@@ -198,8 +198,8 @@ class Bench:
             return None
         row = {"model": label, "mode": mode, "images_per_s": self.batch / seconds, "ms_per_step": 1e3 * seconds,
                "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
-        if step.func.tower_impls:  # grouped_conv=auto: what the timing at the first step chose per layer
-            row["tower_impls"], row["tower_ms"] = step.func.tower_impls, step.func.tower_ms
+        if step.func.conv_impls:  # grouped_conv / conv1_impl=auto: what the first step's timing chose per layer
+            row["conv_impls"], row["conv_ms"] = step.func.conv_impls, step.func.conv_ms
         self.record["train_step"].append(row)
         self.save()  # row by row: a run stopped by its time limit keeps what it measured
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
@@ -229,6 +229,8 @@ class Bench:
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
+        for impl in ("native", "pad4", "space_to_depth"):  # conv1's ways (the rows above time and choose them)
+            self.time_model(f"paper, conv1_impl={impl}", ours(conv1_impl=impl), eager, size)
         # and one way per direction: cuDNN's grouped kernels, the weight's gradient by a dense call
         for impl in (*TOWER_IMPLS, "native/dense/dense"):
             row = self.time_model(f"paper, grouped_conv={impl}", ours(grouped_conv=impl), eager, size)

@@ -235,30 +235,88 @@ def test_a_grouped_conv_by_direction_under_bf16_autocast_computes_as_pytorchs_do
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
-def test_tower_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
-    from alexlab.model import TowerConv2d, choose_tower_impls
+def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
+    from alexlab.model import FirstConv2d, TowerConv2d, choose_conv_impls
     torch.manual_seed(0)
-    model = build_model(model_cfg("small", dropout=0.0), 10)  # grouped_conv=auto
+    model = build_model(model_cfg("small", dropout=0.0), 10)  # grouped_conv=auto, conv1_impl=auto
     grouped = {name: m for name, m in model.named_modules() if isinstance(m, TowerConv2d) and m.groups > 1}
     assert set(grouped) == {"features.conv2", "features.conv4", "features.conv5"}
+    assert isinstance(model.features.conv1, FirstConv2d) and model.features.conv1.impl == "auto"
     grouped["features.conv4"].impl = "split"  # chosen by the user: left alone
     x = torch.randn(4, 3, 27, 27)
     before = model(x)
     timings = {}
-    chosen = choose_tower_impls(model, x, repeats=1, timings=timings)
-    assert set(chosen) == {"features.conv2", "features.conv5"} == set(timings)
+    chosen = choose_conv_impls(model, x, repeats=1, timings=timings)
+    assert set(chosen) == {"features.conv1", "features.conv2", "features.conv5"} == set(timings)
+    # conv1 (3 channels, stride 1): native and the two channel paddings; no directions
+    assert set(timings["features.conv1"]) == {"whole"}
+    assert set(timings["features.conv1"]["whole"]) == {"native", "pad4", "pad8"}
     for name, impl in chosen.items():  # every candidate timed; the fastest kept
-        whole, directions = timings[name]["whole"], timings[name]["directions"]
+        whole = timings[name]["whole"]
+        assert whole[impl] == min(whole.values())
+        if name == "features.conv1":
+            continue
+        directions = timings[name]["directions"]
         assert set(directions) == {"forward", "input_grad", "weight_grad"}
         assert all(set(ways) == {"native", "split", "dense"} for ways in directions.values())
         # the fastest way of each direction: when they differ, that mix is timed whole too
         mix = [min(directions[d], key=directions[d].get) for d in ("forward", "input_grad", "weight_grad")]
         assert set(whole) == set(TOWER_IMPLS) | ({"/".join(mix)} if len(set(mix)) > 1 else set())
-        assert whole[impl] == min(whole.values())
-    assert all(grouped[name].impl == impl and impl in timings[name]["whole"] for name, impl in chosen.items())
+    layers = dict(model.named_modules())
+    assert all(layers[name].impl == impl for name, impl in chosen.items())
     assert grouped["features.conv4"].impl == "split"
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("channels,out,kernel,stride,pad,size", [
+    (3, 96, 11, 4, 0, 227),   # the paper's conv1
+    (3, 64, 11, 4, 2, 224),   # torchvision's
+    (1, 32, 5, 1, 0, 27),     # the small preset's on Fashion-MNIST (stride 1: no blocks to fold)
+    (3, 8, 12, 4, 1, 50),     # a kernel of whole blocks whose last input rows go unused
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_each_conv1_impl_gives_the_native_result_and_gradients(channels, out, kernel, stride, pad, size,
+                                                                 channels_last):
+    from alexlab.model import CONV1_IMPLS, FirstConv2d
+    gen = torch.Generator().manual_seed(0)
+    native = FirstConv2d(channels, out, kernel, stride=stride, padding=pad, impl="native").double()
+    x = torch.randn(2, channels, size, size, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = native(x)
+    grad = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want_w, want_b = torch.autograd.grad(want, (native.weight, native.bias), grad)
+    for impl in CONV1_IMPLS[2:]:
+        other = FirstConv2d(channels, out, kernel, stride=stride, padding=pad, impl=impl).double()
+        other.load_state_dict(native.state_dict())
+        got = other(x)
+        torch.testing.assert_close(got, want, msg=impl)
+        got_w, got_b = torch.autograd.grad(got, (other.weight, other.bias), grad)
+        torch.testing.assert_close(got_w, want_w, msg=impl)
+        torch.testing.assert_close(got_b, want_b, msg=impl)
+
+
+@pytest.mark.parametrize("impl", ["pad4", "space_to_depth"])
+def test_conv1_impls_under_bf16_autocast_compute_as_pytorchs_conv_does(impl):
+    from alexlab.model import FirstConv2d
+    torch.manual_seed(0)
+    native = FirstConv2d(3, 16, 11, stride=4, impl="native").to(DEVICE)
+    other = FirstConv2d(3, 16, 11, stride=4, impl=impl).to(DEVICE)
+    other.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 63, 63, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    outs, grads = {}, {}
+    for name, layer in (("native", native), ("other", other)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs[name] = layer(x)
+        outs[name].float().square().sum().backward()
+        grads[name] = [layer.weight.grad, layer.bias.grad]
+    assert outs["other"].dtype == outs["native"].dtype == torch.bfloat16
+    assert outs["other"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs["other"].float(), outs["native"].float(), rtol=2e-2, atol=2e-2)
+    for want, got in zip(grads["native"], grads["other"]):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 def test_fast_paths_train_like_the_reference_path():
@@ -448,30 +506,40 @@ def test_reading_threads_decode_the_files_given_a_decoder_and_hand_over_the_rest
         list(read_batches(paths, batches, 2, decoders=decoders))
 
 
-def _threads_alive_after(copy, calling_threads: int = 4, omp_threads: int = 4) -> int:
-    """How many threads this process has more after `calling_threads` threads each ran `copy` on a
-    decoded photo's size (3x375x500 uint8) and ended, with torch set to `omp_threads` threads."""
-    import os
-    import threading
-    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
-    before_threads, before = torch.get_num_threads(), len(os.listdir("/proc/self/task"))
-    torch.set_num_threads(omp_threads)
-    try:
-        workers = [threading.Thread(target=lambda: [copy(image) for _ in range(3)]) for _ in range(calling_threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        return len(os.listdir("/proc/self/task")) - before
-    finally:
-        torch.set_num_threads(before_threads)
+# Run in a fresh interpreter: in a long-lived one, OpenMP reuses the idle threads of earlier teams.
+THREADS_LEFT_BY = """
+import os, sys, threading, torch
+from alexlab.data.gpu_decode import host_copy
+pin = torch.cuda.is_available()
+copies = {"host_copy": lambda x: host_copy(x, pin_memory=pin),
+          "torch": lambda x: x.pin_memory() if pin else torch.empty_like(x).copy_(x)}
+copy = copies[sys.argv[1]]
+image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)  # a decoded photo's size
+torch.set_num_threads(4)
+before = len(os.listdir("/proc/self/task"))
+copied, done = threading.Barrier(5), threading.Event()
+
+def read():  # a reading thread: it copies, then waits (alive, with whatever team it started)
+    for _ in range(3):
+        copy(image)
+    copied.wait()
+    done.wait()
+workers = [threading.Thread(target=read) for _ in range(4)]
+for worker in workers:
+    worker.start()
+copied.wait()
+print(len(os.listdir("/proc/self/task")) - before - len(workers))  # threads beyond the readers
+done.set()
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
 def test_reading_threads_copy_decoded_images_without_starting_openmp_teams():
-    """The reading threads' copy of a CPU-decoded image to pinned memory (host_copy) leaves no
-    threads behind. torch's copy, which it replaces, left a team of OpenMP threads behind for each thread
-    that ran it (checked last, as the witness that this test can see such teams)."""
+    """The reading threads' copy of a CPU-decoded image to pinned memory (host_copy) starts no
+    threads. torch's copy, which it replaces, starts a team of OpenMP threads for each thread that
+    runs it (counted too, as the witness that this test can see such teams)."""
+    import subprocess
+    import sys
     from alexlab.data.gpu_decode import host_copy
     pin = torch.cuda.is_available()
     image = torch.arange(3 * 5 * 7, dtype=torch.uint8).reshape(3, 5, 7)
@@ -479,11 +547,12 @@ def test_reading_threads_copy_decoded_images_without_starting_openmp_teams():
         copy = host_copy(source, pin_memory=pin)
         assert torch.equal(copy, image) and copy.is_contiguous() and copy.is_pinned() == pin
         assert copy.data_ptr() != source.data_ptr()
-    # Teams would add 4 x 3 threads; a margin of a few for other tests' threads starting or ending meanwhile.
-    assert _threads_alive_after(lambda x: host_copy(x, pin_memory=pin)) < 4
-    witness = _threads_alive_after(lambda x: x.pin_memory() if pin else torch.empty_like(x).copy_(x))
-    if witness < 4:
-        pytest.skip(f"this torch's own copy left {witness} threads, so the count above shows nothing")
+    left = {how: int(subprocess.run([sys.executable, "-c", THREADS_LEFT_BY, how], capture_output=True, text=True,
+                                    check=True).stdout.split()[-1])
+            for how in ("host_copy", "torch")}
+    assert left["host_copy"] == 0, left  # 4 reading threads, torch at 4 threads
+    if left["torch"] < 4:
+        pytest.skip(f"this torch's own copy left {left['torch']} threads, so the count above shows nothing")
 
 
 def test_cpu_share_sends_the_last_plain_jpegs_of_each_batch_to_libjpeg_and_the_odd_ones_to_pil():

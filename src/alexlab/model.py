@@ -15,7 +15,7 @@ Every ablation switch of the paper lives in `build_model`:
 
 Speed only (same function, same parameters): lrn_impl (auto|fused|fused_gather|fused_scan|fused_opaque|
 reference, see lrn.py) and grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such
-as native/dense/dense, see TowerConv2d).
+as native/dense/dense, see TowerConv2d) and conv1_impl (auto|native|pad4|pad8|space_to_depth, see FirstConv2d).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
@@ -40,6 +40,7 @@ TOWER_IMPLS = GROUPED_CONV_IMPLS[1:]  # what auto chooses from, beside a choice 
 # these ways (TowerConv2d), e.g. "native/dense/dense".
 DIRECTION_IMPLS = ("native", "split", "dense")
 DIRECTIONS = ("forward", "input_grad", "weight_grad")
+CONV1_IMPLS = ("auto", "native", "pad4", "pad8", "space_to_depth")  # FirstConv2d
 REMOVABLE_FC = ("fc6", "fc7")
 # Section 5: "We initialized the neuron biases in the second, fourth, and fifth convolutional
 # layers, as well as in the fully-connected hidden layers, with the constant 1."
@@ -81,6 +82,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, or one of "
                           f"{list(DIRECTION_IMPLS)} per direction as forward/input_grad/weight_grad "
                           f"(such as native/dense/dense), got {cfg.get('grouped_conv')!r}")
+    if cfg.get("conv1_impl", "auto") not in CONV1_IMPLS:
+        raise ConfigError(f"model.conv1_impl must be one of {list(CONV1_IMPLS)}, got {cfg.get('conv1_impl')!r}")
     if cfg.get("init") not in ("paper", "kaiming"):
         raise ConfigError(f"model.init must be paper or kaiming, got {cfg.get('init')!r}")
     remove = cfg.get("remove") or []
@@ -127,10 +130,13 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
             if channels % layer["groups"] or layer["out"] % layer["groups"]:
                 raise ConfigError(f"{layer['name']}: {channels} -> {layer['out']} channels cannot be split "
                                   f"into {layer['groups']} towers")
-            features[layer["name"]] = TowerConv2d(channels, layer["out"], layer["kernel"],
-                                                  stride=layer.get("stride", 1), padding=layer.get("pad", 0),
-                                                  groups=layer["groups"],
-                                                  impl=cfg.get("grouped_conv", "auto"))
+            geometry = dict(stride=layer.get("stride", 1), padding=layer.get("pad", 0))
+            if layer is plan[0] and layer["groups"] == 1:  # on the image's few channels
+                features[layer["name"]] = FirstConv2d(channels, layer["out"], layer["kernel"], **geometry,
+                                                      impl=cfg.get("conv1_impl", "auto"))
+            else:
+                features[layer["name"]] = TowerConv2d(channels, layer["out"], layer["kernel"], **geometry,
+                                                      groups=layer["groups"], impl=cfg.get("grouped_conv", "auto"))
             lrn_here = cfg["lrn"] and layer.get("lrn", False)
             # ReLU then LRN: the ReLU runs inside the LRN module (relu=True), whose fused kernels apply it
             # as they load the conv output: one pass over it instead of two, forward and backward.
@@ -277,7 +283,7 @@ class TowerConv2d(nn.Conv2d):
     gradient and the weight's gradient (native, split or dense each; cuDNN's grouped kernels have
     been slow in one direction only, e.g. the weight's gradient in channels_last, PyTorch issue
     34977). auto: on CUDA the trainer times them on each layer's real input at its first step and
-    keeps the fastest (`choose_tower_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
+    keeps the fastest (`choose_conv_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
     the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped kernels are
     not slow)."""
 
@@ -304,17 +310,83 @@ class TowerConv2d(nn.Conv2d):
         return super().extra_repr() + (f", impl={self.impl}" if self.groups > 1 else "")
 
 
-def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
-                       timings: dict | None = None) -> dict[str, str]:
-    """For each grouped TowerConv2d left at impl=auto: time forward + backward of each of TOWER_IMPLS
-    on the input the layer gets from `x`; time each direction (forward, input's gradient, weight's
-    gradient) alone each of the DIRECTION_IMPLS ways, and where the fastest ways differ, that mix
-    ("native/dense/dense") forward + backward too; keep the fastest in the layer. Gradients are
-    taken with autograd.grad, so no .grad is written and no DDP hook fires. Returns {layer: impl};
-    fills `timings`, if given, with {layer: {"whole": {impl: ms}, "directions": {direction: {way: ms}}}}
-    (how close the races were)."""
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, TowerConv2d) and m.groups > 1 and m.impl == "auto"}
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.conv2d computes in here: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class FirstConv2d(nn.Conv2d):
+    """conv1, on the image's 1 or 3 channels, computed one of several ways, same weights and result:
+    native; pad4 / pad8: the input's and the weight's channels padded with zeros to a multiple of 4 /
+    8 (tensor-core convolution kernels want channel counts that are multiples of 4 or 8, which is
+    why NVIDIA's DALI can pad images to 4 channels); space_to_depth: each stride x stride block of
+    pixels becomes channels, so conv1's 11x11 stride-4 conv on 3 channels becomes a 3x3 stride-1 conv
+    on 48 (the weight zero-padded to 12x12: 19% more multiply-adds). auto: native until the trainer
+    times them on CUDA at the first step and keeps the fastest (`choose_conv_impls`). The input's
+    copy is made in the dtype the conv computes in (bf16 under autocast), in channels_last."""
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if impl not in CONV1_IMPLS:
+            raise ValueError(f"unknown conv1 impl {impl!r}")
+        if self.groups != 1 or self.dilation != (1, 1) or not isinstance(self.padding, tuple):
+            raise ValueError("FirstConv2d: groups=1, no dilation, numeric padding")
+        self.impl = impl
+
+    def candidates(self) -> tuple[str, ...]:
+        """The ways that differ from native here (padding 4 channels to 4 is native)."""
+        ways = ["native"] + [f"pad{m}" for m in (4, 8) if self.in_channels % m]
+        return tuple(ways + (["space_to_depth"] if self.stride != (1, 1) else []))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = "native" if self.impl == "auto" else self.impl
+        if impl in ("pad4", "pad8"):
+            extra = -self.in_channels % int(impl[3:])
+            if extra:
+                n, c, h, w = x.shape
+                padded = torch.empty((n, c + extra, h, w), dtype=_compute_dtype(x), device=x.device,
+                                     memory_format=torch.channels_last)
+                padded[:, :c] = x
+                padded[:, c:] = 0
+                weight = nn.functional.pad(self.weight, (0, 0, 0, 0, 0, extra))
+                return nn.functional.conv2d(padded, weight, self.bias, self.stride, self.padding)
+        elif impl == "space_to_depth" and self.stride != (1, 1):
+            return self._space_to_depth(x)
+        return super().forward(x)
+
+    def _space_to_depth(self, x: torch.Tensor) -> torch.Tensor:
+        (sy, sx), (ky, kx), (py, px) = self.stride, self.kernel_size, self.padding
+        n, c, h, w = x.shape
+        blocks_y, blocks_x = -(-ky // sy), -(-kx // sx)  # the kernel, in blocks
+        out_h, out_w = (h + 2 * py - ky) // sy + 1, (w + 2 * px - kx) // sx + 1
+        rows, cols = (out_h + blocks_y - 1) * sy, (out_w + blocks_x - 1) * sx  # what the blocks cover
+        x = nn.functional.pad(x.to(_compute_dtype(x)), (px, cols - w - px, py, rows - h - py))  # < 0: crop
+        # (n, c, rows, cols) -> channels_last (n, c*sy*sx, rows/sy, cols/sx), channel (c, dy, dx): one copy
+        x = x.permute(0, 2, 3, 1).reshape(n, rows // sy, sy, cols // sx, sx, c).permute(0, 1, 3, 5, 2, 4)
+        x = x.reshape(n, rows // sy, cols // sx, c * sy * sx).permute(0, 3, 1, 2)
+        weight = nn.functional.pad(self.weight, (0, blocks_x * sx - kx, 0, blocks_y * sy - ky))
+        o = weight.shape[0]
+        weight = weight.reshape(o, c, blocks_y, sy, blocks_x, sx).permute(0, 1, 3, 5, 2, 4)
+        return nn.functional.conv2d(x, weight.reshape(o, c * sy * sx, blocks_y, blocks_x), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl}"
+
+
+def choose_conv_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
+                      timings: dict | None = None) -> dict[str, str]:
+    """For each convolution left at impl=auto with ways to choose from (a grouped TowerConv2d: each of
+    TOWER_IMPLS; FirstConv2d: its candidates()), time forward + backward of each way on the input
+    the layer gets from `x`, and keep the fastest in the layer. For the towers, also time each
+    direction (forward, input's gradient, weight's gradient) alone each of the DIRECTION_IMPLS ways,
+    and where the fastest ways differ, that mix ("native/dense/dense") forward + backward too.
+    Gradients are taken with autograd.grad, so no .grad is written and no DDP hook fires; conv1's
+    input, the data, needs none. Returns {layer: impl}; fills `timings`, if given, with
+    {layer: {"whole": {impl: ms}, "directions": {direction: {way: ms}}}} (how close the races were;
+    "directions" for the towers only)."""
+    layers = {name: m for name, m in model.named_modules() if getattr(m, "impl", None) == "auto" and
+              ((isinstance(m, TowerConv2d) and m.groups > 1) or isinstance(m, FirstConv2d))}
     if not layers:
         return {}
     inputs = {}
@@ -332,27 +404,29 @@ def choose_tower_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
 
     chosen = {}
     for name, layer in layers.items():
-        inp = inputs[name].requires_grad_()
-        wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None]
+        towers = isinstance(layer, TowerConv2d)
+        inp = inputs[name].requires_grad_(towers)
+        wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None and t.requires_grad]
 
         def step():
             with autocast():
                 out = layer(inp)
             torch.autograd.grad(out, wrt, torch.ones_like(out))
         seconds = {}
-        for impl in TOWER_IMPLS:
+        for impl in (TOWER_IMPLS if towers else layer.candidates()):
             layer.impl = impl
             seconds[impl] = timed(step)
-        directions = _time_directions(layer, inp, autocast, timed)
-        mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
+        directions = _time_directions(layer, inp, autocast, timed) if towers else {}
+        mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS) if towers else "native"
         if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
             layer.impl = mix
             seconds[mix] = timed(step)
         layer.impl = chosen[name] = min(seconds, key=seconds.get)
         if timings is not None:
-            timings[name] = {"whole": {impl: round(1e3 * t, 4) for impl, t in seconds.items()},
-                             "directions": {d: {how: round(1e3 * t, 4) for how, t in ways.items()}
-                                            for d, ways in directions.items()}}
+            timings[name] = {"whole": {impl: round(1e3 * t, 4) for impl, t in seconds.items()}}
+            if directions:
+                timings[name]["directions"] = {d: {how: round(1e3 * t, 4) for how, t in ways.items()}
+                                               for d, ways in directions.items()}
     return chosen
 
 

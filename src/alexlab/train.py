@@ -27,7 +27,7 @@ from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
-from alexlab.model import build_model, choose_tower_impls
+from alexlab.model import build_model, choose_conv_impls
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
@@ -143,15 +143,16 @@ class TrainStep:
         window: misses, images (since the last step log)
 
     On CUDA the first call also picks each tower layer's grouped-conv implementation by timing
-    (model.grouped_conv=auto; `tower_impls` holds the choice, `tower_ms` each candidate's forward +
-    backward and each direction's ways in ms, see choose_tower_impls), before torch.compile traces.
+    (model.grouped_conv=auto) and conv1's (model.conv1_impl=auto) by timing: `conv_impls` holds the
+    choice, `conv_ms` each candidate's forward + backward and each tower direction's ways in ms (see
+    choose_conv_impls), before torch.compile traces.
     """
 
     def __init__(self, model, step_model, optimizer, device: torch.device, bf16: bool = False):
         self.model = model  # the plain module; step_model may wrap it (DDP, torch.compile)
         self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
-        self.tower_impls: dict[str, str] | None = None
-        self.tower_ms: dict[str, dict] = {}
+        self.conv_impls: dict[str, str] | None = None
+        self.conv_ms: dict[str, dict] = {}
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -159,8 +160,8 @@ class TrainStep:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
-        if self.tower_impls is None:
-            self.tower_impls = choose_tower_impls(self.model, x, self.autocast, timings=self.tower_ms) \
+        if self.conv_impls is None:
+            self.conv_impls = choose_conv_impls(self.model, x, self.autocast, timings=self.conv_ms) \
                 if x.is_cuda else {}
         with self.autocast():
             logits = self.step_model(x)
@@ -300,9 +301,9 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
                     raise Interrupted(signum)
             progress.close()
-            if epoch == first_epoch and train_step.tower_impls:
-                tracker.note(f"grouped convolutions timed at the first step, fastest kept: {train_step.tower_impls} "
-                             f"(ms: {train_step.tower_ms})")
+            if epoch == first_epoch and train_step.conv_impls:
+                tracker.note(f"convolutions timed at the first step, fastest kept: {train_step.conv_impls} "
+                             f"(ms: {train_step.conv_ms})")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
