@@ -291,6 +291,8 @@ class TowerConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         if not is_tower_impl(impl):
             raise ValueError(f"unknown grouped conv impl {impl!r}")
+        if self.dilation != (1, 1) or not isinstance(self.padding, tuple):
+            raise ValueError("TowerConv2d: no dilation, numeric padding")
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,7 +337,8 @@ class FirstConv2d(nn.Conv2d):
         self.impl = impl
 
     def candidates(self) -> tuple[str, ...]:
-        """The ways that differ from native here (padding 4 channels to 4 is native)."""
+        """The ways worth timing here: native, and those that differ from it for this layer (a padding
+        that adds channels; space_to_depth where the stride is over 1)."""
         ways = ["native"] + [f"pad{m}" for m in (4, 8) if self.in_channels % m]
         return tuple(ways + (["space_to_depth"] if self.stride != (1, 1) else []))
 
@@ -417,10 +420,11 @@ def choose_conv_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nul
             layer.impl = impl
             seconds[impl] = timed(step)
         directions = _time_directions(layer, inp, autocast, timed) if towers else {}
-        mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS) if towers else "native"
-        if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
-            layer.impl = mix
-            seconds[mix] = timed(step)
+        if directions:
+            mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
+            if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
+                layer.impl = mix
+                seconds[mix] = timed(step)
         layer.impl = chosen[name] = min(seconds, key=seconds.get)
         if timings is not None:
             timings[name] = {"whole": {impl: round(1e3 * t, 4) for impl, t in seconds.items()}}
