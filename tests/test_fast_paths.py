@@ -235,7 +235,9 @@ def test_a_grouped_conv_by_direction_under_bf16_autocast_computes_as_pytorchs_do
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
-def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
+@pytest.mark.parametrize("bf16", [False, True])  # True: under autocast, as the trainer on CUDA
+def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(bf16):
+    import contextlib
     from alexlab.model import FirstConv2d, TowerConv2d, choose_conv_impls
     torch.manual_seed(0)
     model = build_model(model_cfg("small", dropout=0.0), 10)  # grouped_conv=auto, conv1_impl=auto
@@ -246,7 +248,8 @@ def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients():
     x = torch.randn(4, 3, 27, 27)
     before = model(x)
     timings = {}
-    chosen = choose_conv_impls(model, x, repeats=1, timings=timings)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    chosen = choose_conv_impls(model, x, autocast, repeats=1, timings=timings)
     assert set(chosen) == {"features.conv1", "features.conv2", "features.conv5"} == set(timings)
     # conv1 (3 channels, stride 1): native and the two channel paddings; no directions
     assert set(timings["features.conv1"]) == {"whole"}
