@@ -402,8 +402,8 @@ def choose_conv_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nul
         for hook in hooks:
             hook.remove()
 
-    def timed(call) -> float:
-        return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=1)
+    def timed(call) -> float:  # the median of three runs: with more candidates, one noisy run picks wrong more often
+        return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=3)
 
     chosen = {}
     for name, layer in layers.items():
