@@ -229,7 +229,7 @@ class Bench:
         self.time_model("no LRN (towers 2)", ours(lrn=False), eager, size)
         self.time_model("one tower (lrn)", ours(towers=1), eager, size)
         self.time_model("no LRN, one tower", ours(lrn=False, towers=1), eager, size)
-        for impl in ("native", "pad4", "space_to_depth"):  # conv1's ways (the rows above time and choose them)
+        for impl in ("native", "pad4", "space_to_depth"):  # conv1's ways (auto, in the rows above, picks one)
             self.time_model(f"paper, conv1_impl={impl}", ours(conv1_impl=impl), eager, size)
         # and one way per direction: cuDNN's grouped kernels, the weight's gradient by a dense call
         for impl in (*TOWER_IMPLS, "native/dense/dense"):
@@ -553,8 +553,9 @@ class Bench:
         mode = self.record.get("fastest_paper_mode", "bf16+cl" if self.cuda else "fp32")
         # Measured on an H100 (bench/RESULTS.md): nvJPEG (torchvision) and the step share the SMs and
         # mostly take turns; a child process for decoding helped 21%, the step on a CUDA stream of its
-        # own 3% (no longer timed), libjpeg in the reading threads (cpu_decode_share) made it slower,
-        # then with torch's copy to pinned memory in each reading thread (now host_copy, by numpy).
+        # own 3% (no longer timed), libjpeg in the reading threads (cpu_decode_share) made it slower;
+        # the reading threads then copied to pinned memory with torch's copy, which starts an OpenMP
+        # team for each of them (now host_copy, by numpy).
         # Now first: nvImageCodec, which can decode on the GPU's hardware JPEG engines and leave the
         # SMs to the step, alone and with libjpeg's share beside it; then the resized copies
         # (data.resized_jpegs=true: a third of the bytes and pixels to decode).

@@ -205,8 +205,9 @@ def host_copy(image: torch.Tensor, pin_memory: bool) -> torch.Tensor:
     """A contiguous copy of a CPU tensor (pinned with `pin_memory`, so that its copy to the GPU needs
     no staging), made by numpy in the calling thread. torch's own copy (Tensor.pin_memory()) runs
     OpenMP's parallel loop, and every reading thread that runs one keeps a team of
-    torch.get_num_threads() threads of its own: 16 reading threads on a 16-core machine would keep
-    256, spinning between batches (tests/test_fast_paths.py counts them)."""
+    torch.get_num_threads() threads of its own (itself and the rest): 16 reading threads on a 16-core
+    machine would keep 16 x 15 more threads, spinning between batches (tests/test_fast_paths.py
+    counts them)."""
     out = torch.empty(image.shape, dtype=image.dtype, pin_memory=pin_memory)
     np.copyto(out.numpy(), image.numpy())
     return out
