@@ -323,8 +323,9 @@ def test_conv1_impls_under_bf16_autocast_compute_as_pytorchs_conv_does(impl):
 
 
 def test_fast_paths_train_like_the_reference_path():
-    """Same seed, same batches: the loss curves of the fused LRN + dense towers net and of the
-    running-sum LRN + split towers net follow the reference net's within float tolerance."""
+    """Same seed, same batches: the loss curves of the fused LRN + dense towers net, of the
+    running-sum LRN + split towers net and of the towers by direction follow the reference net's
+    within float tolerance."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(4, 8, 3, 27, 27, generator=gen)
     labels = torch.randint(0, 10, (4, 8), generator=gen)
@@ -332,7 +333,11 @@ def test_fast_paths_train_like_the_reference_path():
     # TF32 convolutions (CUDA's default) round differently in the native and dense towers
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     for changes in ({"lrn_impl": "reference"}, {"lrn_impl": "fused", "grouped_conv": "dense"},
-                    {"lrn_impl": "fused_scan", "grouped_conv": "split"}):
+                    {"lrn_impl": "fused_scan", "grouped_conv": "split"},
+                    {"grouped_conv": "native/dense/split"}):
+        # conv1's ways are left out: in float32 their other rounding flips near-ties of the max-pool
+        # after conv1, which sends a few gradients elsewhere (1e-2 in conv1's and conv2's gradients at
+        # the first step here); test_each_conv1_impl_gives... compares them in float64.
         torch.manual_seed(0)
         model = build_model(model_cfg("small", dropout=0.0, **changes), 10).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
