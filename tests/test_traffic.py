@@ -13,6 +13,7 @@ def test_each_op_reads_its_inputs_and_writes_its_outputs_once_and_views_move_not
     x, w, b, y = 4 * 3 * 10 * 10, 8 * 3 * 3 * 3, 8, 4 * 8 * 8 * 8  # elements: input, conv weight, bias, output
     fc_w, fc_b, logits = 5 * 512, 5, 4 * 5
     assert counter.by_op["convolution"] == 4 * (x + w + b + y)
+    assert counter.by_op["convolution_bias_add"] == 4 * (y + b + y)  # cuDNN's output, then add_(bias) on it
     assert counter.by_op["relu"] == 4 * (y + y)
     assert counter.by_op["addmm"] == 4 * (fc_b + y + fc_w + logits)  # the flattened conv output is a view
     assert counter.by_op["threshold_backward"] == 4 * (y + y + y)  # gradient and output in, gradient out
@@ -20,6 +21,12 @@ def test_each_op_reads_its_inputs_and_writes_its_outputs_once_and_views_move_not
     assert counter.by_op["convolution_backward"] == 4 * (y + x + w + w + b)
     assert "view" not in counter.by_op and "t" not in counter.by_op and "_unsafe_view" not in counter.by_op
     assert counter.total == sum(counter.by_op.values())
+
+
+def test_a_convolution_without_bias_adds_no_bias_pass():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten())
+    counter = step_traffic(model, batch=2, input_size=10, dtype=torch.float32)
+    assert counter.by_op["convolution"] > 0 and "convolution_bias_add" not in counter.by_op
 
 
 def test_a_broadcast_tensor_counts_its_distinct_elements():

@@ -8,7 +8,10 @@ channels against torchvision's 64, and LRN reads and writes it twice more.
 The model: every aten op reads each tensor input once and writes each output once (views move
 nothing; an expanded tensor counts its distinct elements). That is exact for elementwise ops and
 the fused LRN, and a lower bound for convolutions and matrix products, which re-read through the
-cache. It runs on the meta device: shapes only, no arithmetic, any machine, about a second.
+cache. One pass hides inside an op and is added: on CUDA, PyTorch runs a convolution with a bias as
+cuDNN's convolution and then `output.add_(bias)` (aten/src/ATen/native/Convolution.cpp), a read
+and a write of the output (`convolution_bias_add`). It runs on the meta device: shapes only, no
+arithmetic, any machine, about a second.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class TrafficCounter(TorchDispatchMode):
         if not func.is_view and func.overloadpacket not in ALLOCATES_ONLY:
             moved = sum(tensor_bytes(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
             self.by_op[func.overloadpacket.__name__] += moved
+            if func.overloadpacket is aten.convolution and args[2] is not None:  # the bias, added after cuDNN
+                self.by_op["convolution_bias_add"] += 2 * tensor_bytes(out) + tensor_bytes(args[2])
         return out
 
     @property
