@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,8 @@ class Bench:
             if mode == eager:
                 rates["auto"] = row["images_per_s"] if row else 0
         self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
+        # the rows above run the max-pools after conv1's and conv2's LRN inside its kernels; here apart
+        self.time_model("paper, pool_in_lrn=false", ours(pool_in_lrn=False), eager, size)
         # lrn_impl=auto (the rows above) runs fused_gather on CUDA; the groups of four are timed here
         self.time_model("paper, lrn_impl=fused (groups of four)", ours(lrn_impl="fused"), eager, size)
         self.time_model("paper, lrn_impl=fused_scan", ours(lrn_impl="fused_scan"), eager, size)
@@ -266,6 +269,7 @@ class Bench:
                   ("paper, grouped_conv=native", ours(grouped_conv="native"), 227),
                   ("paper, grouped_conv=dense", ours(grouped_conv="dense"), 227),
                   ("paper, grouped_conv=split", ours(grouped_conv="split"), 227),
+                  ("paper, grouped_conv=native, pool_in_lrn=false", ours(grouped_conv="native", pool_in_lrn=False), 227),
                   ("no LRN (towers 2)", ours(lrn=False, grouped_conv="native"), 227),
                   ("one tower (lrn)", ours(towers=1), 227),
                   ("no LRN, one tower", ours(lrn=False, towers=1), 227),
@@ -299,6 +303,11 @@ class Bench:
                 "relu inside lrn fused_gather (the model's conv1 and conv2)": LocalResponseNorm(impl="fused_gather",
                                                                                                relu=True),
                 "relu, then lrn fused_gather": lambda t: LocalResponseNorm(impl="fused_gather")(torch.relu(t)),
+                # ... and the max-pool after it inside too (pool_in_lrn, the default), against it after
+                "relu, lrn, max-pool in one fused_gather (the model's default)": LocalResponseNorm(
+                    impl="fused_gather", relu=True, pool=nn.MaxPool2d(3, 2)),
+                "relu inside lrn fused_gather, then max-pool": lambda t: F.max_pool2d(
+                    LocalResponseNorm(impl="fused_gather", relu=True)(t), 3, 2),
                 "lrn reference (ours, autograd.Function)": LocalResponseNorm(impl="reference"),
                 "F.local_response_norm": lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0)}
             if self.cuda and not self.args.no_compile:

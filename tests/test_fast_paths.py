@@ -46,9 +46,62 @@ def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last,
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,channels_last,pool,relu", [
+    ((2, 96, 13, 13), True, (3, 2), True),  # conv1's channels, as the model runs it (13 -> 6 pixels)
+    ((2, 12, 10, 9), False, (3, 2), False),  # NCHW; 10 rows: the last row lies in no window
+    ((3, 13, 8, 7), True, (2, 2), True),  # overlap_pool=false's pooling, a channel count not a power of two
+])
+@pytest.mark.parametrize("impl", ["fused", "fused_gather", "fused_scan", "fused_opaque"])
+def test_fused_lrn_with_its_max_pool_matches_pytorchs_lrn_then_max_pool(shape, channels_last, pool, relu, impl):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(shape, generator=gen) * 30 - 5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    x_ref = x.clone().requires_grad_()
+    want = nn.functional.max_pool2d(lrn(torch.relu(x_ref) if relu else x_ref), *pool)
+    grad = torch.randn(want.shape, generator=gen)
+    (want * grad).sum().backward()
+
+    x_fused = x.clone().to(DEVICE).requires_grad_()
+    y = LocalResponseNorm(impl=impl, relu=relu, pool=nn.MaxPool2d(*pool))(x_fused)
+    (y * grad.to(DEVICE)).sum().backward()
+    assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(y.detach().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pool_passes_the_gradient_of_equal_maxima_where_pytorchs_max_pool_does():
+    """Every pixel of an image alike, so each window's nine LRN values are equal (and zero in the
+    channels the ReLU zeroes): PyTorch's max-pool passes a window's gradient to its first maximum in
+    row-major order; a fused pool that kept another one would put the gradients on other pixels."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 1, 1, generator=gen) * 10).expand(2, 8, 7, 7).contiguous(
+        memory_format=torch.channels_last)
+    x_ref = x.clone().requires_grad_()
+    want = nn.functional.max_pool2d(nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x_ref), 3, 2)
+    grad = torch.randn(want.shape, generator=gen)
+    (want * grad).sum().backward()
+    x_fused = x.clone().to(DEVICE).requires_grad_()
+    y = LocalResponseNorm(impl="fused_gather", pool=nn.MaxPool2d(3, 2))(x_fused)
+    (y * grad.to(DEVICE)).sum().backward()
+    assert (x_ref.grad != 0).sum() < x_ref.grad.numel() / 2  # the gradient went to some pixels only
+    torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lrn_with_its_pool_in_bf16_is_within_bf16_rounding_of_fp32():
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.rand(2, 96, 9, 9, generator=gen) * 20 - 5).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    want = nn.functional.max_pool2d(nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(torch.relu(x)), 3, 2)
+    y = LocalResponseNorm(impl="fused_gather", relu=True, pool=nn.MaxPool2d(3, 2))(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and DEVICE == "cpu", reason="torch.compile on a CPU needs a C++ compiler")
 @pytest.mark.parametrize("impl", ["fused", "fused_opaque"])
-def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, monkeypatch):
+@pytest.mark.parametrize("pooled", [False, True])  # True: with the max-pool after it inside, as the model runs it
+def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, pooled, monkeypatch):
     """torch.compile with the LRN op between compiled convolutions, as the trainer compiles the net: the
     traced op (fused; on CUDA only, since tracing runs the kernel on fake tensors, which the interpreter
     cannot) and the opaque one (inductor calls it as it is, with a fake version for the shapes)."""
@@ -57,7 +110,7 @@ def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # CUDA: the same fp32 rounding both ways
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 96, 3).to(DEVICE).to(memory_format=torch.channels_last)
-    lrn = LocalResponseNorm(impl=impl, relu=True)  # as the model runs it: the ReLU inside
+    lrn = LocalResponseNorm(impl=impl, relu=True, pool=nn.MaxPool2d(3, 2) if pooled else None)  # the ReLU inside
     x = torch.randn(2, 3, 9, 9, device=DEVICE).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(lambda t: lrn(conv(t)))
     y = compiled(x)
@@ -65,6 +118,8 @@ def test_fused_lrn_inside_a_compiled_graph_matches_pytorch(impl, monkeypatch):
     got = conv.weight.grad.clone()
     conv.weight.grad = None
     want = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(torch.relu(conv(x)))
+    if pooled:
+        want = nn.functional.max_pool2d(want, 3, 2)
     want.square().sum().backward()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-4)

@@ -48,17 +48,18 @@ def test_one_tower_net_count_from_the_footnote():
     assert all(m.groups == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_output_size_after_each_layer():
-    model = build_model(model_cfg("alexnet"), 1000).eval()
+@pytest.mark.parametrize("pool_in_lrn", [False, True])  # True (the default): pool1 and pool2 run inside lrn1, lrn2
+def test_output_size_after_each_layer(pool_in_lrn):
+    model = build_model(model_cfg("alexnet", pool_in_lrn=pool_in_lrn), 1000).eval()
     sizes = {}
     for name, module in model.features.named_children():
         module.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[1:])))
     model(torch.zeros(1, 3, 227, 227))
     # PAPER.md: 55 -> 27 -> 27 -> 13 -> 13 -> 13 -> 13 -> 6, with the paper's widths.
     assert sizes["conv1"] == (96, 55, 55)
-    assert sizes["pool1"] == (96, 27, 27)
+    assert sizes["lrn1" if pool_in_lrn else "pool1"] == (96, 27, 27)
     assert sizes["conv2"] == (256, 27, 27)
-    assert sizes["pool2"] == (256, 13, 13)
+    assert sizes["lrn2" if pool_in_lrn else "pool2"] == (256, 13, 13)
     assert sizes["conv3"] == (384, 13, 13)
     assert sizes["conv4"] == (384, 13, 13)
     assert sizes["conv5"] == (256, 13, 13)
@@ -144,9 +145,10 @@ def test_each_switch_changes_the_network(preset):
 
 
 @pytest.mark.parametrize("preset", ["alexnet", "small"])
-def test_the_relu_inside_the_lrn_is_relu_then_pytorchs_lrn(preset):
-    """conv1's and conv2's ReLU runs inside their LRN module (relu=True, one pass over memory): the
-    net must compute what ReLU followed by nn.LocalResponseNorm computes, forward and backward."""
+def test_the_relu_and_pool_inside_the_lrn_are_relu_then_pytorchs_lrn_then_max_pool(preset):
+    """conv1's and conv2's ReLU runs inside their LRN module (relu=True, one pass over memory), and
+    so does the max-pool after it (pool): the net must compute what ReLU, nn.LocalResponseNorm and
+    nn.MaxPool2d in a row compute, forward and backward."""
     torch.manual_seed(0)
     ours = build_model(model_cfg(preset), 10)
     assert len(modules_of(ours, nn.ReLU)) == 5  # conv3, conv4, conv5, fc6, fc7; conv1's and conv2's are in the LRNs
@@ -156,8 +158,9 @@ def test_the_relu_inside_the_lrn_is_relu_then_pytorchs_lrn(preset):
         if isinstance(module, LocalResponseNorm):
             assert module.relu
             torch_alpha = module.coefficient * module.size  # PyTorch divides alpha by size
+            assert module.pool is not None and module.pool.kernel_size == 3  # the paper's overlapping pool
             setattr(oracle.features, name, nn.Sequential(nn.ReLU(), nn.LocalResponseNorm(
-                module.size, torch_alpha, module.beta, module.k)))
+                module.size, torch_alpha, module.beta, module.k), nn.MaxPool2d(3, stride=2)))
     size = model_cfg(preset)["input_size"]
     # float64: float32's rounding differences between the two LRNs flip max-pooling's near ties
     ours, oracle = ours.double().eval(), oracle.double().eval()

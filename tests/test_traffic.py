@@ -43,3 +43,16 @@ def test_the_fused_lrn_moves_what_its_kernels_read_and_write():
     activation = 2 * 96 * 14 * 14 * 2  # bytes of conv1's output at 63 px, bf16
     assert counter.by_op["lrn_forward_opaque"] == 2 * activation
     assert counter.by_op["lrn_backward_opaque"] == 3 * activation
+
+
+def test_the_fused_lrn_with_its_pool_moves_what_its_kernels_read_and_write():
+    """Forward: x in, the pooled output and the int8 positions of its maxima out; backward: x, the
+    positions and the pooled gradient in, dx out. The LRN's full-size output never moves."""
+    model = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4), LocalResponseNorm(relu=True, pool=nn.MaxPool2d(3, 2)),
+                          nn.Flatten())
+    counter = step_traffic(model, batch=2, input_size=63, dtype=torch.bfloat16)
+    activation = 2 * 96 * 14 * 14 * 2  # bytes of conv1's output at 63 px, bf16
+    pooled = 2 * 96 * 6 * 6  # elements after the 3/2 pool: (14 - 3) // 2 + 1 = 6
+    assert counter.by_op["lrn_pool_forward_opaque"] == activation + 2 * pooled + pooled
+    assert counter.by_op["lrn_pool_backward_opaque"] == activation + pooled + 2 * pooled + activation
+    assert "max_pool2d_with_indices" not in counter.by_op and "lrn_forward_opaque" not in counter.by_op

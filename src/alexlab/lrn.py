@@ -80,13 +80,26 @@ class _LRNFunction(torch.autograd.Function):
 
 
 @functools.cache
-def _fused_lrn(opaque: bool):
-    """The Triton op (alexlab.lrn_triton) where Triton is installed, else None."""
+def _fused_lrn(opaque: bool, pooled: bool = False):
+    """The Triton op (alexlab.lrn_triton) where Triton is installed, else None. pooled: the op that also
+    max-pools its output (returning the pooled output and where each maximum was)."""
     try:
         from alexlab import lrn_triton
     except ImportError:
         return None
+    if pooled:
+        return lrn_triton.lrn_pool_forward_opaque if opaque else lrn_triton.lrn_pool_forward
     return lrn_triton.lrn_forward_opaque if opaque else lrn_triton.lrn_forward
+
+
+def _fusable_pool(pool: nn.MaxPool2d) -> tuple[int, int] | None:
+    """(window, stride) of a max-pool the fused kernels can run (square, no padding or dilation, floor
+    sizes: the paper's pooling and its non-overlapping ablation), else None."""
+    size, stride = nn.modules.utils._pair(pool.kernel_size), nn.modules.utils._pair(pool.stride)
+    plain = nn.modules.utils._pair(pool.padding) == (0, 0) and nn.modules.utils._pair(pool.dilation) == (1, 1)
+    if plain and size[0] == size[1] <= 11 and stride[0] == stride[1] and not pool.ceil_mode and not pool.return_indices:
+        return size[0], stride[0]
+    return None
 
 
 IMPLEMENTATIONS = ("auto", "fused", "fused_gather", "fused_scan", "fused_opaque", "reference")
@@ -101,45 +114,55 @@ FUSED_WINDOWS["fused_opaque"] = FUSED_WINDOWS[AUTO_FUSED_IMPL]
 
 
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-                        impl: str = "auto", relu: bool = False) -> torch.Tensor:
+                        impl: str = "auto", relu: bool = False, pool: nn.MaxPool2d | None = None) -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (fused_gather on CUDA, the reference elsewhere) | fused (window sums by groups of four
     channels in registers) | fused_gather (one gather of the tile per window position) | fused_scan
     (each window as the difference of a running sum) | fused_opaque (fused_gather, as an op torch.compile
     calls without tracing into it) | reference. Timings: bench/RESULTS.md.
     relu: the LRN of relu(x); the fused kernels apply it as they load x, saving the ReLU's own passes
-    over memory (forward and backward)."""
+    over memory (forward and backward).
+    pool: a max-pool applied to the result; the fused kernels run it in the same pass (the LRN's output
+    and its gradient then never go through memory) where they can (_fusable_pool)."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # the opaque op also on the meta device (shapes only: alexlab.traffic); elsewhere (a CPU tensor,
     # such as the shape probe in build_model) the reference runs.
     explicit = impl in FUSED_WINDOWS
     runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1") or \
         (impl == "fused_opaque" and x.is_meta)
+    pool_shape = _fusable_pool(pool) if pool is not None else None
     if impl != "reference" and runnable:
-        fused = _fused_lrn(impl == "fused_opaque")
+        fused = _fused_lrn(impl == "fused_opaque", pooled=pool_shape is not None)
         if fused is not None:
-            return fused(x, size, coefficient, beta, k, FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL],
-                         relu=relu)
+            window = FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL]
+            if pool_shape is not None:
+                return fused(x, size, coefficient, beta, k, window, relu=relu, pool_kernel=pool_shape[0],
+                             pool_stride=pool_shape[1])[0]
+            out = fused(x, size, coefficient, beta, k, window, relu=relu)
+            return pool(out) if pool is not None else out
         if explicit:
             raise RuntimeError(f"LRN impl={impl} needs Triton, which is not installed")
-    return _LRNFunction.apply(torch.relu(x) if relu else x, size, coefficient, beta, k)
+    out = _LRNFunction.apply(torch.relu(x) if relu else x, size, coefficient, beta, k)
+    return pool(out) if pool is not None else out
 
 
 class LocalResponseNorm(nn.Module):
     """Across-channel LRN with explicit alpha semantics (see the module docstring). relu=True: the
-    ReLU that comes before it in the paper runs inside it, in the fused kernels' one pass."""
+    ReLU that comes before it in the paper runs inside it, in the fused kernels' one pass. pool: the
+    max-pool that comes after it in the paper, run inside it likewise (a submodule, `pool`)."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                 alpha_mode: str = "per_size", impl: str = "auto", relu: bool = False):
+                 alpha_mode: str = "per_size", impl: str = "auto", relu: bool = False,
+                 pool: nn.MaxPool2d | None = None):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"LRN impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        self.impl, self.relu = impl, relu
+        self.impl, self.relu, self.pool = impl, relu, pool
         self.size, self.alpha, self.beta, self.k, self.alpha_mode = size, alpha, beta, k, alpha_mode
         self.coefficient = effective_alpha(alpha, size, alpha_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu)
+        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu, self.pool)
 
     def extra_repr(self) -> str:
         return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "

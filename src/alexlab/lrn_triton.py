@@ -20,6 +20,8 @@ which is how the CPU tests check them.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -141,28 +143,65 @@ def _window_sum(t, lo: tl.constexpr, hi: tl.constexpr, BLOCK_P: tl.constexpr, BL
 
 
 @triton.jit
-def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
-    """This program's tile, BLOCK_P pixels x all channels of image n: (offsets, mask, x in fp32,
-    denominator base d). GROUPED: as [BLOCK_P, BLOCK_C // 4, 4], so that Triton gives each thread a
-    group of four channels from the load on (LANES sums need no layout change through shared memory;
-    for up to 128 channels, 32 groups, one per thread of a warp), else [BLOCK_P, BLOCK_C]. RELU: x is
-    the ReLU of what is loaded (the LRN of a ReLU in one pass over memory)."""
-    n = tl.program_id(1)
+def _channels(BLOCK_C: tl.constexpr, GROUPED: tl.constexpr):
+    """The channel offsets of a tile: [1, BLOCK_C], or [1, BLOCK_C // 4, 4] where GROUPED (Triton then gives
+    each thread a group of four channels from the load on; LANES sums need no layout change through shared
+    memory; for up to 128 channels, 32 groups, one per thread of a warp)."""
     if GROUPED:
-        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None, None]
         c = tl.arange(0, BLOCK_C // 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     else:
-        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
         c = tl.arange(0, BLOCK_C)[None, :]
-    at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
-    mask = (p < P) & (c < C)
+    return c
+
+
+@triton.jit
+def _per_pixel(v, GROUPED: tl.constexpr):
+    """A [BLOCK_P] vector of per-pixel values, shaped to broadcast against _channels."""
+    if GROUPED:
+        out = v[:, None, None]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _load_lrn(x_ptr, at, mask, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+              WINDOW: tl.constexpr, RELU: tl.constexpr):
+    """(x in fp32, denominator base d) at the offsets `at` (a tile of pixels x all channels of one image).
+    RELU: x is the ReLU of what is loaded (the LRN of a ReLU in one pass over memory)."""
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         x = tl.maximum(x, 0.0)
     # window of channel i: i - SIZE//2 .. i + (SIZE-1)//2, as nn.LocalResponseNorm pads
     d = k + coeff * _window_sum(x * x, -(SIZE // 2), (SIZE - 1) // 2, BLOCK_P, BLOCK_C, WINDOW)
+    return x, d
+
+
+@triton.jit
+def _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
+    """This program's tile, BLOCK_P pixels x all channels of image n: (offsets, mask, x in fp32,
+    denominator base d)."""
+    n = tl.program_id(1)
+    p = _per_pixel(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), GROUPED)
+    c = _channels(BLOCK_C, GROUPED)
+    at = n.to(tl.int64) * stride_n + c * stride_c + p * stride_p
+    mask = (p < P) & (c < C)
+    x, d = _load_lrn(x_ptr, at, mask, coeff, k, SIZE, BLOCK_P, BLOCK_C, WINDOW, RELU)
     return at, mask, x, d
+
+
+@triton.jit
+def _lrn_grad(x, d, g, coeff, beta, SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr,
+              BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, RELU: tl.constexpr):
+    """dL/dx of the LRN (of the ReLU, where RELU) given x, its d and the output's gradient g, all fp32."""
+    scale, over_d = _neg_pow(d, beta, BETA_IS_075)
+    # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
+    back = _window_sum(g * x * over_d, -((SIZE - 1) // 2), SIZE // 2, BLOCK_P, BLOCK_C, WINDOW)
+    dx = g * scale - (2.0 * beta * coeff) * x * back
+    if RELU:  # x is the ReLU's output here: the gradient passes where it is positive, as PyTorch's ReLU's
+        dx = tl.where(x > 0.0, dx, 0.0)
+    return dx
 
 
 @triton.jit
@@ -183,12 +222,74 @@ def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, co
     at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
                                 WINDOW, GROUPED, RELU)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    scale, over_d = _neg_pow(d, beta, BETA_IS_075)
-    # channel j is in the window of the channels i = j - (SIZE-1)//2 .. j + SIZE//2
-    back = _window_sum(g * x * over_d, -((SIZE - 1) // 2), SIZE // 2, BLOCK_P, BLOCK_C, WINDOW)
-    dx = g * scale - (2.0 * beta * coeff) * x * back
-    if RELU:  # x is the ReLU's output here: the gradient passes where it is positive, as PyTorch's ReLU's
-        dx = tl.where(x > 0.0, dx, 0.0)
+    dx = _lrn_grad(x, d, g, coeff, beta, SIZE, BETA_IS_075, BLOCK_P, BLOCK_C, WINDOW, RELU)
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrn_pool_fwd_kernel(x_ptr, y_ptr, arg_ptr, W, C, Wo, Q, stride_n, stride_c, stride_p, out_n, out_c, out_p,
+                         coeff, beta, k, SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr,
+                         BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr,
+                         POOL_K: tl.constexpr, POOL_S: tl.constexpr):
+    """The max-pool (POOL_K x POOL_K, stride POOL_S, no padding) of the LRN: a program holds BLOCK_P pooled
+    pixels x all channels and computes the LRN at each of their window's pixels (a pixel in two windows
+    is computed twice; its second read comes from the cache), keeping the largest and, as int8, where it
+    was (dh * POOL_K + dw; the first of equals in row-major order, and NaN wins, as PyTorch's max-pool)."""
+    n = tl.program_id(1)
+    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = (q // Wo) * POOL_S
+    col = (q % Wo) * POOL_S
+    c = _channels(BLOCK_C, GROUPED)
+    mask = (_per_pixel(q, GROUPED) < Q) & (c < C)
+    image = n.to(tl.int64) * stride_n + c * stride_c
+    best = tl.full(mask.shape, float("-inf"), tl.float32)
+    where = tl.zeros(mask.shape, tl.int32)
+    for dh in tl.static_range(POOL_K):
+        for dw in tl.static_range(POOL_K):
+            at = image + _per_pixel((row + dh) * W + col + dw, GROUPED) * stride_p
+            x, d = _load_lrn(x_ptr, at, mask, coeff, k, SIZE, BLOCK_P, BLOCK_C, WINDOW, RELU)
+            scale, _ = _neg_pow(d, beta, BETA_IS_075)
+            y = x * scale
+            take = (y > best) | (y != y)
+            best = tl.where(take, y, best)
+            where = tl.where(take, dh * POOL_K + dw, where)
+    out = n.to(tl.int64) * out_n + c * out_c + _per_pixel(q, GROUPED) * out_p
+    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(arg_ptr + out, where.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _lrn_pool_bwd_kernel(x_ptr, arg_ptr, g_ptr, dx_ptr, H, W, C, Ho, Wo, stride_n, stride_c, stride_p,
+                         out_n, out_c, out_p, coeff, beta, k, SIZE: tl.constexpr, BETA_IS_075: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WINDOW: tl.constexpr,
+                         GROUPED: tl.constexpr, RELU: tl.constexpr, POOL_K: tl.constexpr, POOL_S: tl.constexpr):
+    """dL/dx of _lrn_pool_fwd_kernel: a program holds BLOCK_P input pixels x all channels; each pixel takes
+    the pooled gradient of every window (at most ceil(POOL_K / POOL_S) per axis) whose saved position is
+    it, then the LRN's backward runs on that as _lrn_bwd_kernel's does. The LRN's output and its
+    full-size gradient never go through memory."""
+    n = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // W
+    w = p % W
+    c = _channels(BLOCK_C, GROUPED)
+    mask = (_per_pixel(p, GROUPED) < H * W) & (c < C)
+    at = n.to(tl.int64) * stride_n + c * stride_c + _per_pixel(p, GROUPED) * stride_p
+    x, d = _load_lrn(x_ptr, at, mask, coeff, k, SIZE, BLOCK_P, BLOCK_C, WINDOW, RELU)
+    image = n.to(tl.int64) * out_n + c * out_c
+    g = tl.zeros(mask.shape, tl.float32)
+    for a in tl.static_range((POOL_K + POOL_S - 1) // POOL_S):
+        ho = h // POOL_S - a
+        dh = h - ho * POOL_S
+        for b in tl.static_range((POOL_K + POOL_S - 1) // POOL_S):
+            wo = w // POOL_S - b
+            dw = w - wo * POOL_S
+            inside = (ho >= 0) & (ho < Ho) & (dh < POOL_K) & (wo >= 0) & (wo < Wo) & (dw < POOL_K)
+            there = mask & _per_pixel(inside, GROUPED)
+            out = image + _per_pixel(ho * Wo + wo, GROUPED) * out_p
+            saved = tl.load(arg_ptr + out, mask=there, other=-1).to(tl.int32)
+            mine = there & (saved == _per_pixel(dh * POOL_K + dw, GROUPED))
+            g += tl.load(g_ptr + out, mask=mine, other=0.0).to(tl.float32)
+    dx = _lrn_grad(x, d, g, coeff, beta, SIZE, BETA_IS_075, BLOCK_P, BLOCK_C, WINDOW, RELU)
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -220,21 +321,29 @@ BLOCK_ELEMENTS, NUM_WARPS = 1024, 4
 def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements, relu=False):
     """(runtime arguments by name, compile-time constants, grid, output) of a launch of `kernel`."""
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
-    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    tensors = [t.contiguous(memory_format=layout) for t in extra]  # same strides as x
+    tensors = [t.contiguous(memory_format=_memory_format(x)) for t in extra]  # same strides as x
     out = torch.empty_like(x)
+    constants = _constants(channels, size, beta, window, block_elements, relu)
+    values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
+    arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
+    grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
+    return arguments, constants, grid, out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
+def _constants(channels: int, size: int, beta: float, window: str, block_elements: int, relu: bool) -> dict:
+    """The kernels' compile-time constants for a tensor of `channels` channels."""
     block_c = max(4, triton.next_power_of_2(channels))  # whole groups of four channels
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {list(WINDOWS)}, got {window!r}")
     if window == "lanes" and size > 9:  # the groups reach four channels either side
         window = "gather"
-    constants = {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
-                 "BLOCK_C": block_c, "WINDOW": WINDOWS[window], "GROUPED": window == "lanes" and block_c <= 128,
-                 "RELU": bool(relu)}
-    values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
-    arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
-    grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
-    return arguments, constants, grid, out
+    return {"SIZE": size, "BETA_IS_075": beta == 0.75, "BLOCK_P": max(1, block_elements // block_c),
+            "BLOCK_C": block_c, "WINDOW": WINDOWS[window], "GROUPED": window == "lanes" and block_c <= 128,
+            "RELU": bool(relu)}
 
 
 def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps, relu):
@@ -274,24 +383,89 @@ def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float
                    num_warps, relu)
 
 
-def _register(make_op, suffix: str):
+def pooled_size(size: int, kernel: int, stride: int) -> int:
+    """A max-pool's output size along one axis (no padding, as the paper's pooling)."""
+    return (size - kernel) // stride + 1
+
+
+def _pool_outputs(x: torch.Tensor, pool_kernel: int, pool_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (pooled output, int8 position of each maximum in its window), in x's memory format."""
+    if not 1 <= pool_kernel <= 11 or pool_stride < 1:  # positions up to 11 x 11 - 1 fit an int8
+        raise ValueError(f"the fused pool takes windows of 1 to 11 and a positive stride, got {pool_kernel}, {pool_stride}")
+    n, c, h, w = x.shape
+    ho, wo = pooled_size(h, pool_kernel, pool_stride), pooled_size(w, pool_kernel, pool_stride)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"a {pool_kernel}x{pool_kernel} max-pool needs at least {pool_kernel}x{pool_kernel} "
+                         f"pixels, got {h}x{w}")
+    fmt = _memory_format(x)
+    return (torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty((n, c, ho, wo), dtype=torch.int8, device=x.device, memory_format=fmt))
+
+
+def _pool_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "gather",
+                  block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS, relu: bool = False,
+                  pool_kernel: int = 3, pool_stride: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_pool2d(LRN(x)), where each maximum was): the max-pool after conv1's and conv2's LRN in the
+    same pass, so the LRN's output never goes through memory. relu: of relu(x), as _forward."""
+    x, _, channels, s_n, s_c, s_p = _layout(x)
+    y, where = _pool_outputs(x, pool_kernel, pool_stride)
+    constants = dict(_constants(channels, size, beta, window, block_elements, relu), POOL_K=pool_kernel,
+                     POOL_S=pool_stride)
+    out_n, out_c, _, out_p = y.stride()
+    pooled = y.shape[2] * y.shape[3]
+    grid = (triton.cdiv(pooled, constants["BLOCK_P"]), x.shape[0])
+    torch.library.wrap_triton(_lrn_pool_fwd_kernel)[grid](
+        x, y, where, x.shape[3], channels, y.shape[3], pooled, s_n, s_c, s_p, out_n, out_c, out_p, coefficient, beta,
+        k, **constants, num_warps=num_warps)
+    return y, where
+
+
+def _pool_backward(x: torch.Tensor, where: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float,
+                   beta: float, k: float, window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
+                   num_warps: int = NUM_WARPS, relu: bool = False, pool_kernel: int = 3,
+                   pool_stride: int = 2) -> torch.Tensor:
+    x, pixels, channels, s_n, s_c, s_p = _layout(x)
+    fmt = _memory_format(x)
+    where = where.contiguous(memory_format=fmt)
+    grad = grad.to(x.dtype).contiguous(memory_format=fmt)  # the strides of `where` (same shape and layout)
+    dx = torch.empty_like(x)
+    constants = dict(_constants(channels, size, beta, window, block_elements, relu), POOL_K=pool_kernel,
+                     POOL_S=pool_stride)
+    out_n, out_c, _, out_p = grad.stride()
+    grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
+    torch.library.wrap_triton(_lrn_pool_bwd_kernel)[grid](
+        x, where, grad, dx, x.shape[2], x.shape[3], channels, grad.shape[2], grad.shape[3], s_n, s_c, s_p, out_n,
+        out_c, out_p, coefficient, beta, k, **constants, num_warps=num_warps)
+    return dx
+
+
+def _register(make_op, suffix: str, pooled: bool = False):
     """The forward and backward kernels as one differentiable op. make_op = torch.library.triton_op:
     torch.compile traces into it and sees the kernels; torch.library.custom_op: opaque, compiled
-    graphs call it as it is (then it needs a fake version that gives the output's shape and strides)."""
-    forward = make_op(f"alexlab::lrn_forward{suffix}", _forward, mutates_args=())
-    backward = make_op(f"alexlab::lrn_backward{suffix}", _backward, mutates_args=())
+    graphs call it as it is (then it needs a fake version that gives the output's shape and strides).
+    pooled: the LRN and the max-pool after it (_pool_forward), whose positions the backward also reads."""
+    name, run_forward, run_backward = ("lrn_pool", _pool_forward, _pool_backward) if pooled else \
+        ("lrn", _forward, _backward)
+    forward = make_op(f"alexlab::{name}_forward{suffix}", run_forward, mutates_args=())
+    backward = make_op(f"alexlab::{name}_backward{suffix}", run_backward, mutates_args=())
     if make_op is torch.library.custom_op:
-        forward.register_fake(lambda x, *params: torch.empty_like(_layout(x)[0]))
-        backward.register_fake(lambda x, grad, *params: torch.empty_like(_layout(x)[0]))
+        def fake_forward(*args, **kwargs):
+            given = inspect.signature(run_forward).bind(*args, **kwargs)
+            given.apply_defaults()
+            x = _layout(given.arguments["x"])[0]
+            if pooled:
+                return _pool_outputs(x, given.arguments["pool_kernel"], given.arguments["pool_stride"])
+            return torch.empty_like(x)
+        forward.register_fake(fake_forward)
+        backward.register_fake(lambda x, *params: torch.empty_like(_layout(x)[0]))
 
     def setup_context(ctx, inputs, output):
         x, *params = inputs
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, output[1]) if pooled else ctx.save_for_backward(x)
         ctx.params = params
 
-    def backward_of_forward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return backward(x, grad, *ctx.params), *[None] * len(ctx.params)
+    def backward_of_forward(ctx, grad, *grad_of_positions):  # the int8 positions have none
+        return backward(*ctx.saved_tensors, grad, *ctx.params), *[None] * len(ctx.params)
 
     forward.register_autograd(backward_of_forward, setup_context=setup_context)
     return forward, backward
@@ -300,3 +474,5 @@ def _register(make_op, suffix: str):
 lrn_forward, lrn_backward = _register(torch.library.triton_op, "")
 # A candidate fix for the fused LRN's slowdown inside compiled graphs (bench/RESULTS.md), timed by the bench.
 lrn_forward_opaque, lrn_backward_opaque = _register(torch.library.custom_op, "_opaque")
+lrn_pool_forward, lrn_pool_backward = _register(torch.library.triton_op, "", pooled=True)
+lrn_pool_forward_opaque, lrn_pool_backward_opaque = _register(torch.library.custom_op, "_opaque", pooled=True)

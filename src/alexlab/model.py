@@ -3,7 +3,8 @@
 Every ablation switch of the paper lives in `build_model`:
 
     lrn / lrn_alpha   LRN after the activation of the layers marked `lrn` (conv1, conv2); a ReLU
-                      there runs inside the LRN module (LocalResponseNorm(relu=True)), same function
+                      there runs inside the LRN module (LocalResponseNorm(relu=True)), same function,
+                      and so does the max-pool after it (its `pool`; pool_in_lrn=false: its own module)
     overlap_pool      max-pool 3/2 (paper) or 2/2
     dropout           p on the outputs of fc6 and fc7 (0 = off)
     activation        relu or tanh for every hidden layer
@@ -63,8 +64,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
     if cfg.get("lrn_alpha") not in ALPHA_MODES:
         raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
-    if not isinstance(cfg.get("lrn"), bool) or not isinstance(cfg.get("overlap_pool"), bool):
-        raise ConfigError("model.lrn and model.overlap_pool must be true or false")
+    if not all(isinstance(cfg.get(key, True), bool) for key in ("lrn", "overlap_pool", "pool_in_lrn")):
+        raise ConfigError("model.lrn, model.overlap_pool and model.pool_in_lrn must be true or false")
     dropout = cfg.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
@@ -126,6 +127,7 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     channels = cfg["in_channels"]
     for layer in plan:
         n = layer["name"][len("conv"):] if layer["name"].startswith("conv") else layer["name"]
+        pool_in_lrn = False
         if not layer["removed"]:
             if channels % layer["groups"] or layer["out"] % layer["groups"]:
                 raise ConfigError(f"{layer['name']}: {channels} -> {layer['out']} channels cannot be split "
@@ -143,13 +145,17 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
             relu_in_lrn = lrn_here and cfg["activation"] == "relu"
             if not relu_in_lrn:
                 features[f"act{n}"] = act()
+            # LRN then max-pool: likewise the pool runs inside the LRN module (its `pool`), so that the
+            # LRN's output and its gradient never go through memory.
+            pool_in_lrn = lrn_here and layer.get("pool", False) and cfg.get("pool_in_lrn", True)
             if lrn_here:
                 features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
                                                         lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"],
-                                                        impl=cfg.get("lrn_impl", "auto"), relu=relu_in_lrn)
+                                                        impl=cfg.get("lrn_impl", "auto"), relu=relu_in_lrn,
+                                                        pool=nn.MaxPool2d(pool_kernel, stride=2) if pool_in_lrn else None)
             channels = layer["out"]
         # A removed layer's pooling stays, so the later layers see the same spatial size.
-        if layer.get("pool", False):
+        if layer.get("pool", False) and not pool_in_lrn:
             features[f"pool{n}"] = nn.MaxPool2d(pool_kernel, stride=2)
     if cfg.get("adaptive_pool"):
         features["avgpool"] = nn.AdaptiveAvgPool2d(cfg["adaptive_pool"])
