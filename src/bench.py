@@ -315,10 +315,13 @@ class Bench:
                     lambda t: F.local_response_norm(t, 5, 1e-4, 0.75, 2.0))
             for name, fn in contenders.items():
                 xr = x.detach().clone().requires_grad_()
+                with torch.no_grad():
+                    out_shape = fn(x).shape
+                grad = g if out_shape == g.shape else torch.randn(out_shape, device=self.device, dtype=dtype)
 
-                def step(fn=fn, xr=xr):
+                def step(fn=fn, xr=xr, grad=grad):
                     xr.grad = None
-                    fn(xr).backward(g)
+                    fn(xr).backward(grad)
                 seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
                 row = {"op": name, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
                        "ms_fwd_bwd": 1e3 * seconds}
@@ -342,17 +345,25 @@ class Bench:
                 if layout == "channels_last":
                     x = x.contiguous(memory_format=torch.channels_last)
                 g = torch.randn_like(x)
+                pooled_size = lrn_triton.pooled_size(shape[2], 3, 2)
+                g_pooled = torch.randn(*shape[:2], pooled_size, pooled_size, device=self.device, dtype=dtype)
                 configs = sweep if (shape, layout) == (shapes[0], "channels_last") else default
-                for impl, window in LRN_WINDOWS.items():
+                # "+pool": the pooled kernels, with the ReLU, as the model runs conv1's and conv2's block
+                for impl, window, pooled in [(i + pool, w, bool(pool)) for pool in ("", "+pool")
+                                             for i, w in LRN_WINDOWS.items()]:
                     for block, warps in configs:
                         if self.out_of_time():
                             self.record["errors"].append("lrn_configs: stopped (budget)")
                             return
                         xr = x.detach().clone().requires_grad_()
 
-                        def step(xr=xr, window=window, block=block, warps=warps):
+                        def step(xr=xr, window=window, block=block, warps=warps, pooled=pooled):
                             xr.grad = None
-                            lrn_triton.lrn_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, window, block, warps).backward(g)
+                            if pooled:
+                                lrn_triton.lrn_pool_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, window, block, warps,
+                                                            True, 3, 2)[0].backward(g_pooled)
+                            else:
+                                lrn_triton.lrn_forward(xr, 5, 1e-4 / 5, 0.75, 2.0, window, block, warps).backward(g)
                         seconds = time_steps(step, self.device, 3, 10 if self.cuda else 1, 5 if self.cuda else 1)
                         rows.append({"impl": impl, "layout": layout, "shape": list(shape),
                                      "dtype": str(dtype).replace("torch.", ""), "block_elements": block,
@@ -374,11 +385,13 @@ class Bench:
         # The paper's shapes even on a CPU (compiling needs no GPU); as the trainer launches them: bf16,
         # channels_last. The tiny version compiles the default launch only.
         for shape in PAPER_LRN_SHAPES:
-            for impl, window in LRN_WINDOWS.items():
+            for impl, window, pool in [(i + name, w, pool) for name, pool in (("", None), ("+pool", (3, 2)))
+                                       for i, w in LRN_WINDOWS.items()]:
                 for block, warps in self.lrn_sweep:
                     for backward in (False, True):
                         jobs.append(lrn_triton.resource_job(backward, torch.bfloat16, shape, window=window,
-                                                            block_elements=block, num_warps=warps))
+                                                            block_elements=block, num_warps=warps,
+                                                            relu=pool is not None, pool=pool))
                         rows.append({"kernel": f"lrn {impl} {'backward' if backward else 'forward'}",
                                      "channels": shape[1], "shape": list(shape), "dtype": "bfloat16",
                                      "layout": "channels_last", "block_elements": block,
@@ -393,7 +406,8 @@ class Bench:
         rows.append({"kernel": "resize_crop", "default": True, "block_elements": RESIZE_BLOCK})
         for row, found in zip(rows, compiled_resources(jobs, arch)):
             row.update(found)
-            if row["kernel"].startswith("lrn") and found["instructions"]:  # loop-free: each thread runs it once
+            # loop-free kernels: each thread runs the code once (the pooled forward loops over the window's rows)
+            if row["kernel"].startswith("lrn") and not row["kernel"].endswith("+pool forward") and found["instructions"]:
                 row["instructions_per_element"] = found["instructions"] / (row["block_elements"] / (32 * row["num_warps"]))
         self.record["kernels"] = rows
         for r in rows:

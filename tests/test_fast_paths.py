@@ -199,8 +199,8 @@ def test_fused_lrn_default_launch_keeps_memory_busy_and_groups_of_four_issue_no_
     (bench/RESULTS.md, 2026-11-27). Instructions per element rise as each thread holds fewer elements;
     the groups of four (impl=fused) are there to issue fewer. Read off the kernels as the trainer
     launches them (channels_last, conv1's and conv2's outputs, bf16 and fp32), compiled for sm_90 here
-    without a GPU: at the default launch, both window sums (and the gather's with the ReLU inside)
-    spill nothing and give every kernel at least 3x those 8 warp slots, and the groups of four issue no more instructions per element than
+    without a GPU: at the default launch, both window sums (and the gather's with the ReLU inside, and
+    with the max-pool after it inside too) spill nothing and give every kernel at least 3x those 8 warp slots, and the groups of four issue no more instructions per element than
     the H200's kernels (10% slack: Triton 3.6, in the GPU image, compiles their fp32 kernels 6% longer;
     3.8 here, 1% longer)."""
     from alexlab.kernel_resources import compiled_resources
@@ -215,9 +215,10 @@ def test_fused_lrn_default_launch_keeps_memory_busy_and_groups_of_four_issue_no_
     per_thread, first_per_thread = BLOCK_ELEMENTS // (32 * NUM_WARPS), 4096 // (32 * 4)
     h200 = forward_and_backward(window="gather", block_elements=4096, num_warps=4)  # the kernels timed on the H200
     gather, lanes = forward_and_backward(window="gather"), forward_and_backward(window="lanes")
-    with_relu = forward_and_backward(window="gather", relu=True)  # as the model runs conv1's and conv2's
-    for case, gathered, grouped, old, relu_too in zip(cases, gather, lanes, h200, with_relu):
-        for kernel in gathered + grouped + relu_too:
+    with_relu = forward_and_backward(window="gather", relu=True)  # as the model runs conv1's and conv2's ...
+    with_pool = forward_and_backward(window="gather", relu=True, pool=(3, 2))  # ... and, by default, with the pool
+    for case, gathered, grouped, old, relu_too, pool_too in zip(cases, gather, lanes, h200, with_relu, with_pool):
+        for kernel in gathered + grouped + relu_too + pool_too:
             assert kernel["spilled_bytes"] == 0 and kernel["occupancy"] >= 3 * 8 / 64, (case, kernel)
         issued, issued_first = (sum(k["instructions"] for k in pair) for pair in (grouped, old))
         assert issued / per_thread <= 1.1 * issued_first / first_per_thread, (case, issued, issued_first)
