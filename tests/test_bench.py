@@ -22,13 +22,16 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
                   "no LRN, one tower", "paper, grouped_conv=dense"):
         assert any(m == model for m, _ in rows), model
     assert all(r["images_per_s"] > 0 for r in record["train_step"])
-    assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm"}
+    assert {r["op"] for r in record["lrn"]} >= {"relu", "lrn fused (ours, Triton)", "F.local_response_norm",
+                                                "relu, lrn, max-pool in one fused_gather (the model's default)"}
     kernels = {k["kernel"]: k for k in record["kernels"]}  # compiled for sm_90 without a GPU
     assert set(kernels) >= {"lrn fused forward", "lrn fused backward", "lrn fused_gather backward",
-                            "lrn fused_scan backward", "resize_crop"}
+                            "lrn fused_scan backward", "lrn fused_gather+pool forward",
+                            "lrn fused_gather+pool backward", "resize_crop"}
     assert all(k["registers"] > 0 and 0 < k["occupancy"] <= 1 for k in kernels.values())
     assert {(r["impl"], r["layout"]) for r in record["lrn_configs"]} == {
-        (impl, layout) for impl in ("fused", "fused_gather", "fused_scan") for layout in ("channels_last", "nchw")}
+        (impl + pool, layout) for impl in ("fused", "fused_gather", "fused_scan") for pool in ("", "+pool")
+        for layout in ("channels_last", "nchw")}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
     resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
     assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end
