@@ -48,11 +48,23 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     assert record["versions"]["torch"] and record["device"] and record["date"]
     # Bytes a step moves, at the real sizes even here. conv1's and conv2's ReLU runs inside their fused
     # LRN, which reads and writes what the ReLU alone did (x in and out forward; x and gradient in, dx
-    # out backward), so the paper's net moves what the net without LRN moves; the reference LRN, many
-    # passes more; torchvision's net, with 64 and 192 channels where the paper has 96 and 256, less.
+    # out backward), so with the pool apart the paper's net moves what the net without LRN moves; the
+    # reference LRN, many passes more.
     traffic = {r["model"]: r["gb_per_step"] for r in record["traffic"]}
-    assert abs(traffic["paper, grouped_conv=native"] - traffic["no LRN (towers 2)"]) < 1e-6
-    assert traffic["torchvision alexnet"] < traffic["paper, grouped_conv=native"] < traffic["paper, reference LRN"]
+    apart = traffic["paper, grouped_conv=native, pool_in_lrn=false"]
+    assert abs(apart - traffic["no LRN (towers 2)"]) < 1e-6
+    assert apart < traffic["paper, reference LRN"]
+    # With the pool inside (the default), per conv output of E elements pooled to P, in bf16: apart, the
+    # LRN moves 4E forward and 6E backward, the pool reads E and writes P and its int64 indices (2E + 10P),
+    # and backward reads the pooled gradient, the indices and its input and writes the full gradient
+    # (4E + 10P); inside, forward reads E and writes P and int8 positions (2E + 3P), backward reads x,
+    # the positions and the pooled gradient and writes dx (4E + 3P). 10E + 14P fewer bytes.
+    saved = sum(10 * e + 14 * p for e, p in ((256 * 96 * 55 * 55, 256 * 96 * 27 * 27),  # conv1: 55 -> 27 px
+                                            (256 * 256 * 27 * 27, 256 * 256 * 13 * 13)))  # conv2: 27 -> 13
+    assert abs(apart - traffic["paper, grouped_conv=native"] - saved / 1e9) < 1e-6
+    # torchvision's net (64 and 192 channels where the paper has 96 and 256, a pool apart) moves less than
+    # the paper's with its pools apart, more than with them inside
+    assert traffic["paper, grouped_conv=native"] < traffic["torchvision alexnet"] < apart
     assert [o["jpeg_decoder"] for o in record["overlap"]] == ["torchvision", "nvimgcodec"]
     assert all(0 < o["overlap"] < 3 for o in record["overlap"])
     assert set(record["profiles"]) >= {"paper net step, bf16+cl", "end to end from JPEG files, bf16+cl"}

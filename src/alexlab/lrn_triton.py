@@ -481,7 +481,11 @@ def _register(make_op, suffix: str, pooled: bool = False):
 
     def setup_context(ctx, inputs, output):
         x, *params = inputs
-        ctx.save_for_backward(x, output[1]) if pooled else ctx.save_for_backward(x)
+        if pooled:
+            ctx.save_for_backward(x, output[1])
+            ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the positions, a pass
+        else:
+            ctx.save_for_backward(x)
         ctx.params = params
 
     def backward_of_forward(ctx, grad, *grad_of_positions):  # the int8 positions have none
