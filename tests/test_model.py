@@ -192,6 +192,8 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"grouped_conv": "native/dense"}, "forward/input_grad/weight_grad"),  # a way for each of three
     ({"grouped_conv": "native/dense/native_nchw"}, "forward/input_grad/weight_grad"),
     ({"conv1_impl": "dense"}, "model.conv1_impl must be one of"),
+    ({"lrn": "yes"}, "model.lrn, model.overlap_pool and model.pool_in_lrn must be true or false"),
+    ({"pool_in_lrn": "auto"}, "model.pool_in_lrn must be true or false"),
 ])
 def test_bad_model_config_is_refused_clearly(bad, message):
     with pytest.raises(ConfigError, match=message):

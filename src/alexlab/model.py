@@ -64,7 +64,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
     if cfg.get("lrn_alpha") not in ALPHA_MODES:
         raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
-    if not all(isinstance(cfg.get(key, True), bool) for key in ("lrn", "overlap_pool", "pool_in_lrn")):
+    if not all(isinstance(cfg.get(key), bool) for key in ("lrn", "overlap_pool")) or \
+            not isinstance(cfg.get("pool_in_lrn", True), bool):  # a speed switch: absent in older configs
         raise ConfigError("model.lrn, model.overlap_pool and model.pool_in_lrn must be true or false")
     dropout = cfg.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
