@@ -130,8 +130,8 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     explicit = impl in FUSED_WINDOWS
     runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1") or \
         (impl == "fused_opaque" and x.is_meta)
-    pool_shape = _fusable_pool(pool) if pool is not None else None
     if impl != "reference" and runnable:
+        pool_shape = _fusable_pool(pool) if pool is not None else None
         fused = _fused_lrn(impl == "fused_opaque", pooled=pool_shape is not None)
         if fused is not None:
             window = FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL]

@@ -334,9 +334,13 @@ def _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_eleme
     out = torch.empty_like(x)
     constants = _constants(channels, size, beta, window, block_elements, relu)
     values = [x, *tensors, out, pixels, channels, s_n, s_c, s_p, coefficient, beta, k]
-    arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
     grid = (triton.cdiv(pixels, constants["BLOCK_P"]), x.shape[0])
-    return arguments, constants, grid, out
+    return _by_name(kernel, constants, values), constants, grid, out
+
+
+def _by_name(kernel, constants: dict, values: list) -> dict:
+    """`kernel`'s runtime arguments (its arguments but the constants) by name, from `values` in its order."""
+    return dict(zip([name for name in kernel.arg_names if name not in constants], values))
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -355,11 +359,11 @@ def _constants(channels: int, size: int, beta: float, window: str, block_element
             "RELU": bool(relu)}
 
 
-def _launch(kernel, x, extra, size, coefficient, beta, k, window, block_elements, num_warps, relu):
-    arguments, constants, grid, out = _arguments(kernel, x, extra, size, coefficient, beta, k, window, block_elements,
-                                                 relu)
+def _launch(kernel, launch: tuple, num_warps: int):
+    """Run `kernel` as `launch` = (_arguments or _pool_arguments of it) says; its outputs."""
+    arguments, constants, grid, outputs = launch
     torch.library.wrap_triton(kernel)[grid](*arguments.values(), **constants, num_warps=num_warps)  # kernel's order
-    return out
+    return outputs
 
 
 def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last: bool = True, size: int = 5,
@@ -377,8 +381,9 @@ def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last
     if pool is not None:
         kernel = _lrn_pool_bwd_kernel if backward else _lrn_pool_fwd_kernel
         where = _pool_outputs(x, *pool)[1] if backward else None
-        arguments, constants, _, _ = _pool_arguments(backward, x, size, 1e-4 / size, beta, 2.0, window, block_elements,
-                                                      relu, *pool, where=where, grad=where.to(dtype) if backward else None)
+        grad = where.to(dtype) if backward else None
+        arguments, constants, _, _ = _pool_arguments(kernel, x, size, 1e-4 / size, beta, 2.0, window, block_elements,
+                                                      relu, *pool, where=where, grad=grad)
     else:
         kernel = _lrn_bwd_kernel if backward else _lrn_fwd_kernel
         arguments, constants, _, _ = _arguments(kernel, x, [x] if backward else [], size, 1e-4 / size, beta, 2.0,
@@ -389,14 +394,15 @@ def resource_job(backward: bool, dtype: torch.dtype, shape: tuple, channels_last
 def _forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "gather",
              block_elements: int = BLOCK_ELEMENTS, num_warps: int = NUM_WARPS, relu: bool = False) -> torch.Tensor:
     """relu: the LRN of relu(x), x read once (the ReLU before conv1's and conv2's LRN, fused)."""
-    return _launch(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window, block_elements, num_warps, relu)
+    return _launch(_lrn_fwd_kernel, _arguments(_lrn_fwd_kernel, x, [], size, coefficient, beta, k, window,
+                                               block_elements, relu), num_warps)
 
 
 def _backward(x: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
               window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
               num_warps: int = NUM_WARPS, relu: bool = False) -> torch.Tensor:
-    return _launch(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k, window, block_elements,
-                   num_warps, relu)
+    return _launch(_lrn_bwd_kernel, _arguments(_lrn_bwd_kernel, x, [grad.to(x.dtype)], size, coefficient, beta, k,
+                                               window, block_elements, relu), num_warps)
 
 
 def pooled_size(size: int, kernel: int, stride: int) -> int:
@@ -407,7 +413,8 @@ def pooled_size(size: int, kernel: int, stride: int) -> int:
 def _pool_outputs(x: torch.Tensor, pool_kernel: int, pool_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (pooled output, int8 position of each maximum in its window), in x's memory format."""
     if not 1 <= pool_kernel <= 11 or pool_stride < 1:  # positions up to 11 x 11 - 1 fit an int8
-        raise ValueError(f"the fused pool takes windows of 1 to 11 and a positive stride, got {pool_kernel}, {pool_stride}")
+        raise ValueError(f"the fused pool takes windows of 1 to 11 and a positive stride, "
+                         f"got {pool_kernel}, {pool_stride}")
     n, c, h, w = x.shape
     ho, wo = pooled_size(h, pool_kernel, pool_stride), pooled_size(w, pool_kernel, pool_stride)
     if ho < 1 or wo < 1:
@@ -418,29 +425,29 @@ def _pool_outputs(x: torch.Tensor, pool_kernel: int, pool_stride: int) -> tuple[
             torch.empty((n, c, ho, wo), dtype=torch.int8, device=x.device, memory_format=fmt))
 
 
-def _pool_arguments(backward: bool, x, size, coefficient, beta, k, window, block_elements, relu, pool_kernel,
-                    pool_stride, where=None, grad=None):
-    """(runtime arguments by name, compile-time constants, grid, outputs) of a launch of the pooled
-    kernels: forward (outputs: pooled y, positions) or backward (outputs: dx)."""
+def _pool_arguments(kernel, x, size, coefficient, beta, k, window, block_elements, relu, pool_kernel, pool_stride,
+                    where=None, grad=None):
+    """(runtime arguments by name, compile-time constants, grid, outputs) of a launch of a pooled kernel:
+    _lrn_pool_fwd_kernel (outputs: pooled y, positions) or _lrn_pool_bwd_kernel (outputs: dx)."""
     x, pixels, channels, s_n, s_c, s_p = _layout(x)
     constants = dict(_constants(channels, size, beta, window, block_elements, relu), POOL_K=pool_kernel,
                      POOL_S=pool_stride)
-    if backward:
+    if kernel is _lrn_pool_bwd_kernel:
         fmt = _memory_format(x)
         where = where.contiguous(memory_format=fmt)
         grad = grad.to(x.dtype).contiguous(memory_format=fmt)  # the strides of `where` (same shape and layout)
         outputs = (torch.empty_like(x),)
         values = [x, where, grad, outputs[0], x.shape[2], x.shape[3], channels, grad.shape[2], grad.shape[3]]
-        kernel, rows = _lrn_pool_bwd_kernel, pixels
+        rows = pixels
     else:
         outputs = _pool_outputs(x, pool_kernel, pool_stride)
-        grad = outputs[0]
-        values = [x, *outputs, x.shape[3], channels, grad.shape[3], grad.shape[2] * grad.shape[3]]
-        kernel, rows = _lrn_pool_fwd_kernel, grad.shape[2] * grad.shape[3]
+        grad = outputs[0]  # its strides are the positions' too
+        rows = grad.shape[2] * grad.shape[3]
+        values = [x, *outputs, x.shape[3], channels, grad.shape[3], rows]
     out_n, out_c, _, out_p = grad.stride()
     values += [s_n, s_c, s_p, out_n, out_c, out_p, coefficient, beta, k]
-    arguments = dict(zip([name for name in kernel.arg_names if name not in constants], values))
-    return arguments, constants, (triton.cdiv(rows, constants["BLOCK_P"]), x.shape[0]), outputs
+    grid = (triton.cdiv(rows, constants["BLOCK_P"]), x.shape[0])
+    return _by_name(kernel, constants, values), constants, grid, outputs
 
 
 def _pool_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float, window: str = "gather",
@@ -448,19 +455,17 @@ def _pool_forward(x: torch.Tensor, size: int, coefficient: float, beta: float, k
                   pool_kernel: int = 3, pool_stride: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(max_pool2d(LRN(x)), where each maximum was): the max-pool after conv1's and conv2's LRN in the
     same pass, so the LRN's output never goes through memory. relu: of relu(x), as _forward."""
-    arguments, constants, grid, outputs = _pool_arguments(False, x, size, coefficient, beta, k, window,
-                                                          block_elements, relu, pool_kernel, pool_stride)
-    torch.library.wrap_triton(_lrn_pool_fwd_kernel)[grid](*arguments.values(), **constants, num_warps=num_warps)
-    return outputs
+    return _launch(_lrn_pool_fwd_kernel, _pool_arguments(_lrn_pool_fwd_kernel, x, size, coefficient, beta, k, window,
+                                                         block_elements, relu, pool_kernel, pool_stride), num_warps)
 
 
 def _pool_backward(x: torch.Tensor, where: torch.Tensor, grad: torch.Tensor, size: int, coefficient: float,
                    beta: float, k: float, window: str = "gather", block_elements: int = BLOCK_ELEMENTS,
                    num_warps: int = NUM_WARPS, relu: bool = False, pool_kernel: int = 3,
                    pool_stride: int = 2) -> torch.Tensor:
-    arguments, constants, grid, (dx,) = _pool_arguments(True, x, size, coefficient, beta, k, window, block_elements,
-                                                        relu, pool_kernel, pool_stride, where, grad)
-    torch.library.wrap_triton(_lrn_pool_bwd_kernel)[grid](*arguments.values(), **constants, num_warps=num_warps)
+    (dx,) = _launch(_lrn_pool_bwd_kernel, _pool_arguments(_lrn_pool_bwd_kernel, x, size, coefficient, beta, k, window,
+                                                          block_elements, relu, pool_kernel, pool_stride, where, grad),
+                    num_warps)
     return dx
 
 
