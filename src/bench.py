@@ -216,8 +216,8 @@ class Bench:
             return None
         row = {"model": label, "mode": mode, "images_per_s": self.batch / seconds, "ms_per_step": 1e3 * seconds,
                "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
-        if step.func.conv_impls:  # grouped_conv / conv1_impl=auto: what the first step's timing chose per layer
-            row["conv_impls"], row["conv_ms"] = step.func.conv_impls, step.func.conv_ms
+        if step.func.layer_impls:  # grouped_conv / conv1_impl / pool_in_lrn=auto: what the first step's timing chose
+            row["layer_impls"], row["layer_ms"] = step.func.layer_impls, step.func.layer_ms
         self.record["train_step"].append(row)
         self.save()  # row by row: a run stopped by its time limit keeps what it measured
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
@@ -241,7 +241,9 @@ class Bench:
             if mode == eager:
                 rates["auto"] = row["images_per_s"] if row else 0
         self.time_model("paper, reference LRN", ours(lrn_impl="reference"), eager, size)
-        # the rows above run the max-pools after conv1's and conv2's LRN inside its kernels; here apart
+        # the rows above run the max-pools after conv1's and conv2's LRN where the first step's timing put
+        # them (pool_in_lrn=auto; see layer_ms); here each way throughout
+        self.time_model("paper, pool_in_lrn=true", ours(pool_in_lrn=True), eager, size)
         self.time_model("paper, pool_in_lrn=false", ours(pool_in_lrn=False), eager, size)
         # lrn_impl=auto (the rows above) runs fused_gather on CUDA; the groups of four are timed here
         self.time_model("paper, lrn_impl=fused (groups of four)", ours(lrn_impl="fused"), eager, size)
@@ -320,8 +322,9 @@ class Bench:
                 "relu inside lrn fused_gather (the model's conv1 and conv2)": LocalResponseNorm(impl="fused_gather",
                                                                                                relu=True),
                 "relu, then lrn fused_gather": lambda t: LocalResponseNorm(impl="fused_gather")(torch.relu(t)),
-                # ... and the max-pool after it inside too (pool_in_lrn, the default), against it after
-                "relu, lrn, max-pool in one fused_gather (the model's default)": LocalResponseNorm(
+                # ... and the max-pool after it inside too (pool_in_lrn=true), against it after (false);
+                # pool_in_lrn=auto, the default, runs the faster of the two as timed at the first step
+                "relu, lrn, max-pool in one fused_gather": LocalResponseNorm(
                     impl="fused_gather", relu=True, pool=nn.MaxPool2d(3, 2)),
                 "relu inside lrn fused_gather, then max-pool": lambda t: F.max_pool2d(
                     LocalResponseNorm(impl="fused_gather", relu=True)(t), 3, 2),

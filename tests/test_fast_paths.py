@@ -52,7 +52,9 @@ def test_fused_lrn_forward_and_gradient_match_pytorch_fp32(shape, channels_last,
     ((3, 13, 8, 7), True, (2, 2), True),  # overlap_pool=false's pooling, a channel count not a power of two
 ])
 @pytest.mark.parametrize("impl", ["fused", "fused_gather", "fused_scan", "fused_opaque"])
-def test_fused_lrn_with_its_max_pool_matches_pytorchs_lrn_then_max_pool(shape, channels_last, pool, relu, impl):
+@pytest.mark.parametrize("pool_impl", ["inside", "after"])  # in the LRN's kernels, or PyTorch's pool on their output
+def test_fused_lrn_with_its_max_pool_matches_pytorchs_lrn_then_max_pool(shape, channels_last, pool, relu, impl,
+                                                                         pool_impl):
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(shape, generator=gen) * 30 - 5
     if channels_last:
@@ -64,7 +66,8 @@ def test_fused_lrn_with_its_max_pool_matches_pytorchs_lrn_then_max_pool(shape, c
     (want * grad).sum().backward()
 
     x_fused = x.clone().to(DEVICE).requires_grad_()
-    y = LocalResponseNorm(impl=impl, relu=relu, pool=nn.MaxPool2d(*pool))(x_fused)
+    y = LocalResponseNorm(impl=impl, relu=relu, pool=nn.MaxPool2d(*pool), pool_impl=pool_impl)(x_fused)
+    assert ("MaxPool" in type(y.grad_fn).__name__) == (pool_impl == "after")  # which of the two ran
     (y * grad.to(DEVICE)).sum().backward()
     assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(y.detach().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
@@ -292,28 +295,39 @@ def test_a_grouped_conv_by_direction_under_bf16_autocast_computes_as_pytorchs_do
 
 
 @pytest.mark.parametrize("bf16", [False, True])  # True: under autocast, as the trainer on CUDA
-def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(bf16):
+def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(bf16):
+    """On CUDA with the real kernels (the fused LRN with its pool inside, or after), as the trainer's first
+    step runs it; on a CPU the machinery alone (there the ways of the pool are the same pass)."""
     import contextlib
-    from alexlab.model import FirstConv2d, TowerConv2d, choose_conv_impls
+    from alexlab.model import FirstConv2d, TowerConv2d, choose_layer_impls
     torch.manual_seed(0)
-    model = build_model(model_cfg("small", dropout=0.0), 10)  # grouped_conv=auto, conv1_impl=auto
+    model = build_model(model_cfg("small", dropout=0.0), 10).to(DEVICE)  # grouped_conv, conv1_impl, pool_in_lrn: auto
     grouped = {name: m for name, m in model.named_modules() if isinstance(m, TowerConv2d) and m.groups > 1}
     assert set(grouped) == {"features.conv2", "features.conv4", "features.conv5"}
     assert isinstance(model.features.conv1, FirstConv2d) and model.features.conv1.impl == "auto"
     grouped["features.conv4"].impl = "split"  # chosen by the user: left alone
-    x = torch.randn(4, 3, 27, 27)
-    before = model(x)
+    model.features.lrn2.pool_impl = "after"  # likewise
+    x = torch.randn(4, 3, 27, 27, device=DEVICE)
+    def exact():  # TF32 would round each way differently
+        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    with exact():
+        before = model(x)
     timings = {}
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    chosen = choose_conv_impls(model, x, autocast, repeats=1, timings=timings)
-    assert set(chosen) == {"features.conv1", "features.conv2", "features.conv5"} == set(timings)
+    autocast = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    chosen = choose_layer_impls(model, x, autocast, repeats=1, timings=timings)
+    assert set(chosen) == {"features.conv1", "features.lrn1", "features.conv2", "features.conv5"} == set(timings)
     # conv1 (3 channels, stride 1): native and the two channel paddings; no directions
     assert set(timings["features.conv1"]) == {"whole"}
     assert set(timings["features.conv1"]["whole"]) == {"native", "pad4", "pad8"}
+    # the LRN's max-pool: in its kernels or after them (the same reference pass on a CPU: only the race is tested)
+    assert set(timings["features.lrn1"]) == {"whole"}
+    assert set(timings["features.lrn1"]["whole"]) == {"inside", "after"}
+    assert model.features.lrn1.pool_impl == chosen["features.lrn1"]
+    assert model.features.lrn2.pool_impl == "after"
     for name, impl in chosen.items():  # every candidate timed; the fastest kept
         whole = timings[name]["whole"]
         assert whole[impl] == min(whole.values())
-        if name == "features.conv1":
+        if name in ("features.conv1", "features.lrn1"):
             continue
         directions = timings[name]["directions"]
         assert set(directions) == {"forward", "input_grad", "weight_grad"}
@@ -322,9 +336,10 @@ def test_conv_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(bf
         mix = [min(directions[d], key=directions[d].get) for d in ("forward", "input_grad", "weight_grad")]
         assert set(whole) == set(TOWER_IMPLS) | ({"/".join(mix)} if len(set(mix)) > 1 else set())
     layers = dict(model.named_modules())
-    assert all(layers[name].impl == impl for name, impl in chosen.items())
+    assert all(layers[name].impl == impl for name, impl in chosen.items() if "conv" in name)
     assert grouped["features.conv4"].impl == "split"
-    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    with exact():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -48,9 +48,12 @@ def test_one_tower_net_count_from_the_footnote():
     assert all(m.groups == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-@pytest.mark.parametrize("pool_in_lrn", [False, True])  # True (the default): pool1 and pool2 run inside lrn1, lrn2
+@pytest.mark.parametrize("pool_in_lrn", [False, True, "auto"])  # True, auto (the default): pool1 and pool2 are lrn1's, lrn2's
 def test_output_size_after_each_layer(pool_in_lrn):
     model = build_model(model_cfg("alexnet", pool_in_lrn=pool_in_lrn), 1000).eval()
+    if pool_in_lrn:
+        want = "inside" if pool_in_lrn is True else "auto"
+        assert model.features.lrn1.pool_impl == model.features.lrn2.pool_impl == want
     sizes = {}
     for name, module in model.features.named_children():
         module.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[1:])))
@@ -58,6 +61,7 @@ def test_output_size_after_each_layer(pool_in_lrn):
     # PAPER.md: 55 -> 27 -> 27 -> 13 -> 13 -> 13 -> 13 -> 6, with the paper's widths.
     assert sizes["conv1"] == (96, 55, 55)
     assert sizes["lrn1" if pool_in_lrn else "pool1"] == (96, 27, 27)
+    assert ("pool1" in sizes) == ("pool2" in sizes) == (pool_in_lrn is False)
     assert sizes["conv2"] == (256, 27, 27)
     assert sizes["lrn2" if pool_in_lrn else "pool2"] == (256, 13, 13)
     assert sizes["conv3"] == (384, 13, 13)
@@ -192,8 +196,9 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"grouped_conv": "native/dense"}, "forward/input_grad/weight_grad"),  # a way for each of three
     ({"grouped_conv": "native/dense/native_nchw"}, "forward/input_grad/weight_grad"),
     ({"conv1_impl": "dense"}, "model.conv1_impl must be one of"),
-    ({"lrn": "yes"}, "model.lrn, model.overlap_pool and model.pool_in_lrn must be true or false"),
-    ({"pool_in_lrn": "auto"}, "model.pool_in_lrn must be true or false"),
+    ({"lrn": "yes"}, "model.lrn and model.overlap_pool must be true or false"),
+    ({"pool_in_lrn": "inside"}, "model.pool_in_lrn must be auto, true or false, got 'inside'"),
+    ({"pool_in_lrn": 1}, "model.pool_in_lrn must be auto, true or false, got 1"),
 ])
 def test_bad_model_config_is_refused_clearly(bad, message):
     with pytest.raises(ConfigError, match=message):

@@ -113,8 +113,13 @@ AUTO_FUSED_IMPL = "fused_gather"
 FUSED_WINDOWS["fused_opaque"] = FUSED_WINDOWS[AUTO_FUSED_IMPL]
 
 
+# Where a LocalResponseNorm's `pool` runs: in the LRN's fused kernels, or after them on their output.
+POOL_IMPLS = ("auto", "inside", "after")
+
+
 def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: float, k: float,
-                        impl: str = "auto", relu: bool = False, pool: nn.MaxPool2d | None = None) -> torch.Tensor:
+                        impl: str = "auto", relu: bool = False, pool: nn.MaxPool2d | None = None,
+                        pool_inside: bool = True) -> torch.Tensor:
     """b = x / (k + coefficient * window sum of x^2) ** beta, across channels (dim 1).
     impl: auto (fused_gather on CUDA, the reference elsewhere) | fused (window sums by groups of four
     channels in registers) | fused_gather (one gather of the tile per window position) | fused_scan
@@ -123,7 +128,7 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     relu: the LRN of relu(x); the fused kernels apply it as they load x, saving the ReLU's own passes
     over memory (forward and backward).
     pool: a max-pool applied to the result; the fused kernels run it in the same pass (the LRN's output
-    and its gradient then never go through memory) where they can (_fusable_pool)."""
+    and its gradient then never go through memory) where they can (_fusable_pool) and pool_inside."""
     # Triton runs on CUDA, or on a CPU in its interpreter (TRITON_INTERPRET=1, as the tests do);
     # the opaque op also on the meta device (shapes only: alexlab.traffic); elsewhere (a CPU tensor,
     # such as the shape probe in build_model) the reference runs.
@@ -131,7 +136,7 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
     runnable = x.is_cuda or (explicit and os.environ.get("TRITON_INTERPRET") == "1") or \
         (impl == "fused_opaque" and x.is_meta)
     if impl != "reference" and runnable:
-        pool_shape = _fusable_pool(pool) if pool is not None else None
+        pool_shape = _fusable_pool(pool) if pool is not None and pool_inside else None
         fused = _fused_lrn(impl == "fused_opaque", pooled=pool_shape is not None)
         if fused is not None:
             window = FUSED_WINDOWS[impl if explicit else AUTO_FUSED_IMPL]
@@ -149,21 +154,28 @@ def local_response_norm(x: torch.Tensor, size: int, coefficient: float, beta: fl
 class LocalResponseNorm(nn.Module):
     """Across-channel LRN with explicit alpha semantics (see the module docstring). relu=True: the
     ReLU that comes before it in the paper runs inside it, in the fused kernels' one pass. pool: the
-    max-pool that comes after it in the paper, run inside it likewise (a submodule, `pool`)."""
+    max-pool that comes after it in the paper, a submodule, `pool`; pool_impl says where it runs:
+    inside (in the fused kernels' pass: the LRN's output and its gradient never go through memory,
+    but each pixel's LRN is computed about twice), after (on the fused kernels' output), or auto: on
+    CUDA the trainer times both on the layer's real input at its first step and keeps the faster
+    (alexlab.model.choose_layer_impls); before that, inside (fewer bytes)."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
                  alpha_mode: str = "per_size", impl: str = "auto", relu: bool = False,
-                 pool: nn.MaxPool2d | None = None):
+                 pool: nn.MaxPool2d | None = None, pool_impl: str = "auto"):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"LRN impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        self.impl, self.relu, self.pool = impl, relu, pool
+        if pool_impl not in POOL_IMPLS:
+            raise ValueError(f"LRN pool_impl must be one of {POOL_IMPLS}, got {pool_impl!r}")
+        self.impl, self.relu, self.pool, self.pool_impl = impl, relu, pool, pool_impl
         self.size, self.alpha, self.beta, self.k, self.alpha_mode = size, alpha, beta, k, alpha_mode
         self.coefficient = effective_alpha(alpha, size, alpha_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu, self.pool)
+        return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu, self.pool,
+                                   pool_inside=self.pool_impl != "after")
 
     def extra_repr(self) -> str:
         return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "
-                f"k={self.k}, alpha_mode={self.alpha_mode}")
+                f"k={self.k}, alpha_mode={self.alpha_mode}" + (f", pool_impl={self.pool_impl}" if self.pool else ""))

@@ -15,7 +15,7 @@ under Triton 3.8 but ran no faster on an H100 under Triton 3.6, so `lrn_impl=aut
     d_i = k + c * sum_{j in window(i)} a_j^2,     b_i = a_i * d_i^-beta
     dL/da_j = g_j d_j^-beta - 2 beta c a_j * sum_{i: j in window(i)} g_i a_i d_i^(-beta-1)
 
-A second pair (`lrn_pool_forward`, the model's default where a max-pool follows the LRN) also runs
+A second pair (`lrn_pool_forward`, where the model puts a max-pool in its LRN: model.pool_in_lrn) also runs
 that max-pool: the forward writes the pooled output and, as int8, where each maximum was; the
 backward hands each pixel the pooled gradient of the windows whose maximum it was, then runs the LRN's
 backward. The LRN's full-size output and gradient never go through memory.

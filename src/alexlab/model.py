@@ -15,8 +15,10 @@ Every ablation switch of the paper lives in `build_model`:
     init              paper (N(0, 0.01), bias 1 in conv2/4/5 and fc6/7) or kaiming
 
 Speed only (same function, same parameters): lrn_impl (auto|fused|fused_gather|fused_scan|fused_opaque|
-reference, see lrn.py) and grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such
-as native/dense/dense, see TowerConv2d) and conv1_impl (auto|native|pad4|pad8|space_to_depth, see FirstConv2d).
+reference, see lrn.py), pool_in_lrn (auto|true|false: where the max-pool after an LRN runs, see
+LocalResponseNorm), grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such as
+native/dense/dense, see TowerConv2d) and conv1_impl (auto|native|pad4|pad8|space_to_depth, see FirstConv2d).
+Each auto is settled on CUDA by timing at the first training step (choose_layer_impls).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from alexlab.errors import ConfigError
-from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
+from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, POOL_IMPLS, LocalResponseNorm
 from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -64,9 +66,11 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
     if cfg.get("lrn_alpha") not in ALPHA_MODES:
         raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
-    if not all(isinstance(cfg.get(key), bool) for key in ("lrn", "overlap_pool")) or \
-            not isinstance(cfg.get("pool_in_lrn", True), bool):  # a speed switch: absent in older configs
-        raise ConfigError("model.lrn, model.overlap_pool and model.pool_in_lrn must be true or false")
+    if not all(isinstance(cfg.get(key), bool) for key in ("lrn", "overlap_pool")):
+        raise ConfigError("model.lrn and model.overlap_pool must be true or false")
+    pool_in_lrn = cfg.get("pool_in_lrn", "auto")  # a speed switch: absent in older configs
+    if not (isinstance(pool_in_lrn, bool) or pool_in_lrn == "auto"):
+        raise ConfigError(f"model.pool_in_lrn must be auto, true or false, got {cfg.get('pool_in_lrn')!r}")
     dropout = cfg.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
@@ -146,14 +150,17 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
             relu_in_lrn = lrn_here and cfg["activation"] == "relu"
             if not relu_in_lrn:
                 features[f"act{n}"] = act()
-            # LRN then max-pool: likewise the pool runs inside the LRN module (its `pool`), so that the
-            # LRN's output and its gradient never go through memory.
-            pool_in_lrn = lrn_here and layer.get("pool", False) and cfg.get("pool_in_lrn", True)
+            # LRN then max-pool: likewise the pool is the LRN module's `pool`, which its fused kernels can
+            # run in the same pass (pool_impl), so that the LRN's output and its gradient never go
+            # through memory.
+            where = cfg.get("pool_in_lrn", "auto")
+            pool_in_lrn = lrn_here and layer.get("pool", False) and where is not False
             if lrn_here:
                 features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
                                                         lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"],
                                                         impl=cfg.get("lrn_impl", "auto"), relu=relu_in_lrn,
-                                                        pool=nn.MaxPool2d(pool_kernel, stride=2) if pool_in_lrn else None)
+                                                        pool=nn.MaxPool2d(pool_kernel, stride=2) if pool_in_lrn else None,
+                                                        pool_impl="inside" if where is True else "auto")
             channels = layer["out"]
         # A removed layer's pooling stays, so the later layers see the same spatial size.
         if layer.get("pool", False) and not pool_in_lrn:
@@ -290,7 +297,7 @@ class TowerConv2d(nn.Conv2d):
     gradient and the weight's gradient (native, split or dense each; cuDNN's grouped kernels have
     been slow in one direction only, e.g. the weight's gradient in channels_last, PyTorch issue
     34977). auto: on CUDA the trainer times them on each layer's real input at its first step and
-    keeps the fastest (`choose_conv_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
+    keeps the fastest (`choose_layer_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
     the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped kernels are
     not slow)."""
 
@@ -332,7 +339,7 @@ class FirstConv2d(nn.Conv2d):
     why NVIDIA's DALI can pad images to 4 channels); space_to_depth: each stride x stride block of
     pixels becomes channels, so conv1's 11x11 stride-4 conv on 3 channels becomes a 3x3 stride-1 conv
     on 48 (the weight zero-padded to 12x12: 19% more multiply-adds). auto: native until the trainer
-    times them on CUDA at the first step and keeps the fastest (`choose_conv_impls`). The input's
+    times them on CUDA at the first step and keeps the fastest (`choose_layer_impls`). The input's
     copy is made in the dtype the conv computes in (bf16 under autocast), in channels_last."""
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -384,19 +391,30 @@ class FirstConv2d(nn.Conv2d):
         return super().extra_repr() + f", impl={self.impl}"
 
 
-def choose_conv_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
-                      timings: dict | None = None) -> dict[str, str]:
-    """For each convolution left at impl=auto with ways to choose from (a grouped TowerConv2d: each of
-    TOWER_IMPLS; FirstConv2d: its candidates()), time forward + backward of each way on the input
-    the layer gets from `x`, and keep the fastest in the layer. For the towers, also time each
-    direction (forward, input's gradient, weight's gradient) alone each of the DIRECTION_IMPLS ways,
-    and where the fastest ways differ, that mix ("native/dense/dense") forward + backward too.
-    Gradients are taken with autograd.grad, so no .grad is written and no DDP hook fires; conv1's
-    input, the data, needs none. Returns {layer: impl}; fills `timings`, if given, with
-    {layer: {"whole": {impl: ms}, "directions": {direction: {way: ms}}}} (how close the races were;
-    "directions" for the towers only)."""
-    layers = {name: m for name, m in model.named_modules() if getattr(m, "impl", None) == "auto" and
-              ((isinstance(m, TowerConv2d) and m.groups > 1) or isinstance(m, FirstConv2d))}
+def _ways(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """(the attribute that says how `module` runs, the ways to time) for a layer left at auto with a choice
+    to make, else None."""
+    if isinstance(module, TowerConv2d) and module.groups > 1 and module.impl == "auto":
+        return "impl", TOWER_IMPLS
+    if isinstance(module, FirstConv2d) and module.impl == "auto":
+        return "impl", module.candidates()
+    if isinstance(module, LocalResponseNorm) and module.pool is not None and module.pool_impl == "auto":
+        return "pool_impl", POOL_IMPLS[1:]
+    return None
+
+
+def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
+                       timings: dict | None = None) -> dict[str, str]:
+    """For each layer left at auto with ways to choose from (a grouped TowerConv2d: each of TOWER_IMPLS;
+    FirstConv2d: its candidates(); a LocalResponseNorm with a pool: the pool inside its kernels or
+    after them), time forward + backward of each way on the input the layer gets from `x`, and keep
+    the fastest in the layer. For the towers, also time each direction (forward, input's gradient,
+    weight's gradient) alone each of the DIRECTION_IMPLS ways, and where the fastest ways differ, that
+    mix ("native/dense/dense") forward + backward too. Gradients are taken with autograd.grad, so no
+    .grad is written and no DDP hook fires; conv1's input, the data, needs none. Returns {layer: way};
+    fills `timings`, if given, with {layer: {"whole": {way: ms}, "directions": {direction: {way: ms}}}}
+    (how close the races were; "directions" for the towers only)."""
+    layers = {name: m for name, m in model.named_modules() if _ways(m)}
     if not layers:
         return {}
     inputs = {}
@@ -414,30 +432,33 @@ def choose_conv_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nul
 
     chosen = {}
     for name, layer in layers.items():
+        attribute, ways = _ways(layer)
         towers = isinstance(layer, TowerConv2d)
-        inp = inputs[name].requires_grad_(towers)
-        wrt = [t for t in (inp, layer.weight, layer.bias) if t is not None and t.requires_grad]
+        inp = inputs[name].requires_grad_(not isinstance(layer, FirstConv2d))  # an LRN has no weight
+        wrt = [t for t in (inp, getattr(layer, "weight", None), getattr(layer, "bias", None))
+               if t is not None and t.requires_grad]
 
         def step():
             with autocast():
                 out = layer(inp)
             torch.autograd.grad(out, wrt, torch.ones_like(out))
         seconds = {}
-        for impl in (TOWER_IMPLS if towers else layer.candidates()):
-            layer.impl = impl
-            seconds[impl] = timed(step)
+        for way in ways:
+            setattr(layer, attribute, way)
+            seconds[way] = timed(step)
         directions = _time_directions(layer, inp, autocast, timed) if towers else {}
         if directions:
             mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
             if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
                 layer.impl = mix
                 seconds[mix] = timed(step)
-        layer.impl = chosen[name] = min(seconds, key=seconds.get)
+        chosen[name] = min(seconds, key=seconds.get)
+        setattr(layer, attribute, chosen[name])
         if timings is not None:
-            timings[name] = {"whole": {impl: round(1e3 * t, 4) for impl, t in seconds.items()}}
+            timings[name] = {"whole": {way: round(1e3 * t, 4) for way, t in seconds.items()}}
             if directions:
-                timings[name]["directions"] = {d: {how: round(1e3 * t, 4) for how, t in ways.items()}
-                                               for d, ways in directions.items()}
+                timings[name]["directions"] = {d: {how: round(1e3 * t, 4) for how, t in by_way.items()}
+                                               for d, by_way in directions.items()}
     return chosen
 
 

@@ -27,7 +27,7 @@ from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError
 from alexlab.io import atomic_torch_save
-from alexlab.model import build_model, choose_conv_impls
+from alexlab.model import build_model, choose_layer_impls
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
@@ -142,17 +142,18 @@ class TrainStep:
         sums:   loss x images, misses, images (the epoch so far)
         window: misses, images (since the last step log)
 
-    On CUDA the first call also picks each tower layer's grouped-conv implementation by timing
-    (model.grouped_conv=auto) and conv1's (model.conv1_impl=auto) by timing: `conv_impls` holds the
-    choice, `conv_ms` each candidate's forward + backward and each tower direction's ways in ms (see
-    choose_conv_impls), before torch.compile traces.
+    On CUDA the first call also picks, by timing, each tower layer's grouped-conv implementation
+    (model.grouped_conv=auto), conv1's (model.conv1_impl=auto) and where the max-pool after each LRN
+    runs (model.pool_in_lrn=auto): `layer_impls` holds the choice, `layer_ms` each candidate's forward
+    + backward and each tower direction's ways in ms (see choose_layer_impls), before torch.compile
+    traces.
     """
 
     def __init__(self, model, step_model, optimizer, device: torch.device, bf16: bool = False):
         self.model = model  # the plain module; step_model may wrap it (DDP, torch.compile)
         self.step_model, self.optimizer, self.bf16 = step_model, optimizer, bf16
-        self.conv_impls: dict[str, str] | None = None
-        self.conv_ms: dict[str, dict] = {}
+        self.layer_impls: dict[str, str] | None = None
+        self.layer_ms: dict[str, dict] = {}
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -160,8 +161,8 @@ class TrainStep:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
-        if self.conv_impls is None:
-            self.conv_impls = choose_conv_impls(self.model, x, self.autocast, timings=self.conv_ms) \
+        if self.layer_impls is None:
+            self.layer_impls = choose_layer_impls(self.model, x, self.autocast, timings=self.layer_ms) \
                 if x.is_cuda else {}
         with self.autocast():
             logits = self.step_model(x)
@@ -301,9 +302,9 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
                     raise Interrupted(signum)
             progress.close()
-            if epoch == first_epoch and train_step.conv_impls:
-                tracker.note(f"convolutions timed at the first step, fastest kept: {train_step.conv_impls} "
-                             f"(ms: {train_step.conv_ms})")
+            if epoch == first_epoch and train_step.layer_impls:
+                tracker.note(f"layers timed at the first step, fastest kept: {train_step.layer_impls} "
+                             f"(ms: {train_step.layer_ms})")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - tic
