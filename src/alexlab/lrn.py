@@ -178,4 +178,4 @@ class LocalResponseNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "
-                f"k={self.k}, alpha_mode={self.alpha_mode}" + (f", pool_impl={self.pool_impl}" if self.pool else ""))
+                f"k={self.k}, alpha_mode={self.alpha_mode}" + (f", pool_impl={self.pool_impl}" if self.pool is not None else ""))
