@@ -414,12 +414,12 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     .grad is written and no DDP hook fires; conv1's input, the data, needs none. Returns {layer: way};
     fills `timings`, if given, with {layer: {"whole": {way: ms}, "directions": {direction: {way: ms}}}}
     (how close the races were; "directions" for the towers only)."""
-    layers = {name: m for name, m in model.named_modules() if _ways(m)}
+    layers = {name: (m, ways) for name, m in model.named_modules() if (ways := _ways(m))}
     if not layers:
         return {}
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
-             for name, m in layers.items()]
+             for name, (m, _) in layers.items()]
     try:
         with torch.no_grad(), autocast():
             model(x)
@@ -431,8 +431,7 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
         return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=3)
 
     chosen = {}
-    for name, layer in layers.items():
-        attribute, ways = _ways(layer)
+    for name, (layer, (attribute, ways)) in layers.items():
         towers = isinstance(layer, TowerConv2d)
         inp = inputs[name].requires_grad_(not isinstance(layer, FirstConv2d))  # an LRN has no weight
         wrt = [t for t in (inp, getattr(layer, "weight", None), getattr(layer, "bias", None))
