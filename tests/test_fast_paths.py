@@ -343,6 +343,43 @@ def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(b
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_way_that_fails_when_timed_is_left_out_with_a_warning_and_recorded(monkeypatch):
+    """The pooled LRN kernels have never run on a GPU; were one not to compile on the card at hand, the
+    trainer's first step should go on with the other way and say so, not stop the run. A compile failure
+    cannot happen on a CPU, so here the LRN's pool-inside way raises as a stand-in for it."""
+    import inspect
+    import alexlab.lrn as lrn
+    from alexlab.model import choose_layer_impls
+    real = lrn.local_response_norm
+    def pool_inside_fails(*args, **kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs)
+        call.apply_defaults()
+        if call.arguments["pool"] is not None and call.arguments["pool_inside"]:
+            raise RuntimeError("PassManager::run failed\n(the rest of a compiler's message)")
+        return real(*args, **kwargs)
+    model = build_model(model_cfg("small", dropout=0.0, grouped_conv="native", conv1_impl="native"), 10)
+    monkeypatch.setattr(lrn, "local_response_norm", pool_inside_fails)
+    x = torch.randn(2, 3, 27, 27)
+    timings = {}
+    with pytest.warns(UserWarning) as warned:
+        chosen = choose_layer_impls(model, x, repeats=1, timings=timings)
+    assert [str(w.message) for w in warned] == [
+        f"features.{lrn}: pool_impl=inside failed when timed at the first step and is left out: "
+        "RuntimeError: PassManager::run failed" for lrn in ("lrn1", "lrn2")]
+    assert chosen == {"features.lrn1": "after", "features.lrn2": "after"}
+    assert model.features.lrn1.pool_impl == model.features.lrn2.pool_impl == "after"
+    assert set(timings["features.lrn1"]["whole"]) == {"after"}
+    assert timings["features.lrn1"]["failed"] == {"inside": "RuntimeError: PassManager::run failed"}
+    model(x).sum().backward()  # the model runs on, the way that worked
+    # a layer with no way that runs in training (here: each fails but the pass without gradients that
+    # finds the layers' inputs) stops the run, naming the layer and the errors
+    monkeypatch.setattr(lrn, "local_response_norm",
+                        lambda *args, **kwargs: 1 / 0 if torch.is_grad_enabled() else real(*args, **kwargs))
+    model.features.lrn1.pool_impl = "auto"
+    with pytest.raises(RuntimeError, match=r"features.lrn1: no way of running it worked: .*ZeroDivisionError"):
+        choose_layer_impls(model, x, repeats=1)
+
+
 @pytest.mark.parametrize("channels,out,kernel,stride,pad,size", [
     (3, 96, 11, 4, 0, 227),   # the paper's conv1
     (3, 64, 11, 4, 2, 224),   # torchvision's

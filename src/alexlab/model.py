@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -391,15 +392,15 @@ class FirstConv2d(nn.Conv2d):
         return super().extra_repr() + f", impl={self.impl}"
 
 
-def _ways(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
-    """(the attribute that says how `module` runs, the ways to time) for a layer left at auto with a choice
-    to make, else None."""
+def _ways(module: nn.Module) -> tuple[str, tuple[str, ...], str] | None:
+    """(the attribute that says how `module` runs, the ways to time, the plainest of them: PyTorch's own
+    ops) for a layer left at auto with a choice to make, else None."""
     if isinstance(module, TowerConv2d) and module.groups > 1 and module.impl == "auto":
-        return "impl", TOWER_IMPLS
+        return "impl", TOWER_IMPLS, "native"
     if isinstance(module, FirstConv2d) and module.impl == "auto":
-        return "impl", module.candidates()
+        return "impl", module.candidates(), "native"
     if isinstance(module, LocalResponseNorm) and module.pool is not None and module.pool_impl == "auto":
-        return "pool_impl", POOL_IMPLS[1:]
+        return "pool_impl", POOL_IMPLS[1:], "after"
     return None
 
 
@@ -413,13 +414,18 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     mix ("native/dense/dense") forward + backward too. Gradients are taken with autograd.grad, so no
     .grad is written and no DDP hook fires; conv1's input, the data, needs none. Returns {layer: way};
     fills `timings`, if given, with {layer: {"whole": {way: ms}, "directions": {direction: {way: ms}}}}
-    (how close the races were; "directions" for the towers only)."""
+    (how close the races were; "directions" for the towers only), and "failed": {way: error} where a way
+    raised (a kernel that does not compile for this card): that way is left out of the race, with a
+    warning, and the run goes on with the fastest way that ran; only a layer with no way that runs
+    raises."""
     layers = {name: (m, ways) for name, m in model.named_modules() if (ways := _ways(m))}
     if not layers:
         return {}
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
              for name, (m, _) in layers.items()]
+    for layer, (attribute, _, plain) in layers.values():  # every way gives each layer the same input:
+        setattr(layer, attribute, plain)                   # find it with the way least likely to fail
     try:
         with torch.no_grad(), autocast():
             model(x)
@@ -431,7 +437,7 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
         return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=3)
 
     chosen = {}
-    for name, (layer, (attribute, ways)) in layers.items():
+    for name, (layer, (attribute, ways, _)) in layers.items():
         towers = isinstance(layer, TowerConv2d)
         inp = inputs[name].requires_grad_(not isinstance(layer, FirstConv2d))  # an LRN has no weight
         wrt = [t for t in (inp, getattr(layer, "weight", None), getattr(layer, "bias", None))
@@ -441,16 +447,23 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
             with autocast():
                 out = layer(inp)
             torch.autograd.grad(out, wrt, torch.ones_like(out))
-        seconds = {}
-        for way in ways:
+
+        def way_step(way):
             setattr(layer, attribute, way)
-            seconds[way] = timed(step)
-        directions = _time_directions(layer, inp, autocast, timed) if towers else {}
+            return step
+        seconds, failed = _time_ways(ways, way_step, timed)
+        if not seconds:
+            raise RuntimeError(f"{name}: no way of running it worked: {failed}")
+        way_step(min(seconds, key=seconds.get))  # a way that runs, for the directions' output dtype
+        directions = _time_directions(layer, inp, autocast, timed, failed) if towers else {}
         if directions:
             mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
             if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
-                layer.impl = mix
-                seconds[mix] = timed(step)
+                more_seconds, more_failed = _time_ways([mix], way_step, timed)
+                seconds.update(more_seconds)
+                failed.update(more_failed)
+        for way, error in failed.items():
+            warnings.warn(f"{name}: {attribute}={way} failed when timed at the first step and is left out: {error}")
         chosen[name] = min(seconds, key=seconds.get)
         setattr(layer, attribute, chosen[name])
         if timings is not None:
@@ -458,12 +471,27 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
             if directions:
                 timings[name]["directions"] = {d: {how: round(1e3 * t, 4) for how, t in by_way.items()}
                                                for d, by_way in directions.items()}
+            if failed:
+                timings[name]["failed"] = failed
     return chosen
 
 
-def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed) -> dict[str, dict[str, float]]:
-    """Seconds of each direction of `layer` on `inp`, each way, on the tensors it computes with
-    (under autocast, the autocast dtype: that of the layer's output)."""
+def _time_ways(ways, call_for_way, timed) -> tuple[dict[str, float], dict[str, str]]:
+    """({way: seconds} for each way whose call runs, {way: its error, first line} for each that raises)."""
+    seconds, failed = {}, {}
+    for way in ways:
+        try:
+            seconds[way] = timed(call_for_way(way))
+        except Exception as error:  # noqa: BLE001 (any failure of one candidate: the race goes on without it)
+            failed[way] = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:300]
+    return seconds, failed
+
+
+def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed,
+                     failed: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Seconds of each direction of `layer` on `inp`, each way that runs, on the tensors it computes
+    with (under autocast, the autocast dtype: that of the layer's output); the ways that raise go into
+    `failed` as "direction:way"."""
     with torch.no_grad(), autocast():
         out = layer(inp)
     dtype = out.dtype
@@ -473,10 +501,13 @@ def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed) -> 
     seconds: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for direction in DIRECTIONS:
-            seconds[direction] = {
-                how: timed(functools.partial(grouped_conv_direction, direction, how, x, weight, layer.groups,
-                                             layer.stride, layer.padding, bias=bias, grad=grad))
-                for how in DIRECTION_IMPLS}
+            seconds[direction], failed_here = _time_ways(
+                DIRECTION_IMPLS, lambda how: functools.partial(grouped_conv_direction, direction, how, x, weight,
+                                                               layer.groups, layer.stride, layer.padding,
+                                                               bias=bias, grad=grad), timed)
+            failed.update({f"{direction}:{how}": error for how, error in failed_here.items()})
+            if not seconds[direction]:  # no way of this direction runs: no mix to try
+                return {}
     return seconds
 
 
