@@ -92,12 +92,16 @@ def _fused_lrn(opaque: bool, pooled: bool = False):
     return lrn_triton.lrn_forward_opaque if opaque else lrn_triton.lrn_forward
 
 
+# The widest max-pool window the fused kernels take: a maximum's position in it, up to 11 x 11 - 1, fits an int8.
+MAX_POOL_WINDOW = 11
+
+
 def _fusable_pool(pool: nn.MaxPool2d) -> tuple[int, int] | None:
     """(window, stride) of a max-pool the fused kernels can run (square, no padding or dilation, floor
     sizes: the paper's pooling and its non-overlapping ablation), else None."""
     size, stride = nn.modules.utils._pair(pool.kernel_size), nn.modules.utils._pair(pool.stride)
     plain = nn.modules.utils._pair(pool.padding) == (0, 0) and nn.modules.utils._pair(pool.dilation) == (1, 1)
-    if plain and size[0] == size[1] <= 11 and stride[0] == stride[1] and not pool.ceil_mode and not pool.return_indices:
+    if plain and size[0] == size[1] <= MAX_POOL_WINDOW and stride[0] == stride[1] and not pool.ceil_mode and not pool.return_indices:
         return size[0], stride[0]
     return None
 

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from alexlab.lrn import MAX_POOL_WINDOW
+
 # How the kernels form each channel-window sum (see _window_sum); `window` in the ops below.
 WINDOWS = {"lanes": 0, "gather": 1, "scan": 2}  # the `window` argument -> the kernels' WINDOW constant
 LANES, GATHER, SCAN = (tl.constexpr(WINDOWS[name]) for name in ("lanes", "gather", "scan"))
@@ -412,8 +414,8 @@ def pooled_size(size: int, kernel: int, stride: int) -> int:
 
 def _pool_outputs(x: torch.Tensor, pool_kernel: int, pool_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (pooled output, int8 position of each maximum in its window), in x's memory format."""
-    if not 1 <= pool_kernel <= 11 or pool_stride < 1:  # positions up to 11 x 11 - 1 fit an int8
-        raise ValueError(f"the fused pool takes windows of 1 to 11 and a positive stride, "
+    if not 1 <= pool_kernel <= MAX_POOL_WINDOW or pool_stride < 1:
+        raise ValueError(f"the fused pool takes windows of 1 to {MAX_POOL_WINDOW} and a positive stride, "
                          f"got {pool_kernel}, {pool_stride}")
     n, c, h, w = x.shape
     ho, wo = pooled_size(h, pool_kernel, pool_stride), pooled_size(w, pool_kernel, pool_stride)

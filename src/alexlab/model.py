@@ -262,13 +262,11 @@ class _ConvByDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, groups, hows):
-        device = x.device.type
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device, enabled=False):
+        dtype = _compute_dtype(x)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
             out = grouped_conv_direction("forward", hows[0], x, weight, groups, stride, padding, bias=bias)
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.hows = (groups, stride, padding), hows
