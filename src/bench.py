@@ -218,6 +218,9 @@ class Bench:
                "setup_and_warmup_s": time.perf_counter() - tic - seconds * self.steps * self.repeats}
         if step.func.layer_impls:  # grouped_conv / conv1_impl / pool_in_lrn=auto: what the first step's timing chose
             row["layer_impls"], row["layer_ms"] = step.func.layer_impls, step.func.layer_ms
+            for layer, ms in step.func.layer_ms.items():  # ways left out of the race: the step ran, but say so
+                if "failed" in ms:
+                    self.record["errors"].append(f"train_step {label} {mode}: {layer}'s ways failed: {ms['failed']}")
         self.record["train_step"].append(row)
         self.save()  # row by row: a run stopped by its time limit keeps what it measured
         print(f"   {label:<34} {mode:<22} {row['images_per_s']:>9.0f} img/s", flush=True)
