@@ -74,6 +74,25 @@ def test_fused_lrn_with_its_max_pool_matches_pytorchs_lrn_then_max_pool(shape, c
     torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(3, 2, ceil_mode=True),  # a last window that hangs over the edge
+    nn.MaxPool2d(3, 2, padding=1),
+    nn.MaxPool2d(12, 1),  # wider than MAX_POOL_WINDOW: the position of its maximum would not fit an int8
+])
+def test_a_pool_the_fused_kernels_cannot_run_runs_after_them_as_pytorchs(pool):
+    from alexlab.lrn_triton import _pool_forward
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand((2, 8, 13, 13), generator=gen) * 30 - 5
+    want = pool(nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(torch.relu(x)))
+    y = LocalResponseNorm(impl="fused_gather", relu=True, pool=pool, pool_impl="inside")(
+        x.to(DEVICE).requires_grad_())
+    assert "MaxPool" in type(y.grad_fn).__name__  # PyTorch's pool ran, on the fused kernels' output
+    torch.testing.assert_close(y.detach().cpu(), want, rtol=1e-5, atol=1e-5)
+    if pool.kernel_size == 12:  # and the kernels themselves refuse it, saying why
+        with pytest.raises(ValueError, match="the fused pool takes windows of 1 to 11 and a positive stride"):
+            _pool_forward(x.to(DEVICE), 5, 1e-4 / 5, 0.75, 2.0, pool_kernel=12, pool_stride=1)
+
+
 def test_fused_pool_passes_the_gradient_of_equal_maxima_where_pytorchs_max_pool_does():
     """Every pixel of an image alike, so each window's nine LRN values are equal (and zero in the
     channels the ReLU zeroes): PyTorch's max-pool passes a window's gradient to its first maximum in
