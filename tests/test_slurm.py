@@ -137,8 +137,8 @@ def test_a_requeued_two_task_ddp_job_stops_together_and_resumes(tmp_path, slurm_
     env = dict(os.environ, HOME=str(tmp_path), **slurm_env)
     whole = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                             f"--master_port={29400 + os.getpid() % 500}", str(ROOT / "src" / "run.py"), *args,
-                            "hydra.run.dir=whole"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
+                            "hydra.run.dir=whole"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=dict(env, TMPDIR=str(tmp_path)))  # torchrun's temporary folders: the test's
     assert whole.returncode == 0, whole.stderr[-3000:]
     stop_after_first_epoch([*args, *SLURM, "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep"],
                            STOPS["requeue"], tmp_path, env)

@@ -101,7 +101,8 @@ def _fusable_pool(pool: nn.MaxPool2d) -> tuple[int, int] | None:
     sizes: the paper's pooling and its non-overlapping ablation), else None."""
     size, stride = nn.modules.utils._pair(pool.kernel_size), nn.modules.utils._pair(pool.stride)
     plain = nn.modules.utils._pair(pool.padding) == (0, 0) and nn.modules.utils._pair(pool.dilation) == (1, 1)
-    if plain and size[0] == size[1] <= MAX_POOL_WINDOW and stride[0] == stride[1] and not pool.ceil_mode and not pool.return_indices:
+    square_and_small = size[0] == size[1] <= MAX_POOL_WINDOW and stride[0] == stride[1]
+    if plain and square_and_small and not pool.ceil_mode and not pool.return_indices:
         return size[0], stride[0]
     return None
 
