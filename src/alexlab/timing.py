@@ -1,5 +1,5 @@
 """Timing GPU work from the host: warm-up excluded, the device synchronised, the median of repeats.
-Used by the benchmark (src/bench.py) and by the trainer's choice of tower convolutions."""
+Used by the benchmark (src/bench.py) and by the first training step's choice of ways (model.choose_layer_impls)."""
 from __future__ import annotations
 
 import statistics
