@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(result["table"]))
+    print("Trained on:", *result["setups"], "", *result["table"], sep="\n")
     print(f"\nreport: {result['report']}")
     if args.log_to_wandb:
         entity, project = args.wandb.split("/", 1) if args.wandb else result["wandb_project"]

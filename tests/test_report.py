@@ -243,11 +243,30 @@ def test_repeated_runs_are_not_extra_seeds(tmp_path):
     assert result["cost"][-1]["runs"] == 12  # the total still counts what the repeats cost
 
 
+def test_the_report_says_what_the_runs_trained_on(tmp_path):
+    """One line per set-up with its count of runs, before the claims: a verdict on 1,024 Fashion-MNIST
+    images for 2 epochs is not the paper's ImageNet result, and the report says which it is."""
+    runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
+    longer = make_config("lrn", "paper", 7)
+    longer["data"]["train_subset"], longer["trainer"]["epochs"] = None, 30
+    write_run(runs, "6_ablation=paper,seed=7", longer, 20.0)
+    text = build_report([runs], tmp_path / "out")["report"].read_text()
+    section = text.split("## What the runs trained on\n\n", 1)[1].split("\n\n## Claims", 1)[0]
+    assert section.splitlines()[1:] == [
+        "",
+        "- fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs: 6 runs",
+        "- fashion_mnist (all training images), model `small` at 27 px, 30 epochs: 1 run"]
+    assert section.startswith("The paper's claims are about ImageNet")
+
+
 def test_cli_writes_the_report_and_fails_clearly(tmp_path):
     runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
     done = subprocess.run([sys.executable, "src/report.py", str(runs)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (runs / "report.md").is_file() and "lrn: no_lrn" in done.stdout
+    # what the runs trained on comes first: scale=tiny is 1,024 Fashion-MNIST images, the small net, 2 epochs
+    tiny = "- fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs: 6 runs"
+    assert done.stdout.splitlines()[:2] == ["Trained on:", tiny]
     missing = subprocess.run([sys.executable, "src/report.py", str(tmp_path / "nonexistent")], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode != 0

@@ -498,9 +498,24 @@ def main_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows, problems, missing, costs, plots, sources, n_runs) -> str:
+def setups(runs: list[Run]) -> list[str]:
+    """What the runs trained on, a line per distinct set-up with its count of runs."""
+    counts = Counter()
+    for run in runs:
+        data, model, trainer = (run.config.get(key) or {} for key in ("data", "model", "trainer"))
+        images = data.get("train_subset") or data.get("train_size")  # a subset of a real set; a synthetic set's size
+        counts[f"{data.get('name', '?')} ({f'{images:,} training images' if images else 'all training images'}), "
+               f"model `{model.get('name', '?')}` at {model.get('input_size', '?')} px, "
+               f"{trainer.get('epochs', '?')} epochs"] += 1
+    return [f"- {setup}: {n} run{'' if n == 1 else 's'}" for setup, n in sorted(counts.items())]
+
+
+def markdown(rows, problems, missing, costs, plots, sources, runs) -> str:
     lines = ["# AlexNet claims: report", "",
-             f"{n_runs} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
+             f"{len(runs)} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
+             "", "## What the runs trained on", "",
+             "The paper's claims are about ImageNet (1.2 million training images, 90 epochs); a verdict "
+             "below says what these runs show on their own set-up:", "", *(setups(runs) or ["none"]),
              "", "## Claims", "", *main_table(rows), "", "## Verdict rules", "", VERDICT_RULES, "",
              "## Metrics", "", *[f"- `{name}`: {text}" for name, text in METRICS.items()], "",
              "## Detail per metric", "",
@@ -548,12 +563,12 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rows, analysed, out_dir)
     report_path = out_dir / "report.md"
-    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, len(runs)))
+    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, runs))
     # where --log-to-wandb puts the report run: the runs' own project, in their most common group
     logger = next((r.config["logger"] for r in runs if isinstance(r.config.get("logger"), dict)), {})
     experiments = Counter(str(r.record.get("experiment")) for r in runs)
     return {"rows": rows, "problems": problems, "missing": missing, "cost": costs, "plots": plots,
-            "report": report_path, "table": main_table(rows),
+            "report": report_path, "table": main_table(rows), "setups": setups(runs),
             "experiment": experiments.most_common(1)[0][0] if runs else None,
             "wandb_project": (logger.get("entity"), logger.get("project") or "alexlab")}
 
