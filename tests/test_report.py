@@ -259,6 +259,29 @@ def test_the_report_says_what_the_runs_trained_on(tmp_path):
     assert section.startswith("The paper's claims are about ImageNet")
 
 
+def test_runs_from_two_set_ups_are_judged_apart_not_averaged_together(tmp_path):
+    """The lrn sweep at 2 epochs (LRN helps by 2 points) and again at 5 (it hurts by 1): one mean over
+    all six pairs (+0.5) would say neither; each set-up gets its own row, named by what sets it apart."""
+    runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
+    for i, (seed, diff) in enumerate(zip(range(3), [-1.0, -1.1, -0.9])):
+        configs = [make_config("lrn", ablation, seed) for ablation in ("paper", "no_lrn")]
+        for config in configs:
+            config["trainer"]["epochs"] = 5
+        write_run(runs, f"{6 + 2 * i}_ablation=paper,seed={seed},trainer.epochs=5", configs[0], 30.0)
+        write_run(runs, f"{7 + 2 * i}_ablation=no_lrn,seed={seed},trainer.epochs=5", configs[1], 30.0 + diff)
+    result = build_report([runs], tmp_path / "out")
+    lrn_rows = [r for r in result["rows"] if r["claim"] == "lrn"]
+    assert [r["setup"] for r in lrn_rows] == ["trainer.epochs=2", "trainer.epochs=5"]
+    assert [r["n"] for r in lrn_rows] == [3, 3]
+    means = [r["metrics"]["val_top1_err"]["mean"] for r in lrn_rows]
+    assert means == pytest.approx([2.0, -1.0])
+    assert [r["verdict"] for r in lrn_rows] == ["reproduced", "contradicted"]
+    table = "\n".join(result["table"])
+    assert "| lrn: no_lrn (trainer.epochs=2) |" in table and "| lrn: no_lrn (trainer.epochs=5) |" in table
+    # a claim whose runs are all from one set-up keeps its plain name
+    assert all(r["setup"] is None for r in result["rows"] if r["claim"] != "lrn")
+
+
 def test_cli_writes_the_report_and_fails_clearly(tmp_path):
     runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
     done = subprocess.run([sys.executable, "src/report.py", str(runs)], cwd=ROOT, capture_output=True, text=True)

@@ -250,8 +250,11 @@ def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], s
     return groups[best], best
 
 
-def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
-    """One row: the claim's ablation against the paper's runs, paired per seed."""
+def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
+    """The claim's ablation against the paper's runs, paired per seed: one row, or one per set-up where
+    the runs come from several (configs that differ in more than the seed, the claim's factor and what
+    it tunes: another dataset, more epochs), so that differences from different set-ups are never
+    averaged together. Each such row names its set-up by the config values that set it apart."""
     sides = {"paper": claim.paper_value, "ablated": claim.ablations[ablation]}
     contexts = defaultdict(lambda: {"paper": [], "ablated": []})
     for run in runs:
@@ -263,6 +266,34 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
     # show up as a missing pair.
     relevant = [c for c in contexts.values()
                 if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
+    if len(relevant) <= 1:
+        return [judge_pairs(claim, ablation, relevant)]
+    labels = setup_labels([without(next(iter(c["paper"] + c["ablated"])).config,
+                                   (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, "seed")) for c in relevant])
+    return [judge_pairs(claim, ablation, [context], label) for context, label in zip(relevant, labels)]
+
+
+def flatten(config, prefix: str = "") -> dict:
+    """{"a.b": value} for every leaf of nested dicts (lists are leaves)."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    return {path: value for key, node in config.items()
+            for path, value in flatten(node, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
+    """For each config, the values of the paths on which the configs differ ("trainer.epochs=2"), the
+    first `most` of them in path order."""
+    flat = [flatten(c) for c in configs]
+    paths = sorted({p for f in flat for p in f})
+    differing = [p for p in paths if len({json.dumps(f.get(p), sort_keys=True, default=str) for f in flat}) > 1]
+    more = f", +{len(differing) - most} more" if len(differing) > most else ""
+    return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
+
+
+def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | None = None) -> dict:
+    """One row: the paper's and the ablated runs of these set-ups (at most one when they were split),
+    paired per seed, and the verdict."""
     primary = next(iter(claim.effects))
     pairs, missing, used, tuned = [], [], [], []
     for context in relevant:
@@ -280,7 +311,7 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
             else:
                 lacking = "paper" if seed not in chosen["paper"] else ablation
                 missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} (no completed {lacking} run)")
-    row = {"claim": claim.id, "ablation": ablation, "paper_says": claim.paper_says, "metric": primary,
+    row = {"claim": claim.id, "ablation": ablation, "setup": setup, "paper_says": claim.paper_says, "metric": primary,
            "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
            "tuned": tuned, "used_runs": [r.name for r in used],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
@@ -288,7 +319,7 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> dict:
            "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
     if not relevant:
         row["verdict"], row["reason"] = "not run", (
-            f"no runs with {claim.factor}={json.dumps(sides['ablated'])} beside paper runs to pair them with")
+            f"no runs with {claim.factor}={json.dumps(claim.ablations[ablation])} beside paper runs to pair them with")
     elif not pairs:
         row["verdict"], row["reason"] = "inconclusive", "no completed pair (see the missing pairs)"
     else:
@@ -442,7 +473,8 @@ def plot_deltas(rows: list[dict], path: Path) -> None:
         ax.axhline(base, color="black", linewidth=0.8)
         if ratio:
             ax.set_yscale("log")
-        ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" for r in panel], fontsize=7)
+        ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" + (f"\n{r['setup']}" if r.get("setup") else "")
+                          for r in panel], fontsize=7)
         ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -467,9 +499,10 @@ def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
     by_name = {r.name: r for r in runs}
     variants = defaultdict(dict)  # claim -> variant label -> runs (shared baselines once)
     for row in rows:
+        setup = f" ({row['setup']})" if row.get("setup") else ""
         for pair in row["pairs"]:
             for side, label in (("paper", "paper"), ("ablated", row["ablation"])):
-                variants[row["claim"]].setdefault(label, {})[pair[side]] = by_name[pair[side]]
+                variants[row["claim"]].setdefault(label + setup, {})[pair[side]] = by_name[pair[side]]
     written = []
     for claim, labels in variants.items():
         written.append(out_dir / f"curves_{claim}.png")
@@ -479,13 +512,18 @@ def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
         plot_deltas(rows, written[-1])
     if "relu" in variants:
         written.append(out_dir / "relu_fig1.png")
-        relu = variants["relu"]
-        plot_relu_fig1({"relu": list(relu.get("paper", {}).values()), "tanh": list(relu.get("tanh", {}).values())},
-                       written[-1])
+        relu = variants["relu"]  # every set-up's runs, by activation
+        plot_relu_fig1({activation: [r for label, rs in relu.items() if label.split(" (")[0] == side for r in rs.values()]
+                        for activation, side in (("relu", "paper"), ("tanh", "tanh"))}, written[-1])
     return written
 
 
 # ---------------------------------------------------------------- the report
+
+def row_name(row: dict) -> str:
+    """"claim: ablation", and the set-up where the runs came from several."""
+    return f"{row['claim']}: {row['ablation']}" + (f" ({row['setup']})" if row.get("setup") else "")
+
 
 def main_table(rows: list[dict]) -> list[str]:
     lines = ["| claim | paper says | measured (mean of paired differences, 95% CI) | seeds | verdict |",
@@ -493,7 +531,7 @@ def main_table(rows: list[dict]) -> list[str]:
     for row in rows:
         stats = row["metrics"][row["metric"]]
         seeds = f"{stats['n']}" + (f" (+{len(stats['censored_seeds'])} censored)" if stats["censored_seeds"] else "")
-        lines.append(f"| {row['claim']}: {row['ablation']} | {row['paper_says']} | {measured_text(stats)} "
+        lines.append(f"| {row_name(row)} | {row['paper_says']} | {measured_text(stats)} "
                      f"| {seeds} | {row['verdict']}: {row['reason']} |")
     return lines
 
@@ -528,7 +566,8 @@ def markdown(rows, problems, missing, costs, plots, sources, runs) -> str:
             sd = "" if s["sd"] is None else f"{s['sd']:.3f}" + (" (log)" if is_ratio(metric) else "")
             verdict = row["verdict"] if row["verdict"] == "not run" else s["verdict"]
             notes = "; ".join([s["reason"] if row["n"] else row["reason"], *row["tuned"]])
-            lines.append(f"| {row['claim']} | {row['ablation']} | {metric} | {fmt(metric, s['paper_effect'])} "
+            ablation = row["ablation"] + (f" ({row['setup']})" if row.get("setup") else "")
+            lines.append(f"| {row['claim']} | {ablation} | {metric} | {fmt(metric, s['paper_effect'])} "
                          f"| {s['n']} | {mean} | {sd} | {ci} | {verdict} | {notes} |")
     lines += ["", "## Problem runs", ""]
     lines += [f"- `{p['run']}`: {p['status']}" + (f": {p['error']}" if p["error"] else "") for p in problems] or ["none"]
@@ -557,7 +596,7 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
                                  for r in runs if r.status != "completed"]
     analysed, repeats = drop_repeats(runs)
     problems += repeats
-    rows = [compare(claim, ablation, analysed) for claim in CLAIMS.values() for ablation in claim.ablations]
+    rows = [row for claim in CLAIMS.values() for ablation in claim.ablations for row in compare(claim, ablation, analysed)]
     missing = [m for row in rows for m in row["missing"]]
     costs = cost_table(rows, runs)  # repeats cost time too: they count in the total
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -618,7 +657,7 @@ def log_to_wandb(result: dict, project: str, entity: str | None, group: str, out
     run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report {group}",
                      dir=str(out_dir), mode=os.environ.get("WANDB_MODE", "offline"))
     columns = ["claim", "paper says", "measured", "seeds", "verdict"]
-    data = [[f"{r['claim']}: {r['ablation']}", r["paper_says"], measured_text(r["metrics"][r["metric"]]),
+    data = [[row_name(r), r["paper_says"], measured_text(r["metrics"][r["metric"]]),
              r["n"], f"{r['verdict']}: {r['reason']}"] for r in result["rows"]]
     run.log({"claims": wandb.Table(columns=columns, data=data),
              **{p.stem: wandb.Image(str(p)) for p in result["plots"]}})
