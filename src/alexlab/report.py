@@ -292,8 +292,8 @@ def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
 
 
 def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | None = None) -> dict:
-    """One row: the paper's and the ablated runs of these set-ups (at most one when they were split),
-    paired per seed, and the verdict."""
+    """One row: the paper's and the ablated runs of one set-up (or of none: not run), paired per seed,
+    and the verdict."""
     primary = next(iter(claim.effects))
     pairs, missing, used, tuned = [], [], [], []
     for context in relevant:
@@ -474,7 +474,7 @@ def plot_deltas(rows: list[dict], path: Path) -> None:
         if ratio:
             ax.set_yscale("log")
         ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" + (f"\n{r['setup']}" if r.get("setup") else "")
-                          for r in panel], fontsize=7)
+                          for r in panel], fontsize=7)  # the set-up on its own line: labels stay narrow
         ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -499,10 +499,9 @@ def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
     by_name = {r.name: r for r in runs}
     variants = defaultdict(dict)  # claim -> variant label -> runs (shared baselines once)
     for row in rows:
-        setup = f" ({row['setup']})" if row.get("setup") else ""
         for pair in row["pairs"]:
             for side, label in (("paper", "paper"), ("ablated", row["ablation"])):
-                variants[row["claim"]].setdefault(label + setup, {})[pair[side]] = by_name[pair[side]]
+                variants[row["claim"]].setdefault(in_setup(row, label), {})[pair[side]] = by_name[pair[side]]
     written = []
     for claim, labels in variants.items():
         written.append(out_dir / f"curves_{claim}.png")
@@ -520,9 +519,13 @@ def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- the report
 
+def in_setup(row: dict, text: str) -> str:
+    """text, followed by the row's set-up where the runs came from several."""
+    return text + (f" ({row['setup']})" if row.get("setup") else "")
+
+
 def row_name(row: dict) -> str:
-    """"claim: ablation", and the set-up where the runs came from several."""
-    return f"{row['claim']}: {row['ablation']}" + (f" ({row['setup']})" if row.get("setup") else "")
+    return in_setup(row, f"{row['claim']}: {row['ablation']}")
 
 
 def main_table(rows: list[dict]) -> list[str]:
@@ -566,9 +569,8 @@ def markdown(rows, problems, missing, costs, plots, sources, runs) -> str:
             sd = "" if s["sd"] is None else f"{s['sd']:.3f}" + (" (log)" if is_ratio(metric) else "")
             verdict = row["verdict"] if row["verdict"] == "not run" else s["verdict"]
             notes = "; ".join([s["reason"] if row["n"] else row["reason"], *row["tuned"]])
-            ablation = row["ablation"] + (f" ({row['setup']})" if row.get("setup") else "")
-            lines.append(f"| {row['claim']} | {ablation} | {metric} | {fmt(metric, s['paper_effect'])} "
-                         f"| {s['n']} | {mean} | {sd} | {ci} | {verdict} | {notes} |")
+            lines.append(f"| {row['claim']} | {in_setup(row, row['ablation'])} | {metric} "
+                         f"| {fmt(metric, s['paper_effect'])} | {s['n']} | {mean} | {sd} | {ci} | {verdict} | {notes} |")
     lines += ["", "## Problem runs", ""]
     lines += [f"- `{p['run']}`: {p['status']}" + (f": {p['error']}" if p["error"] else "") for p in problems] or ["none"]
     chance = sorted({name for row in rows for name in row.get("at_chance", [])})
