@@ -18,7 +18,8 @@ Speed only (same function, same parameters): lrn_impl (auto|fused|fused_gather|f
 reference, see lrn.py), pool_in_lrn (auto|true|false: where the max-pool after an LRN runs, see
 LocalResponseNorm), grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such as
 native/dense/dense, see TowerConv2d) and conv1_impl (auto|native|pad4|pad8|space_to_depth, see FirstConv2d).
-Each auto is settled on CUDA by timing at the first training step (choose_layer_impls).
+pool_in_lrn's, grouped_conv's and conv1_impl's auto are settled on CUDA by timing at the first training
+step (choose_layer_impls); lrn_impl's is fixed (fused_gather on CUDA).
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """

@@ -218,11 +218,15 @@ def without(config: dict, paths) -> dict:
     return stripped
 
 
+def experiment_config(config: dict, claim: Claim, ignore: tuple = ()) -> dict:
+    """The config without the claim's factor, its tuned paths, what is not the experiment and `ignore`."""
+    return without(config, (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, *ignore))
+
+
 def comparable_key(config: dict, claim: Claim, ignore: tuple = ()) -> str:
-    """The config as canonical JSON without the claim's factor, its tuned paths and what is not the
-    experiment: a paper run and an ablated run with the same key form a pair (the seed is kept)."""
-    return json.dumps(without(config, (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, *ignore)),
-                      sort_keys=True, default=str)
+    """experiment_config as canonical JSON: a paper run and an ablated run with the same key form a pair
+    (the seed is kept)."""
+    return json.dumps(experiment_config(config, claim, ignore), sort_keys=True, default=str)
 
 
 def factor_value(run: Run, claim: Claim):
@@ -268,8 +272,8 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
                 if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
     if len(relevant) <= 1:
         return [judge_pairs(claim, ablation, relevant)]
-    labels = setup_labels([without(next(iter(c["paper"] + c["ablated"])).config,
-                                   (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, "seed")) for c in relevant])
+    labels = setup_labels([experiment_config((c["paper"] + c["ablated"])[0].config, claim, ignore=("seed",))
+                           for c in relevant])
     return [judge_pairs(claim, ablation, [context], label) for context, label in zip(relevant, labels)]
 
 
