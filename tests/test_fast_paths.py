@@ -325,7 +325,7 @@ def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(b
     assert set(grouped) == {"features.conv2", "features.conv4", "features.conv5"}
     assert isinstance(model.features.conv1, FirstConv2d) and model.features.conv1.impl == "auto"
     grouped["features.conv4"].impl = "split"  # chosen by the user: left alone
-    model.features.lrn2.pool_impl = "after"  # likewise
+    model.features.lrn2.pool_impl, model.features.lrn2.impl = "after", "fused_gather"  # likewise
     x = torch.randn(4, 3, 27, 27, device=DEVICE)
     def exact():  # TF32 would round each way differently
         return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
@@ -338,11 +338,13 @@ def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(b
     # conv1 (3 channels, stride 1): native and the two channel paddings; no directions
     assert set(timings["features.conv1"]) == {"whole"}
     assert set(timings["features.conv1"]["whole"]) == {"native", "pad4", "pad8"}
-    # the LRN's max-pool: in its kernels or after them (the same reference pass on a CPU: only the race is tested)
+    # the LRN's max-pool in its kernels or after them, and (lrn_impl=auto) the reference (the same reference
+    # pass on a CPU: only the race is tested)
     assert set(timings["features.lrn1"]) == {"whole"}
-    assert set(timings["features.lrn1"]["whole"]) == {"inside", "after"}
-    assert model.features.lrn1.pool_impl == chosen["features.lrn1"]
-    assert model.features.lrn2.pool_impl == "after"
+    assert set(timings["features.lrn1"]["whole"]) == {"inside", "after", "reference"}
+    assert model.features.lrn1.way == chosen["features.lrn1"]
+    assert model.features.lrn1.impl == ("reference" if chosen["features.lrn1"] == "reference" else "auto")
+    assert (model.features.lrn2.pool_impl, model.features.lrn2.impl) == ("after", "fused_gather")
     for name, impl in chosen.items():  # every candidate timed; the fastest kept
         whole = timings[name]["whole"]
         assert whole[impl] == min(whole.values())
@@ -363,40 +365,78 @@ def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(b
 
 
 def test_a_way_that_fails_when_timed_is_left_out_with_a_warning_and_recorded(monkeypatch):
-    """The pooled LRN kernels have never run on a GPU; were one not to compile on the card at hand, the
-    trainer's first step should go on with the other way and say so, not stop the run. A compile failure
-    cannot happen on a CPU, so here the LRN's pool-inside way raises as a stand-in for it."""
+    """The fused LRN kernels with the ReLU and the pool inside have never run on a GPU; were one not to
+    compile on the card at hand, the trainer's first step should go on with another way and say so, not
+    stop the run. A compile failure cannot happen on a CPU, so here the fused kernels' call raises as a
+    stand-in for it (on a CPU, impl=auto runs the reference: the stand-in fails what would be the kernels)."""
     import inspect
     import alexlab.lrn as lrn
     from alexlab.model import choose_layer_impls
     real = lrn.local_response_norm
-    def pool_inside_fails(*args, **kwargs):
-        call = inspect.signature(real).bind(*args, **kwargs)
-        call.apply_defaults()
-        if call.arguments["pool"] is not None and call.arguments["pool_inside"]:
-            raise RuntimeError("PassManager::run failed\n(the rest of a compiler's message)")
-        return real(*args, **kwargs)
+    def failing(when):
+        def call(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            if when(bound.arguments):
+                raise RuntimeError("PassManager::run failed\n(the rest of a compiler's message)")
+            return real(*args, **kwargs)
+        return call
+    kernels = lambda a: a["impl"] != "reference"  # noqa: E731
+    pooled_kernel = lambda a: kernels(a) and a["pool"] is not None and a["pool_inside"]  # noqa: E731
     model = build_model(model_cfg("small", dropout=0.0, grouped_conv="native", conv1_impl="native"), 10)
-    monkeypatch.setattr(lrn, "local_response_norm", pool_inside_fails)
     x = torch.randn(2, 3, 27, 27)
+    message = "failed when timed at the first step and is left out: RuntimeError: PassManager::run failed"
+
+    # the pooled kernels fail: the race goes on between the pool after the kernels and the reference
+    monkeypatch.setattr(lrn, "local_response_norm", failing(pooled_kernel))
     timings = {}
     with pytest.warns(UserWarning) as warned:
         chosen = choose_layer_impls(model, x, repeats=1, timings=timings)
-    assert [str(w.message) for w in warned] == [
-        f"features.{lrn}: pool_impl=inside failed when timed at the first step and is left out: "
-        "RuntimeError: PassManager::run failed" for lrn in ("lrn1", "lrn2")]
-    assert chosen == {"features.lrn1": "after", "features.lrn2": "after"}
-    assert model.features.lrn1.pool_impl == model.features.lrn2.pool_impl == "after"
-    assert set(timings["features.lrn1"]["whole"]) == {"after"}
+    assert [str(w.message) for w in warned] == [f"features.{name}: way=inside {message}" for name in ("lrn1", "lrn2")]
+    assert set(chosen) == {"features.lrn1", "features.lrn2"} and set(chosen.values()) <= {"after", "reference"}
+    assert set(timings["features.lrn1"]["whole"]) == {"after", "reference"}
     assert timings["features.lrn1"]["failed"] == {"inside": "RuntimeError: PassManager::run failed"}
-    model(x).sum().backward()  # the model runs on, the way that worked
+    assert model.features.lrn1.way == chosen["features.lrn1"]
+
+    # every fused kernel fails: the reference runs, and the model runs on with it
+    for layer in (model.features.lrn1, model.features.lrn2):
+        layer.impl, layer.pool_impl = "auto", "auto"
+    monkeypatch.setattr(lrn, "local_response_norm", failing(kernels))
+    timings = {}
+    with pytest.warns(UserWarning) as warned:
+        chosen = choose_layer_impls(model, x, repeats=1, timings=timings)
+    assert [str(w.message) for w in warned] == [f"features.{name}: way={way} {message}"
+                                                for name in ("lrn1", "lrn2") for way in ("inside", "after")]
+    assert chosen == {"features.lrn1": "reference", "features.lrn2": "reference"}
+    assert model.features.lrn1.impl == model.features.lrn2.impl == "reference"
+    assert set(timings["features.lrn1"]["failed"]) == {"inside", "after"}
+    model(x).sum().backward()
+
     # a layer with no way that runs in training (here: each fails but the pass without gradients that
     # finds the layers' inputs) stops the run, naming the layer and the errors
     monkeypatch.setattr(lrn, "local_response_norm",
                         lambda *args, **kwargs: 1 / 0 if torch.is_grad_enabled() else real(*args, **kwargs))
-    model.features.lrn1.pool_impl = "auto"
+    model.features.lrn1.impl = "auto"
     with pytest.raises(RuntimeError, match=r"features.lrn1: no way of running it worked: .*ZeroDivisionError"):
         choose_layer_impls(model, x, repeats=1)
+
+
+def test_an_lrn_layer_offers_the_ways_it_can_run():
+    """What the first step races for each LRN: the reference only beside impl=auto's kernels, the pool's
+    two places only where pool_in_lrn=auto, nothing where there is no choice."""
+    pool = nn.MaxPool2d(3, 2)
+    offers = lambda **kw: LocalResponseNorm(**kw).candidates()  # noqa: E731
+    assert offers(pool=pool) == ("inside", "after", "reference")
+    assert offers(pool=pool, pool_impl="inside") == ("inside", "reference")
+    assert offers() == ("fused", "reference")
+    assert offers(pool=pool, impl="fused_scan") == ("inside", "after")
+    assert offers(pool=pool, impl="fused_scan", pool_impl="after") == ()
+    assert offers(pool=pool, impl="reference") == ()  # the reference pools after it in any case
+    layer = LocalResponseNorm(pool=pool)
+    layer.way = "reference"
+    assert (layer.impl, layer.way) == ("reference", "reference")
+    layer.way = "inside"  # back to the kernels
+    assert (layer.impl, layer.pool_impl, layer.way) == ("auto", "inside", "inside")
 
 
 @pytest.mark.parametrize("channels,out,kernel,stride,pad,size", [

@@ -163,7 +163,8 @@ class LocalResponseNorm(nn.Module):
     inside (in the fused kernels' pass: the LRN's output and its gradient never go through memory,
     but each pixel's LRN is computed about twice), after (on the fused kernels' output), or auto: on
     CUDA the trainer times both on the layer's real input at its first step and keeps the faster
-    (alexlab.model.choose_layer_impls); before that, inside (fewer bytes)."""
+    (alexlab.model.choose_layer_impls); before that, inside (fewer bytes). With impl=auto the trainer
+    times the reference beside them (`candidates`), so a fused kernel that fails is left out."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
                  alpha_mode: str = "per_size", impl: str = "auto", relu: bool = False,
@@ -180,6 +181,35 @@ class LocalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return local_response_norm(x, self.size, self.coefficient, self.beta, self.k, self.impl, self.relu, self.pool,
                                    pool_inside=self.pool_impl != "after")
+
+    def candidates(self) -> tuple[str, ...]:
+        """The ways choose_layer_impls times for this layer (see `way`): where the pool runs, if that is left
+        at auto, and with impl=auto the reference too, so that a fused kernel that fails on the card at
+        hand is left out of the race, not the run (the fused kernels with the ReLU inside have run on no
+        GPU yet). Empty when there is nothing to choose."""
+        if self.impl == "reference":
+            return ()
+        fused = ("fused",) if self.pool is None else POOL_IMPLS[1:] if self.pool_impl == "auto" else (self.pool_impl,)
+        ways = fused + (("reference",) if self.impl == "auto" else ())
+        return ways if len(ways) > 1 else ()
+
+    @property
+    def way(self) -> str:
+        """How the layer runs, as choose_layer_impls names it: reference (PyTorch's ops, pool after), or the
+        fused kernels: fused (no pool), inside (the pool in their pass), after (PyTorch's pool after them)."""
+        if self.impl == "reference":
+            return "reference"
+        return "fused" if self.pool is None else self.pool_impl
+
+    @way.setter
+    def way(self, way: str) -> None:
+        if way == "reference":
+            self.impl = "reference"
+            return
+        if self.impl == "reference":  # only a layer at impl=auto is timed with the reference
+            self.impl = "auto"
+        if way != "fused":
+            self.pool_impl = way
 
     def extra_repr(self) -> str:
         return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "

@@ -19,7 +19,8 @@ reference, see lrn.py), pool_in_lrn (auto|true|false: where the max-pool after a
 LocalResponseNorm), grouped_conv (auto|native|native_nchw|split|dense, or a way per direction such as
 native/dense/dense, see TowerConv2d) and conv1_impl (auto|native|pad4|pad8|space_to_depth, see FirstConv2d).
 pool_in_lrn's, grouped_conv's and conv1_impl's auto are settled on CUDA by timing at the first training
-step (choose_layer_impls); lrn_impl's is fixed (fused_gather on CUDA).
+step (choose_layer_impls); lrn_impl's auto is fused_gather on CUDA, timed there beside the reference
+only so that a fused kernel that fails on the card is left out.
 
 The config is a dict or an OmegaConf node; nothing here knows about Hydra.
 """
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from alexlab.errors import ConfigError
-from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, POOL_IMPLS, LocalResponseNorm
+from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
 from alexlab.timing import seconds_per_call
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -398,16 +399,16 @@ def _ways(module: nn.Module) -> tuple[str, tuple[str, ...], str] | None:
         return "impl", TOWER_IMPLS, "native"
     if isinstance(module, FirstConv2d) and module.impl == "auto":
         return "impl", module.candidates(), "native"
-    if isinstance(module, LocalResponseNorm) and module.pool is not None and module.pool_impl == "auto":
-        return "pool_impl", POOL_IMPLS[1:], "after"
+    if isinstance(module, LocalResponseNorm) and (ways := module.candidates()):
+        return "way", ways, "reference" if "reference" in ways else "after"
     return None
 
 
 def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext, repeats: int = 5,
                        timings: dict | None = None) -> dict[str, str]:
     """For each layer left at auto with ways to choose from (a grouped TowerConv2d: each of TOWER_IMPLS;
-    FirstConv2d: its candidates(); a LocalResponseNorm with a pool: the pool inside its kernels or
-    after them), time forward + backward of each way on the input the layer gets from `x`, and keep
+    FirstConv2d: its candidates(); a LocalResponseNorm: its candidates(), the pool inside its kernels
+    or after them and, at lrn_impl=auto, the reference), time forward + backward of each way on the input the layer gets from `x`, and keep
     the fastest in the layer. For the towers, also time each direction (forward, input's gradient,
     weight's gradient) alone each of the DIRECTION_IMPLS ways, and where the fastest ways differ, that
     mix ("native/dense/dense") forward + backward too. Gradients are taken with autograd.grad, so no

@@ -144,7 +144,8 @@ class TrainStep:
 
     On CUDA the first call also picks, by timing, each tower layer's grouped-conv implementation
     (model.grouped_conv=auto), conv1's (model.conv1_impl=auto) and where the max-pool after each LRN
-    runs (model.pool_in_lrn=auto): `layer_impls` holds the choice, `layer_ms` each candidate's forward
+    runs (model.pool_in_lrn=auto; with model.lrn_impl=auto, the reference LRN is timed too, so a fused
+    kernel that fails is left out): `layer_impls` holds the choice, `layer_ms` each candidate's forward
     + backward and each tower direction's ways in ms (see choose_layer_impls), before torch.compile
     traces.
     """
