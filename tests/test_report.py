@@ -294,3 +294,44 @@ def test_cli_writes_the_report_and_fails_clearly(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode != 0
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nonexistent'} is not a directory"]
+
+
+def test_log_to_wandb_writes_a_report_run_with_the_table_the_set_ups_and_the_plots(tmp_path):
+    """`--log-to-wandb` with no W&B settings: an offline report run (a real .wandb file, read back with
+    W&B's own reader) in the runs' group, holding the claims table, what the runs trained on, and the plots."""
+    import os
+    runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # W&B's settings and caches stay in the test dir
+    done = subprocess.run([sys.executable, "src/report.py", str(runs), "--log-to-wandb"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (runs / "wandb").glob("offline-run-*")  # offline by default: nothing was sent anywhere
+    (wandb_file,) = run_dir.glob("run-*.wandb")
+    inspect = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(wandb_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stderr
+    records = [json.loads(line) for line in inspect.stdout.splitlines() if line.strip()]
+    (run,) = [r["run"] for r in records if r.get("type") == "run"]
+    # the sweep's experiment (conf/sweeps/lrn.yaml) is the runs' W&B group; the project is the config's default
+    assert (run["run_group"], run["job_type"], run["project"]) == ("lrn", "report", "alexlab")
+    logged = {}
+    for r in records:
+        if r.get("type") == "history":
+            logged.update(r["history"]["item"])
+    assert logged["claims._type"] == logged["trained_on._type"] == "table-file"
+
+    def table(name):
+        (path,) = (run_dir / "files" / "media" / "table").glob(f"{name}_*.table.json")
+        return json.loads(path.read_text())
+    claims = table("claims")
+    assert claims["columns"] == ["claim", "paper says", "measured", "seeds", "verdict"]
+    (lrn,) = [r for r in claims["data"] if r[0] == "lrn: no_lrn"]
+    assert lrn[2].startswith("val_top1_err +2.00 [") and lrn[3] == 3 and lrn[4].startswith("reproduced")
+    assert len(claims["data"]) == sum(len(c.ablations) for c in CLAIMS.values())  # every claim, run or not
+    assert table("trained_on")["data"] == [
+        ["fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs", "6 runs"]]
+    images = sorted(p.name.rsplit("_", 2)[0] for p in (run_dir / "files" / "media" / "images").glob("*.png"))
+    assert images == sorted(p.stem for p in runs.glob("*.png")) and "deltas" in images
+    for image in (run_dir / "files" / "media" / "images").glob("*.png"):
+        assert_png(image)

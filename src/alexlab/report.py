@@ -658,13 +658,15 @@ def load_wandb_runs(path: str, group: str) -> list[Run]:
 
 
 def log_to_wandb(result: dict, project: str, entity: str | None, group: str, out_dir: Path) -> None:
-    """The table and the plots as a report run in the runs' group."""
+    """The table, what the runs trained on and the plots as a report run in the runs' group."""
     import wandb
     run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report {group}",
                      dir=str(out_dir), mode=os.environ.get("WANDB_MODE", "offline"))
     columns = ["claim", "paper says", "measured", "seeds", "verdict"]
     data = [[row_name(r), r["paper_says"], measured_text(r["metrics"][r["metric"]]),
              r["n"], f"{r['verdict']}: {r['reason']}"] for r in result["rows"]]
+    trained_on = [line.removeprefix("- ").rsplit(": ", 1) for line in result["setups"]]
     run.log({"claims": wandb.Table(columns=columns, data=data),
+             "trained_on": wandb.Table(columns=["set-up", "runs"], data=trained_on),
              **{p.stem: wandb.Image(str(p)) for p in result["plots"]}})
     run.finish()
