@@ -76,6 +76,56 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert resumed["steps"] == reference["steps"]  # the step-level training error log too
 
 
+def test_a_checkpoint_from_another_config_is_refused_and_its_run_left_as_it_was(tmp_path):
+    """Same directory, another config: resuming would train the LRN net and record it as lrn=false. The
+    run is refused before it writes anything, so the earlier run's files stay as they were."""
+    first = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    checkpoint, record = tmp_path / "run" / "checkpoint.pt", results(tmp_path / "run")
+    before = checkpoint.read_bytes(), (tmp_path / "run" / "results.json").read_text()
+    other = run_cli("scale=tiny", "trainer.epochs=1", "model.lrn=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: {checkpoint} was written by a run with another config (model.lrn: true -> false): run this one "
+        "in another directory, repeat the same command to resume that one, or resume=never to start over here")
+    assert "Traceback" not in other.stderr
+    assert (checkpoint.read_bytes(), (tmp_path / "run" / "results.json").read_text()) == before
+    # where it ran, how it logs, how many threads: not what it trains, so resuming goes on
+    again = run_cli("scale=tiny", "trainer.epochs=1", "trainer.threads=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert any(n.endswith("with trainer.threads: 0 -> 1") for n in results(tmp_path / "run")["notes"])
+    # a checkpoint past trainer.epochs is refused too (the record would say 1 epoch and hold 2)
+    longer = run_cli("scale=tiny", "trainer.epochs=2", "logger=none", "hydra.run.dir=two", cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    shorter = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=two", cwd=tmp_path)
+    assert shorter.returncode == 2 and "has trained 2 epochs, more than trainer.epochs=1" in shorter.stderr
+    # resume=never starts over: a new W&B run and clock, not the old ones
+    fresh = run_cli("scale=tiny", "trainer.epochs=1", "model.lrn=false", "resume=never", "hydra.run.dir=run",
+                    cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    restarted = results(tmp_path / "run")
+    assert restarted["config"]["model"]["lrn"] is False and [h["epoch"] for h in restarted["history"]] == [1]
+    assert not any("resumed" in n for n in restarted["notes"])
+    assert restarted["wandb"]["id"] != record["wandb"]["id"]
+    assert restarted["started_at"] > record["started_at"]
+
+
+def test_a_run_resumed_with_more_epochs_trains_as_one_launched_with_them(tmp_path):
+    """The lr schedules (plateau, step) and the seeded data order do not depend on the total number of
+    epochs, so 1 epoch then 2 ends where 2 at once ends."""
+    args = ["scale=tiny", "logger=none", "seed=3"]
+    whole = run_cli(*args, "trainer.epochs=2", "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    for epochs in (1, 2):
+        step = run_cli(*args, f"trainer.epochs={epochs}", "hydra.run.dir=steps", cwd=tmp_path)
+        assert step.returncode == 0, step.stderr
+    resumed, reference = results(tmp_path / "steps"), results(tmp_path / "whole")
+    assert resumed["notes"] == ["resumed from " + str(tmp_path / "steps" / "checkpoint.pt")
+                                + " at epoch 1 step 0, with trainer.epochs: 1 -> 2"]
+    for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "lr"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in reference["history"]], key
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.towers=3", "model.towers must be 1 or 2"),
     ("model.remove=[conv1]", "conv1 cannot be removed"),

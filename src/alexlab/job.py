@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from alexlab import distributed
 from alexlab.errors import ConfigError
 from alexlab.tracking import NullTracker, Tracker
-from alexlab.train import Interrupted, fit
+from alexlab.train import Interrupted, check_resume, fit
 
 log = logging.getLogger("alexlab")
 EXIT_BAD_INPUT = 2
@@ -58,12 +58,13 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     try:
         config = resolved_config(cfg)
         world = distributed.init(cuda=config["device"] != "cpu" and _cuda_available())
+        resuming = check_resume(run_dir, config)  # before anything is written: a refused run leaves the old one
         if world.is_main:
             tracker = Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")),
-                              processes=world.size)
+                              processes=world.size, continues=resuming is not None)
         else:
             tracker = NullTracker(run_dir)
-        state = fit(cfg, run_dir, tracker, world)
+        state = fit(cfg, run_dir, tracker, world, resuming)
         record = tracker.finish("completed", state=state)
         completed = True
         if not world.is_main:

@@ -5,7 +5,6 @@ Everything a claim needs is in alexlab.claims; the metrics it is judged on are d
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure  # the object API renders with Agg and leav
 from matplotlib.ticker import MaxNLocator
 
 from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
+from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.tracking import RESULTS_NAME
 
 JOB_DIR_NAME = re.compile(r"^\d+_")  # Hydra multirun job dirs: <job number>_<overrides>
@@ -34,12 +34,6 @@ METRICS = {
     "steps_to_converge": "optimizer steps until validation top-1 error first comes within 1 point of the run's best "
                          "(censored if that is only at the last epoch: the run was still improving)",
 }
-
-# Config paths that say where or how a run was executed or logged, not what was trained: two runs that
-# differ only in these are the same experiment.
-NOT_THE_EXPERIMENT = ("experiment", "logger", "ablation", "sweeps", "device", "resume", "data.root",
-                      "data.cache_dir", "data.download", "data.workers", "trainer.threads",
-                      "trainer.log_every_steps", "eval.batch_size")
 
 VERDICT_RULES = """\
 Runs are paired per seed: a paper run and an ablated run pair when their resolved configs are identical
@@ -206,18 +200,6 @@ def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[dict]]:
 
 # ---------------------------------------------------------------- pairing
 
-def without(config: dict, paths) -> dict:
-    stripped = copy.deepcopy(config)
-    for path in paths:
-        *parents, last = path.split(".")
-        node = stripped
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return stripped
-
-
 def experiment_config(config: dict, claim: Claim, ignore: tuple = ()) -> dict:
     """The config without the claim's factor, its tuned paths, what is not the experiment and `ignore`."""
     return without(config, (claim.factor, *claim.tune, *NOT_THE_EXPERIMENT, *ignore))
@@ -277,20 +259,11 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
     return [judge_pairs(claim, ablation, [context], label) for context, label in zip(relevant, labels)]
 
 
-def flatten(config, prefix: str = "") -> dict:
-    """{"a.b": value} for every leaf of nested dicts (lists are leaves)."""
-    if not isinstance(config, dict):
-        return {prefix: config}
-    return {path: value for key, node in config.items()
-            for path, value in flatten(node, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
 def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
     """For each config, the values of the paths on which the configs differ ("trainer.epochs=2"), the
     first `most` of them in path order."""
     flat = [flatten(c) for c in configs]
-    paths = sorted({p for f in flat for p in f})
-    differing = [p for p in paths if len({json.dumps(f.get(p), sort_keys=True, default=str) for f in flat}) > 1]
+    differing = differing_paths(configs)
     more = f", +{len(differing) - most} more" if len(differing) > most else ""
     return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
 

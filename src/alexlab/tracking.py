@@ -81,7 +81,9 @@ class Tracker:
     """Writes results.json and mirrors epochs to W&B. `variant` names what the run changes."""
 
     def __init__(self, run_dir, config: dict, overrides: list[str], logger_cfg: dict, experiment: str,
-                 processes: int = 1):
+                 processes: int = 1, continues: bool = False):
+        """continues: the run resumes from its directory's checkpoint, so it keeps the earlier process's
+        clock, start time and W&B run; otherwise whatever an earlier run left there is started over."""
         self.run_dir = Path(run_dir)
         self.results_path = self.run_dir / RESULTS_NAME
         self.overrides = list(overrides)
@@ -90,7 +92,8 @@ class Tracker:
         self.wandb_id = None
         self.t0 = time.perf_counter()
         self.cpu0 = time.process_time()
-        previous = self._previous()
+        self.continues = continues
+        previous = self._previous() if continues else {}
         self.record = {
             "status": "running",
             "error": None,
@@ -155,7 +158,7 @@ class Tracker:
     def _start_wandb(self) -> None:
         import wandb
         id_file = self.run_dir / WANDB_ID_NAME
-        self.wandb_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.wandb_id = id_file.read_text().strip() if self.continues and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(self.wandb_id)
         mode = wandb_mode()
         tags = list(self.logger_cfg.get("tags") or [])

@@ -1,9 +1,10 @@
 """The one training loop: the paper's SGD recipe, evaluation, checkpoints, resume, stop on a signal.
 
-    fit(cfg, run_dir, tracker) -> results dict
+    fit(cfg, run_dir, tracker, world, resuming=check_resume(run_dir, config)) -> training state
 
 The checkpoint (`<run_dir>/checkpoint.pt`, written atomically every epoch and on SIGTERM/SIGUSR2)
-holds the model, optimizer, scheduler, the position in the epoch and the history. Data order and
+holds the model, optimizer, scheduler, the position in the epoch, the history and the resolved config;
+a run resumes from it only under the same experiment config (check_resume). Data order and
 augmentation are seeded by (seed, epoch, step), and dropout by (seed, epoch, step, rank), so a
 resumed run sees exactly the batches and masks the uninterrupted one would have, and each data
 parallel rank draws its own masks.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import re
 import signal
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from alexlab.data import build_data
 from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError
+from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten
 from alexlab.io import atomic_torch_save
 from alexlab.model import build_model, choose_layer_impls
 
@@ -219,13 +223,16 @@ def _to_model(x: torch.Tensor, model) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
 
 
-def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
+def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str] | None = None) -> dict:
     """Train `cfg` in `run_dir`, reporting to `tracker`; returns the training state (history, steps, ...).
+    resuming: check_resume's answer: None starts afresh, a list continues from the checkpoint (with the
+    config changes it lists).
 
     With world.size > 1 this is one rank of data parallel training (see alexlab.distributed): each
     rank trains on its slice of every global batch and only rank 0 writes the checkpoint.
     """
     check_config(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)  # kept in the checkpoint
     run_dir = Path(run_dir)
     device = pick_device(cfg.device, world)
     torch.manual_seed(cfg.seed)
@@ -244,12 +251,13 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
     state = {"epoch": 0, "step": 0, "history": [], "steps": [], "images_seen": 0, "train_time_s": 0.0,
              "sums": torch.zeros(3, dtype=torch.float64), "window": torch.zeros(2, dtype=torch.float64)}
     ckpt_path = run_dir / CHECKPOINT_NAME
-    if cfg.resume == "auto" and ckpt_path.is_file():
+    if resuming is not None:
         state = load_checkpoint(ckpt_path, model, optimizer, scheduler)
         if not world.is_main:  # the checkpoint holds the sums over all ranks: count them once
             state["sums"].zero_()
             state["window"].zero_()
-        tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}")
+        tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}"
+                     + (f", with {'; '.join(resuming)}" if resuming else ""))
     tracker.start(state["history"], str(device))
 
     batch_size = int(cfg.trainer.batch_size)
@@ -300,7 +308,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                                  train_time_s=state["train_time_s"] + time.perf_counter() - tic)
                     progress.close()
                     if world.is_main:
-                        save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+                        save_checkpoint(ckpt_path, model, optimizer, scheduler, state, config)
                     raise Interrupted(signum)
             progress.close()
             if epoch == first_epoch and train_step.layer_impls:
@@ -327,17 +335,61 @@ def fit(cfg, run_dir: Path, tracker, world: World = World()) -> dict:
                          window=world.sum(train_step.window.clone()).cpu(), train_time_s=state["train_time_s"] + epoch_time)
             tracker.log_epoch(metrics, state["steps"])
             if world.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, state)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, state, config)
     return state
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, config: dict) -> None:
     atomic_torch_save({
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": state,
+        "config": config,  # the resolved config that trained it: resume checks it (check_resume)
     }, path)
+
+
+# What a resumed run may change: where and how it runs and logs, and how many epochs it trains in all
+# (the lr schedules, plateau and step, and the seeded data order do not depend on the total, so a run
+# resumed with more epochs trains as one launched with them would have).
+RESUMABLE_CHANGES = (*NOT_THE_EXPERIMENT, "trainer.epochs")
+
+
+def check_resume(run_dir: Path, config: dict) -> list[str] | None:
+    """Whether the run at `config` continues from run_dir's checkpoint: None if it starts afresh (no
+    checkpoint, or resume=never), else the config paths it changes that RESUMABLE_CHANGES allows, as
+    "path: old -> new". Raises ConfigError if the checkpoint was written under another experiment config
+    (another model, data, recipe or seed: resuming would train one config and label it another) or is
+    already past trainer.epochs. Called before anything in run_dir is written, so a refused run leaves
+    the earlier run's files as they were."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if config.get("resume") != "auto" or not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
+    saved = ckpt.get("config")
+    if saved is None:  # written before checkpoints kept their config: results.json beside it has it
+        try:
+            saved = json.loads((path.parent / "results.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            saved = config  # nothing to check against
+    old, new = flatten(saved), flatten(config)
+    differing = differing_paths([saved, config])
+
+    def change(p: str) -> str:
+        return f"{p}: {json.dumps(old.get(p), default=str)} -> {json.dumps(new.get(p), default=str)}"
+
+    def resumable(p: str) -> bool:
+        return any(p == q or p.startswith(f"{q}.") for q in RESUMABLE_CHANGES)
+    refused = [change(p) for p in differing if not resumable(p)]
+    if refused:
+        shown = "; ".join(refused[:4]) + (f"; +{len(refused) - 4} more" if len(refused) > 4 else "")
+        raise ConfigError(f"{path} was written by a run with another config ({shown}): run this one in another "
+                          "directory, repeat the same command to resume that one, or resume=never to start over here")
+    epoch, epochs = int(ckpt["state"]["epoch"]), config["trainer"]["epochs"]
+    if isinstance(epochs, int) and epoch > epochs:  # a bad value is check_config's to refuse
+        raise ConfigError(f"{path} has trained {epoch} epochs, more than trainer.epochs={config['trainer']['epochs']}: "
+                          "run in another directory, or resume=never to start over here")
+    return [change(p) for p in differing if resumable(p)]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
