@@ -46,6 +46,16 @@ def test_multirun_over_lrn_leaves_two_results(tmp_path):
         assert r["variant"].lower() == f"model.lrn={str(r['config']['model']['lrn']).lower()},scale=tiny,trainer.epochs=1"
 
 
+def test_a_sweep_without_multirun_says_it_runs_one_job(tmp_path):
+    """Hydra runs one job of `sweeps=lrn` without -m and says nothing; the user meant six."""
+    proc = run_cli("sweeps=lrn", "scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # conf/sweeps/lrn.yaml: ablation paper,no_lrn and seeds 0,1,2; the defaults: ablation=paper, seed=0
+    assert ("sweeps=lrn is a sweep (ablation: paper,no_lrn; seed: 0,1,2) and runs as one only with -m; "
+            "this is one run, at ablation=paper, seed=0") in proc.stdout + proc.stderr
+    assert results(tmp_path / "run")["status"] == "completed"
+
+
 def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     args = ["scale=tiny", "trainer.epochs=3", "seed=7", "trainer.log_every_steps=3"]
     whole = run_cli(*args, "logger=none", "hydra.run.dir=whole", cwd=tmp_path)

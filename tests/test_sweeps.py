@@ -49,6 +49,7 @@ def test_all_claims_at_tiny_scale_then_the_report(tmp_path):
     proc = run_cli("-m", "sweeps=all", "scale=tiny", "seed=0,1", "trainer.epochs=1", "logger=none",
                    "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs as one only with -m" not in proc.stdout + proc.stderr  # it is a multirun
     results = list((tmp_path / "sweep").glob("*/results.json"))
     assert len(results) == 13 * 2
     assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
