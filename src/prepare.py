@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from alexlab.data.imagenet import prepare
 from alexlab.errors import ConfigError
@@ -17,11 +18,21 @@ from alexlab.errors import ConfigError
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+USAGE = "usage: python src/prepare.py data.root=DIR [data.* overrides]"
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     overrides = argv if any(a.startswith("data=") for a in argv) else ["data=imagenet", *argv]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except HydraException as err:  # an argument that is not key=value, a key the config lacks
+        print(f"error: {str(err).strip().splitlines()[0]}\n{USAGE}", file=sys.stderr, flush=True)
+        return 2
     try:
         if cfg.data.name != "imagenet":
             raise ConfigError(f"prepare is for data=imagenet, got data={cfg.data.name}")

@@ -126,6 +126,16 @@ def test_prepare_then_train_tiny_through_the_command_line(tmp_path):
     assert copies["status"] == "completed" and copies["images_seen"] == record["images_seen"]
 
 
+@pytest.mark.parametrize("argument,error", [("/data/imagenet", "Error parsing override '/data/imagenet'"),
+                                             ("data.rot=/data", "Could not override 'data.rot'.")])
+def test_prepare_refuses_an_argument_it_cannot_read_with_its_usage(tmp_path, argument, error):
+    """A path without data.root= (the likeliest slip) or a misspelt key: the error and the usage, no traceback."""
+    proc = run_prepare(argument, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {error}",
+                                                "usage: python src/prepare.py data.root=DIR [data.* overrides]"]
+
+
 def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
     root = write_dataset(tmp_path, per_class=1, odd=False, truncated=False)
     with pytest.raises(ConfigError, match=r"not prepared: run `python src/prepare.py data.root=.* data.image_size=32`"):
