@@ -36,6 +36,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+if "--cpu" in sys.argv or not torch.cuda.is_available():
+    # the Triton kernels (the fused LRN, the GPU resize) then run in Triton's interpreter, which must be
+    # on before any kernel is defined (the imports below define them)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from alexlab.errors import ConfigError  # noqa: E402
 from alexlab.io import atomic_write_json  # noqa: E402
