@@ -105,6 +105,13 @@ def test_comparable_key_keeps_the_seed_and_drops_the_factor():
     assert comparable_key(paper, lrn) == comparable_key(ablated, lrn)  # experiment and logger tags differ
     assert comparable_key(paper, lrn) != comparable_key(make_config("lrn", "paper", 1), lrn)
     assert comparable_key(paper, CLAIMS["relu"]) == comparable_key(make_config("lrn", "tanh", 0, lr=0.5), CLAIMS["relu"])
+    # a speed switch computes the same function (the reference LRN where the fused kernels failed): still a pair
+    reference = make_config("lrn", "no_lrn", 0)
+    reference["model"]["lrn_impl"], reference["trainer"]["compile"] = "reference", True
+    assert comparable_key(paper, lrn) == comparable_key(reference, lrn)
+    amp = make_config("lrn", "no_lrn", 0)
+    amp["trainer"]["amp"] = False  # bf16 or not changes the numbers: another experiment
+    assert comparable_key(paper, lrn) != comparable_key(amp, lrn)
 
 
 def test_clear_effect_is_reproduced_and_ci_matches_numpy(tmp_path):

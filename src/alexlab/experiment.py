@@ -7,10 +7,13 @@ import copy
 import json
 
 # Config paths that say where or how a run was executed or logged, not what was trained: two runs that
-# differ only in these are the same experiment.
+# differ only in these are the same experiment. The speed switches are among them: each computes the
+# same function with the same parameters (up to rounding, as on another device).
+SPEED_SWITCHES = ("model.lrn_impl", "model.pool_in_lrn", "model.grouped_conv", "model.conv1_impl",
+                  "trainer.compile", "trainer.channels_last")
 NOT_THE_EXPERIMENT = ("experiment", "logger", "ablation", "sweeps", "device", "resume", "data.root",
                       "data.cache_dir", "data.download", "data.workers", "trainer.threads",
-                      "trainer.log_every_steps", "eval.batch_size")
+                      "trainer.log_every_steps", "eval.batch_size", *SPEED_SWITCHES)
 
 
 def without(config: dict, paths) -> dict:

@@ -38,7 +38,9 @@ METRICS = {
 VERDICT_RULES = """\
 Runs are paired per seed: a paper run and an ablated run pair when their resolved configs are identical
 apart from the claim's factor, the paths the claim tunes, and what only says where or how a run was
-executed or logged (experiment, logger, device, data paths, threads, logging interval). Where the claim
+executed or logged (experiment, logger, device, data paths, threads, logging interval, and the speed switches,
+which compute the same function: model.lrn_impl, pool_in_lrn, grouped_conv, conv1_impl, trainer.compile,
+channels_last). Where the claim
 tunes a path (relu: optim.lr), the value with the best mean primary metric is picked for each factor value
 separately (a step count that was never reached counts as worse than any number), and only those runs
 are paired. Only completed runs take part; completed runs with identical configs (seed included) are
