@@ -185,8 +185,8 @@ class LocalResponseNorm(nn.Module):
     def candidates(self) -> tuple[str, ...]:
         """The ways choose_layer_impls times for this layer (see `way`): where the pool runs, if that is left
         at auto, and with impl=auto the reference too, so that a fused kernel that fails on the card at
-        hand is left out of the race, not the run (the fused kernels with the ReLU inside have run on no
-        GPU yet). Empty when there is nothing to choose."""
+        hand (one that does not compile for it, say) is left out of the race, not the run. Empty when
+        there is nothing to choose."""
         if self.impl == "reference":
             return ()
         fused = ("fused",) if self.pool is None else POOL_IMPLS[1:] if self.pool_impl == "auto" else (self.pool_impl,)
