@@ -120,6 +120,29 @@ def test_a_checkpoint_from_another_config_is_refused_and_its_run_left_as_it_was(
     assert restarted["started_at"] > record["started_at"]
 
 
+def test_a_second_process_in_a_busy_run_directory_is_refused(tmp_path):
+    """The same command launched twice into one directory would write one checkpoint, results.json and
+    W&B run in turns; the second stops at once. The lock goes with its process, however that ends."""
+    args = ["scale=tiny", "trainer.epochs=30", "logger=none", "hydra.run.dir=run"]
+    env = dict(__import__("os").environ, HOME=str(tmp_path))
+    first = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "results.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = run_cli(*args, cwd=tmp_path)
+    assert first.poll() is None, "the first run ended too soon to test this"
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: another process (pid {first.pid}) is training in {tmp_path / 'run'}: wait for it to end, "
+        "or run in another directory"]
+    assert results(tmp_path / "run")["status"] == "running"  # the first run's record, untouched
+    first.send_signal(signal.SIGKILL)  # no handler, no clean-up: the kernel drops the lock
+    first.communicate(timeout=60)
+    again = run_cli(*args[:1], "trainer.epochs=1", *args[2:], "resume=never", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
 def test_a_run_resumed_with_more_epochs_trains_as_one_launched_with_them(tmp_path):
     """The lr schedules (plateau, step) and the seeded data order do not depend on the total number of
     epochs, so 1 epoch then 2 ends where 2 at once ends."""

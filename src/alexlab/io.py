@@ -1,10 +1,35 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file or the new one, never half of one. And a run directory's
+lock: one process trains in it at a time."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
+
+
+def lock_directory(directory, name: str = ".run.lock") -> tuple[int | None, int]:
+    """Take an exclusive lock on directory/name without waiting: (its descriptor, 0) when taken, held
+    until the descriptor is closed or the process ends, however it ends (none is left behind); (None, the
+    holder's pid) when another process holds it; (None, 0) on a file system without locks."""
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None, int(holder) if holder.isdigit() else -1
+        if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            return None, 0
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, 0
 
 
 def _atomic(path, write) -> None:

@@ -9,6 +9,7 @@ only rank 0 writes results.json and W&B.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alexlab import distributed
 from alexlab.errors import ConfigError
+from alexlab.io import lock_directory
 from alexlab.tracking import NullTracker, Tracker
 from alexlab.train import Interrupted, check_resume, fit
 
@@ -52,12 +54,19 @@ def requeue_under_submitit(signum: int) -> None:
 
 def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     run_dir = Path(run_dir)
-    tracker = None
+    tracker, lock = None, None
     world = distributed.World()
     completed = False
     try:
         config = resolved_config(cfg)
-        world = distributed.init(cuda=config["device"] != "cpu" and _cuda_available())
+        cuda = config["device"] != "cpu" and _cuda_available()
+        world = distributed.init(cuda=cuda)
+        # one process (one group of ranks) trains in a run directory at a time: a second launch of the same
+        # command, say, would write the same checkpoint and results.json and W&B run in turns
+        lock, holder = lock_directory(run_dir) if world.is_main else (None, 0)
+        if world.max_int(int(holder != 0), torch_device(cuda, world)):  # every rank stops, not rank 0 alone
+            raise ConfigError(f"another process{f' (pid {holder})' if holder > 0 else ''} is training in {run_dir}: "
+                              "wait for it to end, or run in another directory")
         resuming = check_resume(run_dir, config)  # before anything is written: a refused run leaves the old one
         if world.is_main:
             tracker = Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")),
@@ -90,8 +99,16 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         raise
     finally:
         world.close(completed)
+        if lock is not None:
+            os.close(lock)
 
 
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def torch_device(cuda: bool, world: distributed.World):
+    """This rank's device for collectives (NCCL's are on the GPU)."""
+    import torch
+    return torch.device("cuda", world.local_rank) if cuda and world.size > 1 else torch.device("cpu")
