@@ -5,6 +5,7 @@ the plots to a report run in the runs' group (offline unless WANDB_MODE says oth
 """
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from alexlab.report import ReportError, build_report, load_wandb_runs, log_to_wandb, report_runs
@@ -39,7 +40,14 @@ def main(argv=None) -> int:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # --out where nothing can be written
+        print(f"error: cannot write the report: {err}", file=sys.stderr)
+        return 2
     print("Trained on:", *result["setups"], "", *result["table"], sep="\n")
+    if result["problems"]:  # failed, unreadable, missing or repeated runs: never averaged in, and said so here
+        kinds = Counter(p["status"] for p in result["problems"])
+        print(f"\n{len(result['problems'])} problem run(s), left out ("
+              + ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items())) + "): listed in the report")
     print(f"\nreport: {result['report']}")
     if args.log_to_wandb:
         entity, project = args.wandb.split("/", 1) if args.wandb else result["wandb_project"]

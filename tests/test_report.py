@@ -297,6 +297,19 @@ def test_cli_writes_the_report_and_fails_clearly(tmp_path):
     # what the runs trained on comes first: scale=tiny is 1,024 Fashion-MNIST images, the small net, 2 epochs
     tiny = "- fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs: 6 runs"
     assert done.stdout.splitlines()[:2] == ["Trained on:", tiny]
+    assert "problem run" not in done.stdout  # none here
+    # a run whose results.json is cut short: left out, and the terminal says so, not only report.md
+    (runs / "0_ablation=paper,seed=0" / "results.json").write_text('{"status": "compl')
+    done = subprocess.run([sys.executable, "src/report.py", str(runs)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "\n1 problem run(s), left out (unreadable: 1): listed in the report\n" in done.stdout
+    # an --out where nothing can be written: one line
+    (tmp_path / "a_file").write_text("")
+    unwritable = subprocess.run([sys.executable, "src/report.py", str(runs), "--out", str(tmp_path / "a_file" / "out")],
+                                cwd=ROOT, capture_output=True, text=True)
+    assert unwritable.returncode == 2
+    assert unwritable.stderr.strip().splitlines() == [
+        f"error: cannot write the report: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'out'}'"]
     missing = subprocess.run([sys.executable, "src/report.py", str(tmp_path / "nonexistent")], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode != 0
