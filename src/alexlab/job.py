@@ -4,7 +4,9 @@ Bad input (ConfigError) becomes one line on stderr and exit status 2; any other 
 status=failed with the error and re-raises; a stop signal leaves status=interrupted (exit 3)
 with a checkpoint that `resume=auto` continues from. Under submitit, the warning signal (USR2) then
 also requeues the job (see `requeue_under_submitit`). With several processes (alexlab.distributed)
-only rank 0 writes results.json and W&B.
+only rank 0 writes results.json and W&B. Before anything is written, the job takes the run
+directory's lock (a second process there stops with exit 2) and checks that a checkpoint it would
+resume from was written under the same experiment (alexlab.train.check_resume; else exit 2 too).
 """
 from __future__ import annotations
 
