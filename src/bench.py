@@ -817,9 +817,34 @@ class Bench:
         failed = [k for k, v in self.record["checks"].items() if not v["ok"]]
         lines.append(f"\nchecks: {len(self.record['checks']) - len(failed)}/{len(self.record['checks'])} ok"
                      + (f"; FAILED: {failed}" if failed else ""))
+        lines += first_step_choices(self.record["train_step"])
         if self.record["errors"]:
-            lines.append(f"errors: {len(self.record['errors'])} (see the JSON)")
+            lines += [f"errors: {len(self.record['errors'])} (whole in the JSON):", *error_lines(self.record["errors"])]
         return "\n".join(lines)
+
+
+def first_step_choices(rows: list[dict]) -> list[str]:
+    """A line per training-step row whose first step chose ways by timing (the `auto` settings): what
+    it chose per layer, and the ways that failed there. Printed, since a lent GPU's session reads the
+    printed tail first."""
+    lines = []
+    for r in rows:
+        if r.get("layer_impls"):
+            chosen = ", ".join(f"{layer.removeprefix('features.')} {way}" for layer, way in r["layer_impls"].items())
+            failed = [f"{layer.removeprefix('features.')} {way}" for layer, ms in r.get("layer_ms", {}).items()
+                      for way in ms.get("failed", {})]
+            lines.append(f"- {r['model']}, {r['mode']}: {chosen}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return ["", "first step's choices (auto):", *lines] if lines else []
+
+
+def error_lines(errors: list[str], most: int = 12) -> list[str]:
+    """Each error as one line: where it happened, and the exception's own line (a traceback's last)."""
+    lines = []
+    for error in errors[:most]:
+        text = [line.strip() for line in error.splitlines() if line.strip()]
+        where, _, first = text[0].partition(": ")
+        lines.append(f"- {where}: {text[-1] if len(text) > 1 else first}"[:300])
+    return lines + ([f"- ... and {len(errors) - most} more"] if len(errors) > most else [])
 
 
 def host_time_while_gpu_busy(device: torch.device, sleep_s: float = 1.0) -> dict:

@@ -95,3 +95,25 @@ bench._in_processes(bench._write_resized_copy, [(folder / "photo.JPEG", folder /
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(4):
         assert Image.open(tmp_path / f"copy{i}.JPEG").size == (256, 256)
+
+
+def test_the_printed_tail_names_each_error_and_each_first_step_choice():
+    """A lent GPU's session reads the bench's printed tail first: each error as where + the exception's
+    own line (not a traceback's "Traceback (most recent call last):"), and what auto chose per layer."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from bench import error_lines, first_step_choices
+    errors = ["lrn_configs: Traceback (most recent call last):\n  File \"bench.py\", line 390, in lrn_configs\n"
+              "    seconds = time_steps(step)\nRuntimeError: 0 active drivers ([]). There should only be one.\n",
+              "train_step paper bf16+cl: OutOfMemoryError: CUDA out of memory"]
+    assert error_lines(errors) == ["- lrn_configs: RuntimeError: 0 active drivers ([]). There should only be one.",
+                                   "- train_step paper bf16+cl: OutOfMemoryError: CUDA out of memory"]
+    assert error_lines(errors * 7)[-1] == "- ... and 2 more"
+    rows = [{"model": "torchvision alexnet", "mode": "fp32"},  # nothing chosen: no line
+            {"model": "paper (lrn, towers 2)", "mode": "bf16+cl",
+             "layer_impls": {"features.conv1": "pad4", "features.lrn1": "after", "features.conv2": "dense"},
+             "layer_ms": {"features.lrn1": {"whole": {"after": 0.5, "reference": 2.0},
+                                            "failed": {"inside": "CompilationError: out of resources"}}}}]
+    assert first_step_choices(rows) == ["", "first step's choices (auto):",
+                                        "- paper (lrn, towers 2), bf16+cl: conv1 pad4, lrn1 after, conv2 dense; "
+                                        "failed: lrn1 inside"]
+    assert first_step_choices(rows[:1]) == []
