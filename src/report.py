@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from alexlab.report import ReportError, build_report, load_wandb_runs, log_to_wandb, report_runs
+from alexlab.report import ReportError, build_report, load_wandb_runs, log_to_wandb, report_runs, setup_lines
 
 
 def parse_args(argv):
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     except OSError as err:  # --out where nothing can be written
         print(f"error: cannot write the report: {err}", file=sys.stderr)
         return 2
-    print("Trained on:", *result["setups"], "", *result["table"], sep="\n")
+    print("Trained on:", *setup_lines(result["setups"]), "", *result["table"], sep="\n")
     if result["problems"]:  # failed, unreadable, missing or repeated runs: never averaged in, and said so here
         kinds = Counter(p["status"] for p in result["problems"])
         print(f"\n{len(result['problems'])} problem run(s), left out ("

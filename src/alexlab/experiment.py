@@ -36,8 +36,8 @@ def flatten(config, prefix: str = "") -> dict:
             for path, value in flatten(node, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
-def differing_paths(configs: list[dict]) -> list[str]:
-    """The leaf paths, sorted, whose values are not the same in all the configs (a path one lacks counts)."""
-    flat = [flatten(c) for c in configs]
+def differing_paths(flat: list[dict]) -> list[str]:
+    """The leaf paths, sorted, whose values are not the same in all the flattened configs (`flatten`; a path
+    one lacks counts)."""
     paths = sorted({p for f in flat for p in f})
     return [p for p in paths if len({json.dumps(f.get(p), sort_keys=True, default=str) for f in flat}) > 1]

@@ -411,8 +411,9 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     or after them and, at lrn_impl=auto, the reference), time forward + backward of each way on the
     input the layer gets from `x`, and keep the fastest in the layer. For the towers, also time each
     direction (forward, input's gradient, weight's gradient) alone each of the DIRECTION_IMPLS ways, and
-    where the fastest ways differ, that mix ("native/dense/dense") forward + backward too. Gradients are taken with autograd.grad, so no
-    .grad is written and no DDP hook fires; conv1's input, the data, needs none. Returns {layer: way};
+    where the fastest ways differ, that mix ("native/dense/dense") forward + backward too. Gradients are
+    taken with autograd.grad, so no .grad is written and no DDP hook fires; conv1's input, the data,
+    needs none. Returns {layer: way};
     fills `timings`, if given, with {layer: {"whole": {way: ms}, "directions": {direction: {way: ms}}}}
     (how close the races were; "directions" for the towers only), and "failed": {way: error} where a way
     raised (a kernel that does not compile for this card): that way is left out of the race, with a

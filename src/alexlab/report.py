@@ -38,11 +38,10 @@ METRICS = {
 VERDICT_RULES = """\
 Runs are paired per seed: a paper run and an ablated run pair when their resolved configs are identical
 apart from the claim's factor, the paths the claim tunes, and what only says where or how a run was
-executed or logged (experiment, logger, device, data paths, threads, logging interval, and the speed switches,
-which compute the same function: model.lrn_impl, pool_in_lrn, grouped_conv, conv1_impl, trainer.compile,
-channels_last). Where the claim
-tunes a path (relu: optim.lr), the value with the best mean primary metric is picked for each factor value
-separately (a step count that was never reached counts as worse than any number), and only those runs
+executed or logged (experiment, logger, device, data paths, threads, logging interval, and the speed
+switches, which compute the same function: model.lrn_impl, pool_in_lrn, grouped_conv, conv1_impl,
+trainer.compile, channels_last). Where the claim tunes a path (relu: optim.lr), the value with the best
+mean primary metric is picked for each factor value separately (a step count that was never reached counts as worse than any number), and only those runs
 are paired. Only completed runs take part; completed runs with identical configs (seed included) are
 repeats, and only the latest one is used.
 
@@ -265,7 +264,7 @@ def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
     """For each config, the values of the paths on which the configs differ ("trainer.epochs=2"), the
     first `most` of them in path order."""
     flat = [flatten(c) for c in configs]
-    differing = differing_paths(configs)
+    differing = differing_paths(flat)
     more = f", +{len(differing) - most} more" if len(differing) > most else ""
     return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
 
@@ -477,10 +476,13 @@ def plot_relu_fig1(variants: dict[str, list[Run]], path: Path) -> None:
 def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
     by_name = {r.name: r for r in runs}
     variants = defaultdict(dict)  # claim -> variant label -> runs (shared baselines once)
+    relu_sides = {"paper": {}, "ablated": {}}  # the relu claim's runs of every set-up, by side: figure 1
     for row in rows:
         for pair in row["pairs"]:
             for side, label in (("paper", "paper"), ("ablated", row["ablation"])):
                 variants[row["claim"]].setdefault(in_setup(row, label), {})[pair[side]] = by_name[pair[side]]
+                if row["claim"] == "relu":
+                    relu_sides[side][pair[side]] = by_name[pair[side]]
     written = []
     for claim, labels in variants.items():
         written.append(out_dir / f"curves_{claim}.png")
@@ -490,9 +492,8 @@ def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
         plot_deltas(rows, written[-1])
     if "relu" in variants:
         written.append(out_dir / "relu_fig1.png")
-        relu = variants["relu"]  # every set-up's runs, by activation
-        plot_relu_fig1({activation: [r for label, rs in relu.items() if label.split(" (")[0] == side for r in rs.values()]
-                        for activation, side in (("relu", "paper"), ("tanh", "tanh"))}, written[-1])
+        plot_relu_fig1({"relu": list(relu_sides["paper"].values()), "tanh": list(relu_sides["ablated"].values())},
+                       written[-1])
     return written
 
 
@@ -518,8 +519,8 @@ def main_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def setups(runs: list[Run]) -> list[str]:
-    """What the runs trained on, a line per distinct set-up with its count of runs."""
+def setups(runs: list[Run]) -> list[tuple[str, int]]:
+    """What the runs trained on: each distinct set-up, in order, with its count of runs."""
     counts = Counter()
     for run in runs:
         data, model, trainer = (run.config.get(key) or {} for key in ("data", "model", "trainer"))
@@ -527,15 +528,23 @@ def setups(runs: list[Run]) -> list[str]:
         counts[f"{data.get('name', '?')} ({f'{images:,} training images' if images else 'all training images'}), "
                f"model `{model.get('name', '?')}` at {model.get('input_size', '?')} px, "
                f"{trainer.get('epochs', '?')} epochs"] += 1
-    return [f"- {setup}: {n} run{'' if n == 1 else 's'}" for setup, n in sorted(counts.items())]
+    return sorted(counts.items())
 
 
-def markdown(rows, problems, missing, costs, plots, sources, runs) -> str:
+def runs_text(n: int) -> str:
+    return f"{n} run{'' if n == 1 else 's'}"
+
+
+def setup_lines(trained_on: list[tuple[str, int]]) -> list[str]:
+    return [f"- {setup}: {runs_text(n)}" for setup, n in trained_on]
+
+
+def markdown(rows, problems, missing, costs, plots, sources, n_runs, trained_on) -> str:
     lines = ["# AlexNet claims: report", "",
-             f"{len(runs)} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
+             f"{n_runs} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
              "", "## What the runs trained on", "",
              "The paper's claims are about ImageNet (1.2 million training images, 90 epochs); a verdict "
-             "below says what these runs show on their own set-up:", "", *(setups(runs) or ["none"]),
+             "below says what these runs show on their own set-up:", "", *(setup_lines(trained_on) or ["none"]),
              "", "## Claims", "", *main_table(rows), "", "## Verdict rules", "", VERDICT_RULES, "",
              "## Metrics", "", *[f"- `{name}`: {text}" for name, text in METRICS.items()], "",
              "## Detail per metric", "",
@@ -583,12 +592,13 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rows, analysed, out_dir)
     report_path = out_dir / "report.md"
-    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, runs))
+    trained_on = setups(runs)
+    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, len(runs), trained_on))
     # where --log-to-wandb puts the report run: the runs' own project, in their most common group
     logger = next((r.config["logger"] for r in runs if isinstance(r.config.get("logger"), dict)), {})
     experiments = Counter(str(r.record.get("experiment")) for r in runs)
     return {"rows": rows, "problems": problems, "missing": missing, "cost": costs, "plots": plots,
-            "report": report_path, "table": main_table(rows), "setups": setups(runs),
+            "report": report_path, "table": main_table(rows), "setups": trained_on,
             "experiment": experiments.most_common(1)[0][0] if runs else None,
             "wandb_project": (logger.get("entity"), logger.get("project") or "alexlab")}
 
@@ -640,7 +650,7 @@ def log_to_wandb(result: dict, project: str, entity: str | None, group: str, out
     columns = ["claim", "paper says", "measured", "seeds", "verdict"]
     data = [[row_name(r), r["paper_says"], measured_text(r["metrics"][r["metric"]]),
              r["n"], f"{r['verdict']}: {r['reason']}"] for r in result["rows"]]
-    trained_on = [line.removeprefix("- ").rsplit(": ", 1) for line in result["setups"]]
+    trained_on = [[setup, runs_text(n)] for setup, n in result["setups"]]
     run.log({"claims": wandb.Table(columns=columns, data=data),
              "trained_on": wandb.Table(columns=["set-up", "runs"], data=trained_on),
              **{p.stem: wandb.Image(str(p)) for p in result["plots"]}})

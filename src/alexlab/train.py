@@ -29,9 +29,10 @@ from alexlab.data import build_data
 from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError
-from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten
+from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.io import atomic_torch_save
 from alexlab.model import build_model, choose_layer_impls
+from alexlab.tracking import RESULTS_NAME
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STOP_CHECK_STEPS = 10  # data parallel: steps between two checks for a stop signal on any rank
@@ -369,18 +370,17 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     saved = ckpt.get("config")
     if saved is None:  # written before checkpoints kept their config: results.json beside it has it
         try:
-            saved = json.loads((path.parent / "results.json").read_text())["config"]
+            saved = json.loads((path.parent / RESULTS_NAME).read_text())["config"]
         except (OSError, ValueError, KeyError):
             saved = config  # nothing to check against
     old, new = flatten(saved), flatten(config)
-    differing = differing_paths([saved, config])
+    differing = differing_paths([old, new])
+    # what differs once the resumable paths are taken out, as the report takes them out
+    not_resumable = set(differing_paths([flatten(without(c, RESUMABLE_CHANGES)) for c in (saved, config)]))
 
     def change(p: str) -> str:
         return f"{p}: {json.dumps(old.get(p), default=str)} -> {json.dumps(new.get(p), default=str)}"
-
-    def resumable(p: str) -> bool:
-        return any(p == q or p.startswith(f"{q}.") for q in RESUMABLE_CHANGES)
-    refused = [change(p) for p in differing if not resumable(p)]
+    refused = [change(p) for p in differing if p in not_resumable]
     if refused:
         shown = "; ".join(refused[:4]) + (f"; +{len(refused) - 4} more" if len(refused) > 4 else "")
         raise ConfigError(f"{path} was written by a run with another config ({shown}): run this one in another "
@@ -389,7 +389,7 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     if isinstance(epochs, int) and epoch > epochs:  # a bad value is check_config's to refuse
         raise ConfigError(f"{path} has trained {epoch} epochs, more than trainer.epochs={config['trainer']['epochs']}: "
                           "run in another directory, or resume=never to start over here")
-    return [change(p) for p in differing if resumable(p)]
+    return [change(p) for p in differing if p not in not_resumable]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
