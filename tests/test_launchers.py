@@ -1,5 +1,6 @@
 """Launcher presets: they compose, and the local submitit launcher runs real jobs."""
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -51,3 +52,30 @@ def test_process_layout_comes_from_torchrun_or_an_srun_step():
     # The batch script itself (no srun step) is one process, whatever the allocation's task count.
     batch = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
     assert world_from_env(batch) == (World(), {})
+
+
+def test_a_sweep_sbatch_refuses_ends_in_one_line_and_exit_2(tmp_path):
+    # No such partition on any cluster, and without one here sbatch finds no controller: refused either way.
+    proc = run_cli("-m", "hydra/launcher=slurm_1gpu", "hydra.launcher.partition=no_such_partition", "scale=tiny",
+                   "logger=none", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the sweep could not be submitted: sbatch") and "sweep/.submitit/" in last, last
+    assert not list((tmp_path / "sweep").glob("**/results.json"))
+
+
+@requires_fashion
+@pytest.mark.slow
+def test_a_failing_job_ends_the_sweep_in_one_line_and_the_others_finish(tmp_path):
+    proc = run_cli("-m", "hydra/launcher=local", "model.towers=3,1", "scale=tiny", "trainer.epochs=1",
+                   "logger=none", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a job of the sweep failed: model.towers must be 1 or 2, got 3"), last
+    logs = last.split("(its logs: ")[1].split(")")[0]
+    assert "model.towers must be 1 or 2" in "".join(p.read_text() for p in Path(logs).glob("*_log.err"))
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert sorted((r["config"]["model"]["towers"], r["status"]) for r in records) == [(1, "completed"),
+                                                                                      (3, "failed")]

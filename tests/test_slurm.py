@@ -159,7 +159,8 @@ def test_a_failing_array_task_fails_the_sweep_and_keeps_the_others(tmp_path, slu
                    "hydra.sweep.dir=sweep", cwd=tmp_path, env_extra=slurm_env)
     wait_until_idle(slurm_env)
     assert proc.returncode != 0
-    assert "has not produced any output" in proc.stderr or "FAILED" in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a job of the sweep failed: trainer.batch_size"), proc.stderr[-3000:]
     found = records(tmp_path / "sweep")
     by_batch = {r["config"]["trainer"]["batch_size"]: r for r in found.values()}
     assert by_batch[64]["status"] == "completed"
@@ -194,3 +195,12 @@ def test_two_task_ddp_matches_one_process(tmp_path, slurm_env):
         assert record["final"][key] == pytest.approx(reference["final"][key], rel=1e-4), key
     for key in ("train_top1_err", "val_top1_err"):  # at most one image (of 1024 / 512) on the other side
         assert record["final"][key] == pytest.approx(reference["final"][key], abs=0.2), key
+
+
+def test_a_partition_the_cluster_lacks_is_refused_in_one_line(tmp_path, slurm_env):
+    proc = run_cli("-m", *TINY, "logger=none", *SLURM, "hydra.launcher.partition=no_such_partition",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path, env_extra=slurm_env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the sweep could not be submitted: sbatch") and "partition" in last.lower(), last
+    assert "Traceback" not in proc.stderr
