@@ -1,27 +1,55 @@
 """Entry point: `python src/run.py [overrides]`, `python src/run.py -m model.lrn=true,false`."""
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from alexlab.job import run_job
+from alexlab.job import EXIT_BAD_INPUT, BadInput, run_job
+
+log = logging.getLogger("alexlab")
+
+# Hydra's own (basic) launcher runs a sweep's jobs one after another in this process. A job that fails
+# there is noted and the sweep goes on, as under the submitit launchers (one process per job); the
+# failures are listed at the end.
+sweep = {"jobs": 0, "failures": [], "bad_input_only": True}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    sweep = hydra_cfg.sweeper.get("params") or {}
-    if hydra_cfg.mode == RunMode.RUN and sweep:  # e.g. sweeps=lrn without -m: Hydra runs one job and says nothing
+    params = hydra_cfg.sweeper.get("params") or {}
+    if hydra_cfg.mode == RunMode.RUN and params:  # e.g. sweeps=lrn without -m: Hydra runs one job and says nothing
         choices = hydra_cfg.runtime.choices
-        here = {key: choices[key] if key in choices else OmegaConf.select(cfg, key) for key in sweep}
-        logging.getLogger("alexlab").warning(
-            "sweeps=%s is a sweep (%s) and runs as one only with -m; this is one run, at %s",
-            choices.get("sweeps"), "; ".join(f"{key}: {value}" for key, value in sweep.items()),
-            ", ".join(f"{key}={value}" for key, value in here.items()))
-    run_job(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        here = {key: choices[key] if key in choices else OmegaConf.select(cfg, key) for key in params}
+        log.warning("sweeps=%s is a sweep (%s) and runs as one only with -m; this is one run, at %s",
+                    choices.get("sweeps"), "; ".join(f"{key}: {value}" for key, value in params.items()),
+                    ", ".join(f"{key}={value}" for key, value in here.items()))
+    overrides = list(hydra_cfg.overrides.task)
+    in_this_process = (hydra_cfg.mode == RunMode.MULTIRUN
+                       and str(hydra_cfg.launcher.get("_target_", "")).endswith(".BasicLauncher"))
+    if not in_this_process:
+        run_job(cfg, hydra_cfg.runtime.output_dir, overrides)
+        return
+    sweep["jobs"] += 1
+    job = f"#{hydra_cfg.job.num} {' '.join(overrides)}"
+    try:
+        run_job(cfg, hydra_cfg.runtime.output_dir, overrides)
+    except BadInput as err:
+        sweep["failures"].append(f"{job}: {err.reason}")
+    except Exception as err:  # noqa: BLE001 - a crash fails this job, not the sweep; its traceback goes to run.log
+        log.exception("job %s failed", job)
+        sweep["failures"].append(f"{job}: {type(err).__name__}: {err}")
+        sweep["bad_input_only"] = False
 
 
 if __name__ == "__main__":
     main()
+    if sweep["failures"]:
+        print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed ("
+              "each job's results.json says how it ended):", file=sys.stderr)
+        for line in sweep["failures"]:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT if sweep["bad_input_only"] else 1)

@@ -30,6 +30,18 @@ def test_idx_reader_matches_torchvision(tmp_path):
 
 
 @requires_fashion
+@pytest.mark.parametrize("damage", ["cut in half", "bytes overwritten", "empty"])
+def test_a_damaged_idx_file_is_bad_input_naming_the_file(tmp_path, damage):
+    good = (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    bad = {"cut in half": good[:len(good) // 2], "bytes overwritten": good[:20] + bytes(200) + good[220:],
+           "empty": b""}[damage]
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(bad)
+    with pytest.raises(ConfigError, match="t10k-labels-idx1-ubyte.gz"):
+        read_idx(path)
+
+
+@requires_fashion
 def test_fashion_mnist_loads_resized_with_grey_stats(tmp_path):
     cfg = compose_cfg("scale=tiny")
     data = build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path)

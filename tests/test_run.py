@@ -46,6 +46,35 @@ def test_multirun_over_lrn_leaves_two_results(tmp_path):
         assert r["variant"].lower() == f"model.lrn={str(r['config']['model']['lrn']).lower()},scale=tiny,trainer.epochs=1"
 
 
+def by_job_number(sweep) -> dict:
+    return {int(p.parent.name.split("_")[0]): json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+
+
+def test_a_sweep_runs_every_job_when_one_has_bad_input_and_lists_it_at_the_end(tmp_path):
+    proc = run_cli("-m", "model.towers=3,1", "scale=tiny", "trainer.epochs=1", "logger=none",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    records = by_job_number(tmp_path / "sweep")
+    assert (records[0]["status"], records[1]["status"]) == ("failed", "completed")  # job 1 ran after job 0 failed
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "error: 1 of 2 jobs of the sweep failed (each job's results.json says how it ended):",
+        "  #0 model.towers=3 scale=tiny trainer.epochs=1 logger=none: model.towers must be 1 or 2, got 3"]
+
+
+def test_a_job_that_crashes_fails_alone_with_its_traceback_in_its_log(tmp_path):
+    (tmp_path / "a_file").write_text("")  # the cache directory: relative paths, the job directories' names hold them
+    proc = run_cli("-m", "data.cache_dir=a_file,cache", "scale=tiny", "trainer.epochs=1",
+                   "logger=none", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    records = by_job_number(tmp_path / "sweep")
+    assert records[0]["status"] == "failed" and records[0]["error"].startswith("FileExistsError")
+    assert records[1]["status"] == "completed"
+    assert proc.stderr.strip().splitlines()[-1].startswith("  #0 data.cache_dir=a_file ")
+    assert "FileExistsError" in proc.stderr.strip().splitlines()[-1]
+    log = next((tmp_path / "sweep").glob("0_*/run.log")).read_text()
+    assert "Traceback" in log and "FileExistsError" in log
+
+
 def test_a_sweep_without_multirun_says_it_runs_one_job(tmp_path):
     """Hydra runs one job of `sweeps=lrn` without -m and says nothing; the user meant six."""
     proc = run_cli("sweeps=lrn", "scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)

@@ -30,6 +30,14 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 3
 
 
+class BadInput(SystemExit):
+    """Exit status 2 that keeps its one-line reason, for a sweep whose jobs run in one process (run.py)."""
+
+    def __init__(self, reason: str):
+        super().__init__(EXIT_BAD_INPUT)
+        self.reason = reason
+
+
 def resolved_config(cfg: DictConfig) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
@@ -89,7 +97,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         if tracker is not None:
             tracker.finish("failed", error=f"bad input: {err}")
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise BadInput(str(err)) from None
     except Interrupted as err:
         tracker.finish("interrupted", error=str(err))
         print(f"interrupted: {err}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -82,9 +83,12 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise ConfigError(f"{path} cannot be read ({err}): a damaged or partial download? Fetch it again") from err
+    if raw[:2] != b"\x00\x00" or raw[2:3] != b"\x08":
         raise ConfigError(f"{path} is not an IDX uint8 file")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
