@@ -539,13 +539,13 @@ def setup_lines(trained_on: list[tuple[str, int]]) -> list[str]:
     return [f"- {setup}: {runs_text(n)}" for setup, n in trained_on]
 
 
-def markdown(rows, problems, missing, costs, plots, sources, n_runs, trained_on) -> str:
+def markdown(rows, table, problems, missing, costs, plots, sources, n_runs, trained_on) -> str:
     lines = ["# AlexNet claims: report", "",
              f"{n_runs} runs read from: {', '.join(sources)}. Problem runs are listed below and never averaged in.",
              "", "## What the runs trained on", "",
              "The paper's claims are about ImageNet (1.2 million training images, 90 epochs); a verdict "
              "below says what these runs show on their own set-up:", "", *(setup_lines(trained_on) or ["none"]),
-             "", "## Claims", "", *main_table(rows), "", "## Verdict rules", "", VERDICT_RULES, "",
+             "", "## Claims", "", *table, "", "## Verdict rules", "", VERDICT_RULES, "",
              "## Metrics", "", *[f"- `{name}`: {text}" for name, text in METRICS.items()], "",
              "## Detail per metric", "",
              "| claim | ablation | metric | paper | pairs | mean | sd | 95% CI | verdict | notes |",
@@ -592,13 +592,13 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rows, analysed, out_dir)
     report_path = out_dir / "report.md"
-    trained_on = setups(runs)
-    report_path.write_text(markdown(rows, problems, missing, costs, plots, sources, len(runs), trained_on))
+    trained_on, table = setups(runs), main_table(rows)
+    report_path.write_text(markdown(rows, table, problems, missing, costs, plots, sources, len(runs), trained_on))
     # where --log-to-wandb puts the report run: the runs' own project, in their most common group
     logger = next((r.config["logger"] for r in runs if isinstance(r.config.get("logger"), dict)), {})
     experiments = Counter(str(r.record.get("experiment")) for r in runs)
     return {"rows": rows, "problems": problems, "missing": missing, "cost": costs, "plots": plots,
-            "report": report_path, "table": main_table(rows), "setups": trained_on,
+            "report": report_path, "table": table, "setups": trained_on,
             "experiment": experiments.most_common(1)[0][0] if runs else None,
             "wandb_project": (logger.get("entity"), logger.get("project") or "alexlab")}
 
