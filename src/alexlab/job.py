@@ -1,7 +1,8 @@
 """One Hydra job, start to finish: train, and leave a results.json that says how it ended.
 
-Bad input (ConfigError) becomes one line on stderr and exit status 2; any other crash leaves
-status=failed with the error and re-raises; a stop signal leaves status=interrupted (exit 3)
+Bad input (ConfigError) becomes one line on stderr and exit status 2 (raised as BadInput, so a
+sweep run in one process can go on to its next job); any other crash leaves status=failed with the
+error and re-raises; a stop signal leaves status=interrupted (exit 3)
 with a checkpoint that `resume=auto` continues from. Under submitit, the warning signal (USR2) then
 also requeues the job (see `requeue_under_submitit`). With several processes (alexlab.distributed)
 only rank 0 writes results.json and W&B. Before anything is written, the job takes the run
