@@ -1,5 +1,6 @@
 """The report on constructed results.json files whose answers are known without the code: no training."""
 import functools
+import itertools
 import json
 import math
 import subprocess
@@ -9,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose_cfg
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from alexlab.claims import CLAIMS
-from alexlab.report import build_report, comparable_key, run_metrics, t_975
+from alexlab.report import build_report, comparable_key, plot_deltas, run_metrics, t_975
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -355,3 +357,19 @@ def test_log_to_wandb_writes_a_report_run_with_the_table_the_set_ups_and_the_plo
     assert images == sorted(p.stem for p in runs.glob("*.png")) and "deltas" in images
     for image in (run_dir / "files" / "media" / "images").glob("*.png"):
         assert_png(image)
+
+
+def test_the_deltas_plot_labels_do_not_overlap_with_ten_differences_and_one_ratio(tmp_path):
+    """The `all` sweep's shape: ten claims measured in points and relu's ratio on its own panel (with the
+    panels half and half, the ten labels overlapped)."""
+    def row(claim, ablation, metric, mean):
+        return {"claim": claim, "ablation": ablation, "metric": metric,
+                "metrics": {metric: {"mean": mean, "ci_low": mean / 2, "ci_high": mean * 2, "paper_effect": 2.0}}}
+    rows = [row("depth", f"no_overlap_pool_{i}", "val_top1_err", 1.0) for i in range(10)]
+    rows.append(row("relu", "tanh", "steps_to_25_train_err", 3.0))
+    fig = plot_deltas(rows, tmp_path / "deltas.png")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [label.get_window_extent(renderer) for ax in fig.axes for label in ax.get_xticklabels()]
+    assert len(boxes) == 11
+    assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+    assert_png(tmp_path / "deltas.png")

@@ -430,13 +430,15 @@ def plot_curves(claim: str, variants: dict[str, list[Run]], path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-def plot_deltas(rows: list[dict], path: Path) -> None:
+def plot_deltas(rows: list[dict], path: Path) -> Figure:
     """Measured primary effect with its CI beside the paper's number; ratios on their own log panel."""
     measured = [r for r in rows if r["metrics"][r["metric"]]["mean"] is not None]
     panels = [p for p in ([r for r in measured if not is_ratio(r["metric"])],
                           [r for r in measured if is_ratio(r["metric"])]) if p]
     fig = Figure(figsize=(4 + 1.2 * len(measured), 4))
-    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    # each panel as wide as its bars need: with equal halves, ten labels crowded into one half and overlapped
+    widths = [max(len(panel), 2) for panel in panels]
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0], panels):
         ratio = is_ratio(panel[0]["metric"])
         base = 1.0 if ratio else 0.0
         x = np.arange(len(panel))
@@ -456,6 +458,7 @@ def plot_deltas(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
 
 
 def plot_relu_fig1(variants: dict[str, list[Run]], path: Path) -> None:
