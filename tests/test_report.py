@@ -373,3 +373,23 @@ def test_the_deltas_plot_labels_do_not_overlap_with_ten_differences_and_one_rati
     assert len(boxes) == 11
     assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
     assert_png(tmp_path / "deltas.png")
+
+
+def test_a_claim_that_cannot_be_judged_says_which_side_has_runs(tmp_path):
+    for seed in (0, 1):  # an lrn ablation launched with one epoch more than its baselines, and all single-crop
+        paper, no_lrn = make_config("all", "paper", seed), make_config("all", "no_lrn", seed)
+        no_lrn["trainer"]["epochs"] += 1
+        for name, config in (("paper", paper), ("no_lrn", no_lrn)):
+            config["eval"]["ten_crop"] = False
+            write_run(tmp_path, f"{seed}_{name}", config, 30.0)
+    result = build_report([tmp_path], tmp_path)
+    assert [row(result, c, a)["verdict"] for c, a in [("lrn", "no_lrn"), ("towers", "one_tower"),
+                                                      ("ten_crop", "single_crop")]] == ["not run"] * 3
+    assert row(result, "lrn", "no_lrn")["reason"] == (
+        "the 2 runs with model.lrn=false and the 2 runs with the paper's model.lrn=true differ in more than "
+        "the claim's factor and the seed: no pairs")
+    assert row(result, "towers", "one_tower")["reason"] == (
+        "no runs with model.towers=1 beside the 4 runs with the paper's model.towers=2")
+    assert row(result, "ten_crop", "single_crop")["reason"] == (
+        "4 runs with eval.ten_crop=false, but none with the paper's eval.ten_crop=true in the same set-up to pair "
+        "them with")

@@ -253,11 +253,28 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
     # show up as a missing pair.
     relevant = [c for c in contexts.values()
                 if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
-    if len(relevant) <= 1:
+    if not relevant:
+        found = {side: sum(len(c[side]) for c in contexts.values()) for side in sides}
+        return [judge_pairs(claim, ablation, [], not_run=not_run_reason(claim, ablation, found))]
+    if len(relevant) == 1:
         return [judge_pairs(claim, ablation, relevant)]
     labels = setup_labels([experiment_config((c["paper"] + c["ablated"])[0].config, claim, ignore=("seed",))
                            for c in relevant])
     return [judge_pairs(claim, ablation, [context], label) for context, label in zip(relevant, labels)]
+
+
+def not_run_reason(claim: Claim, ablation: str, found: dict) -> str:
+    """Why a claim's ablation has no set-up to judge, from how many runs each side had."""
+    ablated = f"{claim.factor}={json.dumps(claim.ablations[ablation])}"
+    paper = f"the paper's {claim.factor}={json.dumps(claim.paper_value)}"
+    if found["ablated"] and found["paper"]:
+        return (f"the {runs_text(found['ablated'])} with {ablated} and the {runs_text(found['paper'])} with {paper} "
+                "differ in more than the claim's factor and the seed: no pairs")
+    if found["ablated"]:
+        return f"{runs_text(found['ablated'])} with {ablated}, but none with {paper} in the same set-up to pair them with"
+    if found["paper"]:
+        return f"no runs with {ablated} beside the {runs_text(found['paper'])} with {paper}"
+    return f"no runs with {ablated}, nor with {paper}"
 
 
 def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
@@ -269,9 +286,10 @@ def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
     return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
 
 
-def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | None = None) -> dict:
-    """One row: the paper's and the ablated runs of one set-up (or of none: not run), paired per seed,
-    and the verdict."""
+def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | None = None,
+                not_run: str = "") -> dict:
+    """One row: the paper's and the ablated runs of one set-up (or of none: not run, for the reason
+    `not_run`), paired per seed, and the verdict."""
     primary = next(iter(claim.effects))
     pairs, missing, used, tuned = [], [], [], []
     for context in relevant:
@@ -296,8 +314,7 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
            "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
     if not relevant:
-        row["verdict"], row["reason"] = "not run", (
-            f"no runs with {claim.factor}={json.dumps(claim.ablations[ablation])} beside paper runs to pair them with")
+        row["verdict"], row["reason"] = "not run", not_run
     elif not pairs:
         row["verdict"], row["reason"] = "inconclusive", "no completed pair (see the missing pairs)"
     else:
