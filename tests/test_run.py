@@ -61,6 +61,18 @@ def test_a_sweep_runs_every_job_when_one_has_bad_input_and_lists_it_at_the_end(t
         "  #0 model.towers=3 scale=tiny trainer.epochs=1 logger=none: model.towers must be 1 or 2, got 3"]
 
 
+def test_the_same_sweep_again_in_its_directory_trains_nothing_twice(tmp_path):
+    args = ["-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none", "hydra.sweep.dir=sweep"]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    first = by_job_number(tmp_path / "sweep")
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = by_job_number(tmp_path / "sweep")
+    for job in (0, 1):
+        assert again[job]["status"] == "completed" and again[job]["history"] == first[job]["history"]
+        assert again[job]["notes"][-1].startswith("resumed from ") and again[job]["notes"][-1].endswith(" at epoch 1 step 0")
+
+
 def test_a_job_that_crashes_fails_alone_with_its_traceback_in_its_log(tmp_path):
     (tmp_path / "a_file").write_text("")  # the cache directory: relative paths, the job directories' names hold them
     proc = run_cli("-m", "data.cache_dir=a_file,cache", "scale=tiny", "trainer.epochs=1",
