@@ -1,7 +1,7 @@
 """Hydra's submitit launchers (conf/hydra/launcher/), with one change: a sweep that sbatch refuses,
 or one of whose jobs fails, ends with one `error: ...` line instead of a traceback through Hydra and
 submitit. Exit status 2 when nothing could be submitted (bad site settings, no SLURM controller),
-1 when a job failed. Jobs already submitted run on either way, each writing its own results.json.
+1 when a job failed (the sweep's other jobs run on, each writing its own results.json).
 (Hydra takes launchers only from the hydra_plugins namespace, hence this file's place.)
 """
 import re
