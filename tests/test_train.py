@@ -1,7 +1,10 @@
 """Pieces of the training loop that need no dataset."""
+import pytest
 import torch
 
-from alexlab.train import dropout_seed
+from alexlab.errors import ConfigError
+from alexlab.train import check_config, dropout_seed
+from conftest import compose_cfg
 
 
 def test_dropout_masks_follow_the_position_and_differ_by_rank():
@@ -15,3 +18,30 @@ def test_dropout_masks_follow_the_position_and_differ_by_rank():
     assert torch.equal(mask(0, 1, 2, 0), reference)
     for other in ((0, 1, 2, 1), (0, 1, 3, 0), (0, 2, 2, 0), (1, 1, 2, 0)):
         assert not torch.equal(mask(*other), reference), other
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.train_subset=-5", "data.train_subset must be a positive integer or null (all), got -5"),
+    ("data.val_subset=0", "data.val_subset must be a positive integer or null (all), got 0"),
+    ("data.stats_images=-1", "data.stats_images must be a positive integer or null (all), got -1"),
+    ("optim.momentum=-1", "optim.momentum must be a number in [0, 1), got -1"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
+    ("optim.lr=abc", "optim.lr must be a positive number, got 'abc'"),
+    ("optim.factor=2", "optim.factor must be a number in (0, 1), got 2"),
+    ("optim.step_epochs=0", "optim.step_epochs must be a positive integer, got 0"),
+    ("optim.patience=-1", "optim.patience must be an integer >= 0, got -1"),
+    ("data.pca_sigma=-0.1", "data.pca_sigma must be a number >= 0, got -0.1"),
+    ("trainer.log_every_steps=-1", "trainer.log_every_steps must be an integer >= 0, got -1"),
+    ("trainer.threads=two", "trainer.threads must be an integer >= 0, got 'two'"),
+])
+def test_numbers_out_of_range_are_bad_input(override, message):
+    """Each of these trained before (a subset of -5 took all but five images) or ended in a torch traceback."""
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_cfg("scale=tiny", override))
+    assert str(err.value) == message
+
+
+def test_the_presets_pass_the_config_check():
+    for overrides in [(), ("scale=tiny",), ("scale=proxy",), ("scale=imagenet",), ("model=alexnet_tv", "data=imagenet"),
+                      ("data=synthetic",), ("optim.schedule=step",), ("sweeps=relu",), ("sweeps=all",)]:
+        check_config(compose_cfg(*overrides))

@@ -69,16 +69,39 @@ class StopFlag:
             signal.signal(s, handler)
 
 
+def _integer(key: str, value, least: int, null_means: str = "") -> None:
+    if value is None and null_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ConfigError(f"{key} must be {wanted}{f' or null ({null_means})' if null_means else ''}, got {value!r}")
+
+
+def _number(key: str, value, wanted: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+
+
 def check_config(cfg) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     for key in ("batch_size", "epochs"):
-        value = cfg.trainer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"trainer.{key} must be a positive integer, got {value!r}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr!r}")
+        _integer(f"trainer.{key}", cfg.trainer[key], 1)
+    for key in ("threads", "log_every_steps"):  # 0: torch's default, per epoch only
+        _integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
+    # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
+    for key in ("train_subset", "val_subset", "stats_images"):
+        _integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
+    optim = cfg.optim
+    _number("optim.lr", optim.lr, "a positive number", lambda v: v > 0)
+    _number("optim.momentum", optim.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    _number("optim.weight_decay", optim.weight_decay, "a number >= 0", lambda v: v >= 0)
+    _number("optim.factor", optim.factor, "a number in (0, 1)", lambda v: 0 < v < 1)
+    _integer("optim.patience", optim.patience, 0)
+    _integer("optim.max_reductions", optim.max_reductions, 0)
+    _integer("optim.step_epochs", optim.step_epochs, 1)
+    _number("data.pca_sigma", cfg.data.get("pca_sigma", 0.0), "a number >= 0", lambda v: v >= 0)
     if cfg.optim.schedule not in ("plateau", "step"):
         raise ConfigError(f"optim.schedule must be plateau or step, got {cfg.optim.schedule!r}")
     if cfg.resume not in ("auto", "never"):
@@ -93,9 +116,7 @@ def check_config(cfg) -> None:
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
-    workers = cfg.data.get("workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"data.workers must be an integer >= 0, got {workers!r}")
+    _integer("data.workers", cfg.data.get("workers", 0), 0)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
