@@ -196,7 +196,9 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"grouped_conv": "native/dense"}, "forward/input_grad/weight_grad"),  # a way for each of three
     ({"grouped_conv": "native/dense/native_nchw"}, "forward/input_grad/weight_grad"),
     ({"conv1_impl": "dense"}, "model.conv1_impl must be one of"),
-    ({"lrn": "yes"}, "model.lrn and model.overlap_pool must be true or false"),
+    ({"lrn": "yes"}, "model.lrn must be true or false, got 'yes'"),
+    ({"overlap_pool": 1}, "model.overlap_pool must be true or false, got 1"),
+    ({"dropout_before_fc": "maybe"}, "model.dropout_before_fc must be true or false, got 'maybe'"),
     ({"pool_in_lrn": "inside"}, "model.pool_in_lrn must be auto, true or false, got 'inside'"),
     ({"pool_in_lrn": 1}, "model.pool_in_lrn must be auto, true or false, got 1"),
 ])

@@ -31,6 +31,8 @@ def test_dropout_masks_follow_the_position_and_differ_by_rank():
     ("optim.step_epochs=0", "optim.step_epochs must be a positive integer, got 0"),
     ("optim.patience=-1", "optim.patience must be an integer >= 0, got -1"),
     ("data.pca_sigma=-0.1", "data.pca_sigma must be a number >= 0, got -0.1"),
+    ("data.pixel_scale=abc", "data.pixel_scale must be a positive number, got 'abc'"),
+    ("data.pixel_scale=-1", "data.pixel_scale must be a positive number, got -1"),
     ("trainer.log_every_steps=-1", "trainer.log_every_steps must be an integer >= 0, got -1"),
     ("trainer.threads=two", "trainer.threads must be an integer >= 0, got 'two'"),
 ])

@@ -69,8 +69,10 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
     if cfg.get("lrn_alpha") not in ALPHA_MODES:
         raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
-    if not all(isinstance(cfg.get(key), bool) for key in ("lrn", "overlap_pool")):
-        raise ConfigError("model.lrn and model.overlap_pool must be true or false")
+    for key, value in (("lrn", cfg.get("lrn")), ("overlap_pool", cfg.get("overlap_pool")),
+                       ("dropout_before_fc", cfg.get("dropout_before_fc", False))):  # "maybe" would count as true
+        if not isinstance(value, bool):
+            raise ConfigError(f"model.{key} must be true or false, got {value!r}")
     pool_in_lrn = cfg.get("pool_in_lrn", "auto")  # a speed switch: absent in older configs
     if not (isinstance(pool_in_lrn, bool) or pool_in_lrn == "auto"):
         raise ConfigError(f"model.pool_in_lrn must be auto, true or false, got {cfg.get('pool_in_lrn')!r}")

@@ -102,6 +102,7 @@ def check_config(cfg) -> None:
     _integer("optim.max_reductions", optim.max_reductions, 0)
     _integer("optim.step_epochs", optim.step_epochs, 1)
     _number("data.pca_sigma", cfg.data.get("pca_sigma", 0.0), "a number >= 0", lambda v: v >= 0)
+    _number("data.pixel_scale", cfg.data.get("pixel_scale", 1.0), "a positive number", lambda v: v > 0)
     if cfg.optim.schedule not in ("plateau", "step"):
         raise ConfigError(f"optim.schedule must be plateau or step, got {cfg.optim.schedule!r}")
     if cfg.resume not in ("auto", "never"):
