@@ -21,6 +21,9 @@ def test_dropout_masks_follow_the_position_and_differ_by_rank():
 
 
 @pytest.mark.parametrize("override,message", [
+    ("model.input_size=abc", "model.input_size must be a positive integer, got 'abc'"),
+    ("data.image_size=abc", "data.image_size must be a positive integer, got 'abc'"),
+    ("data.channels=0", "data.channels must be a positive integer, got 0"),
     ("data.train_subset=-5", "data.train_subset must be a positive integer or null (all), got -5"),
     ("data.val_subset=0", "data.val_subset must be a positive integer or null (all), got 0"),
     ("data.stats_images=-1", "data.stats_images must be a positive integer or null (all), got -1"),

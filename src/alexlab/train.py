@@ -90,6 +90,9 @@ def check_config(cfg) -> None:
         _integer(f"trainer.{key}", cfg.trainer[key], 1)
     for key in ("threads", "log_every_steps"):  # 0: torch's default, per epoch only
         _integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
+    _integer("model.input_size", cfg.model.get("input_size"), 1)
+    for key in ("image_size", "channels"):
+        _integer(f"data.{key}", cfg.data.get(key), 1)
     # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
     for key in ("train_subset", "val_subset", "stats_images"):
         _integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
