@@ -42,6 +42,13 @@ def test_a_damaged_idx_file_is_bad_input_naming_the_file(tmp_path, damage):
 
 
 @requires_fashion
+def test_colour_channels_asked_of_grey_data_is_bad_input(tmp_path):
+    cfg = compose_cfg("scale=tiny", "data.channels=3")  # conv1 would be built for 3 channels and fail at the first step
+    with pytest.raises(ConfigError, match=r"data.channels=3, but fashion_mnist's images have 1 channel\(s\)"):
+        build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path)
+
+
+@requires_fashion
 def test_fashion_mnist_loads_resized_with_grey_stats(tmp_path):
     cfg = compose_cfg("scale=tiny")
     data = build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path)
