@@ -14,7 +14,7 @@ log = logging.getLogger("alexlab")
 # Hydra's own (basic) launcher runs a sweep's jobs one after another in this process. A job that fails
 # there is noted and the sweep goes on, as under the submitit launchers (one process per job); the
 # failures are listed at the end.
-sweep = {"jobs": 0, "failures": [], "bad_input_only": True}
+sweep = {"jobs": 0, "failures": []}  # failures: (line, crashed)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -38,11 +38,10 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg, hydra_cfg.runtime.output_dir, overrides)
     except BadInput as err:
-        sweep["failures"].append(f"{job}: {err.reason}")
+        sweep["failures"].append((f"{job}: {err.reason}", False))
     except Exception as err:  # noqa: BLE001 - a crash fails this job, not the sweep; its traceback goes to run.log
         log.exception("job %s failed", job)
-        sweep["failures"].append(f"{job}: {type(err).__name__}: {err}")
-        sweep["bad_input_only"] = False
+        sweep["failures"].append((f"{job}: {type(err).__name__}: {err}", True))
 
 
 if __name__ == "__main__":
@@ -50,6 +49,6 @@ if __name__ == "__main__":
     if sweep["failures"]:
         print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed ("
               "each job's results.json says how it ended):", file=sys.stderr)
-        for line in sweep["failures"]:
+        for line, _ in sweep["failures"]:
             print(f"  {line}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT if sweep["bad_input_only"] else 1)
+        sys.exit(1 if any(crashed for _, crashed in sweep["failures"]) else EXIT_BAD_INPUT)

@@ -160,6 +160,11 @@ def test_layout_labels_and_odd_file_notes(prepared):
     assert len(some.train) == 5 and set(some.train.samples) <= set(data.train.samples)
 
 
+def test_a_channel_count_the_photos_lack_is_bad_input(prepared):
+    with pytest.raises(ConfigError, match=r"data.channels=1, but imagenet's images have 3 channel\(s\)"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.channels=1"), 27, torch.device("cpu"), None)
+
+
 def test_each_image_is_the_centre_square_of_the_photo_resized_by_pil(prepared):
     data = build_data(data_cfg(prepared, "data.on_bad_file=skip"), 27, torch.device("cpu"), None)
     for path, _ in data.train.samples:

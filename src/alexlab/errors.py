@@ -1,5 +1,22 @@
-"""One exception type for bad user input: the entry points turn it into one clear line and exit 2."""
+"""One exception type for bad user input: the entry points turn it into one clear line and exit 2.
+The checks every config key shares (an integer in range, a number in range) live here too."""
 
 
 class ConfigError(ValueError):
     pass
+
+
+def require_integer(key: str, value, least: int, most: int | None = None, null_means: str = "") -> None:
+    """value is an int (not a bool) from least to most; None too where null_means says what null means."""
+    if value is None and null_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
+        wanted = (f"an integer from {least} to {most}" if most is not None
+                  else "a positive integer" if least == 1 else f"an integer >= {least}")
+        raise ConfigError(f"{key} must be {wanted}{f' or null ({null_means})' if null_means else ''}, got {value!r}")
+
+
+def require_number(key: str, value, wanted: str, ok) -> None:
+    """value is an int or float (not a bool) for which ok(value) holds; `wanted` says which, for the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
 from alexlab.timing import seconds_per_call
 
@@ -76,19 +76,14 @@ def _check(cfg: dict) -> None:
     pool_in_lrn = cfg.get("pool_in_lrn", "auto")  # a speed switch: absent in older configs
     if not (isinstance(pool_in_lrn, bool) or pool_in_lrn == "auto"):
         raise ConfigError(f"model.pool_in_lrn must be auto, true or false, got {cfg.get('pool_in_lrn')!r}")
-    dropout = cfg.get("dropout")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    require_number("model.dropout", cfg.get("dropout"), "a number in [0, 1)", lambda v: 0 <= v < 1)
     if cfg.get("lrn_impl", "auto") not in LRN_IMPLEMENTATIONS:
         raise ConfigError(f"model.lrn_impl must be one of {list(LRN_IMPLEMENTATIONS)}, got {cfg.get('lrn_impl')!r}")
     lrn = cfg.get("lrn_params") or {}
-    size = lrn.get("size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"model.lrn_params.size must be a positive integer, got {size!r}")
-    for key, positive in (("alpha", False), ("beta", False), ("k", True)):  # k > 0: the denominator's base
-        value = lrn.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
-            raise ConfigError(f"model.lrn_params.{key} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
+    require_integer("model.lrn_params.size", lrn.get("size"), 1)
+    for key in ("alpha", "beta"):
+        require_number(f"model.lrn_params.{key}", lrn.get(key), "a number >= 0", lambda v: v >= 0)
+    require_number("model.lrn_params.k", lrn.get("k"), "a number > 0", lambda v: v > 0)  # the denominator's base
     if not is_tower_impl(cfg.get("grouped_conv", "auto")):
         raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, or one of "
                           f"{list(DIRECTION_IMPLS)} per direction as forward/input_grad/weight_grad "

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from alexlab.data import build_data
 from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.io import atomic_torch_save
 from alexlab.model import build_model, choose_layer_impls
@@ -69,43 +69,30 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def _integer(key: str, value, least: int, null_means: str = "") -> None:
-    if value is None and null_means:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
-        raise ConfigError(f"{key} must be {wanted}{f' or null ({null_means})' if null_means else ''}, got {value!r}")
-
-
-def _number(key: str, value, wanted: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
-
-
 def check_config(cfg) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     for key in ("batch_size", "epochs"):
-        _integer(f"trainer.{key}", cfg.trainer[key], 1)
+        require_integer(f"trainer.{key}", cfg.trainer[key], 1)
     for key in ("threads", "log_every_steps"):  # 0: torch's default, per epoch only
-        _integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
-    _integer("model.input_size", cfg.model.get("input_size"), 1)
+        require_integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
+    require_integer("model.input_size", cfg.model.get("input_size"), 1)
     for key in ("image_size", "channels"):
-        _integer(f"data.{key}", cfg.data.get(key), 1)
+        require_integer(f"data.{key}", cfg.data.get(key), 1)
     # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
     for key in ("train_subset", "val_subset", "stats_images"):
-        _integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
+        require_integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
     optim = cfg.optim
-    _number("optim.lr", optim.lr, "a positive number", lambda v: v > 0)
-    _number("optim.momentum", optim.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
-    _number("optim.weight_decay", optim.weight_decay, "a number >= 0", lambda v: v >= 0)
-    _number("optim.factor", optim.factor, "a number in (0, 1)", lambda v: 0 < v < 1)
-    _integer("optim.patience", optim.patience, 0)
-    _integer("optim.max_reductions", optim.max_reductions, 0)
-    _integer("optim.step_epochs", optim.step_epochs, 1)
-    _number("data.pca_sigma", cfg.data.get("pca_sigma", 0.0), "a number >= 0", lambda v: v >= 0)
-    _number("data.pixel_scale", cfg.data.get("pixel_scale", 1.0), "a positive number", lambda v: v > 0)
+    require_number("optim.lr", optim.lr, "a positive number", lambda v: v > 0)
+    require_number("optim.momentum", optim.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    require_number("optim.weight_decay", optim.weight_decay, "a number >= 0", lambda v: v >= 0)
+    require_number("optim.factor", optim.factor, "a number in (0, 1)", lambda v: 0 < v < 1)
+    require_integer("optim.patience", optim.patience, 0)
+    require_integer("optim.max_reductions", optim.max_reductions, 0)
+    require_integer("optim.step_epochs", optim.step_epochs, 1)
+    require_number("data.pca_sigma", cfg.data.get("pca_sigma", 0.0), "a number >= 0", lambda v: v >= 0)
+    require_number("data.pixel_scale", cfg.data.get("pixel_scale", 1.0), "a positive number", lambda v: v > 0)
     if cfg.optim.schedule not in ("plateau", "step"):
         raise ConfigError(f"optim.schedule must be plateau or step, got {cfg.optim.schedule!r}")
     if cfg.resume not in ("auto", "never"):
@@ -120,7 +107,7 @@ def check_config(cfg) -> None:
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
-    _integer("data.workers", cfg.data.get("workers", 0), 0)
+    require_integer("data.workers", cfg.data.get("workers", 0), 0)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 

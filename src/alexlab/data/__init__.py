@@ -41,6 +41,9 @@ def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str |
     else:
         train, val, num_classes = load_in_memory(data_cfg)
         stats, stats_path = pixel_stats(data_cfg, train, cache_dir)
+    channels = stats.mean_image.shape[0]  # the data's, ImageNet's included
+    if channels != data_cfg.channels:  # the model's conv1 is built for data.channels
+        raise ConfigError(f"data.channels={data_cfg.channels}, but {data_cfg.name}'s images have {channels} channel(s)")
     mean = data_cfg.get("mean", "image")
     if mean == "channel":  # one mean per colour channel instead of the paper's mean image
         stats = PixelStats(stats.mean_image.mean((1, 2), keepdim=True), stats.eigval, stats.eigvec)

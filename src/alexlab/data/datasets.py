@@ -169,9 +169,6 @@ def _subset(images, labels, n):
 def load_in_memory(cfg) -> tuple[TensorSource, TensorSource, int]:
     loaders = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "synthetic": load_synthetic}
     splits, num_classes = loaders[cfg.name](cfg)
-    channels = splits["train"][0].shape[1]
-    if channels != cfg.channels:  # the model's conv1 is built for data.channels
-        raise ConfigError(f"data.channels={cfg.channels}, but {cfg.name}'s images have {channels} channel(s)")
     size = int(cfg.image_size)
     train = _subset(*splits["train"], cfg.get("train_subset"))
     val = _subset(*splits["val"], cfg.get("val_subset"))

@@ -49,7 +49,7 @@ import torch
 from alexlab.data.augment import PixelStats, StatsAccumulator
 from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, resize_square, subset_positions,
                                    use_file_system_sharing)
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.io import atomic_torch_save, atomic_write_bytes
 
 log = logging.getLogger("alexlab")
@@ -518,9 +518,7 @@ def check_options(cfg) -> None:
         raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
     check_resized_options(cfg)
     for name in ("cpu_decode_share", "hw_decoder_load"):
-        share = cfg.get(name, 0.0)
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise ConfigError(f"data.{name} must be a number from 0 to 1, got {share!r}")
+        require_number(f"data.{name}", cfg.get(name, 0.0), "a number from 0 to 1", lambda v: 0 <= v <= 1)
     if cfg.get("jpeg_decoder", "torchvision") not in ("torchvision", "nvimgcodec"):
         raise ConfigError(f"data.jpeg_decoder must be torchvision or nvimgcodec, got {cfg.get('jpeg_decoder')!r}")
 
@@ -541,11 +539,9 @@ def resized_dir(out: Path, cfg) -> Path:
 
 
 def check_resized_options(cfg) -> None:
-    quality = cfg.get("resized_quality", 95)
     if not isinstance(cfg.get("resized_jpegs", False), bool):
         raise ConfigError(f"data.resized_jpegs must be true or false, got {cfg.get('resized_jpegs')!r}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ConfigError(f"data.resized_quality must be an integer from 1 to 100, got {quality!r}")
+    require_integer("data.resized_quality", cfg.get("resized_quality", 95), 1, most=100)
 
 
 def write_jpeg(image: torch.Tensor, target: Path, quality: int) -> None:
