@@ -190,3 +190,13 @@ def test_cached_stats_follow_the_pixels_not_only_the_options(tmp_path):
     again, again_path = pixel_stats(cfg, TensorSource(images, labels), tmp_path)
     assert again_path == first_path and torch.equal(again.mean_image, first.mean_image)
     assert len(list(tmp_path.glob("stats-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_cache_dir_that_cannot_be_a_directory_is_bad_input_before_the_statistics(tmp_path, where):
+    (tmp_path / "a_file").write_text("")
+    cache_dir = tmp_path / "a_file" if where == "a file" else tmp_path / "a_file" / "cache"
+    cfg = compose_cfg("data=synthetic", "data.train_size=64", "data.val_size=32")
+    with pytest.raises(ConfigError, match=f"data.cache_dir={cache_dir} cannot hold the pixel statistics"):
+        build_data(cfg.data, 27, torch.device("cpu"), cache_dir)
+    assert build_data(cfg.data, 27, torch.device("cpu"), None).stats_path is None  # null: nothing cached

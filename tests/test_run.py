@@ -74,17 +74,41 @@ def test_the_same_sweep_again_in_its_directory_trains_nothing_twice(tmp_path):
 
 
 def test_a_job_that_crashes_fails_alone_with_its_traceback_in_its_log(tmp_path):
-    (tmp_path / "a_file").write_text("")  # the cache directory: relative paths, the job directories' names hold them
-    proc = run_cli("-m", "data.cache_dir=a_file,cache", "scale=tiny", "trainer.epochs=1",
-                   "logger=none", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    # job 0's checkpoint cannot be written: a directory holds its name (not a config error, a crash)
+    (tmp_path / "sweep" / "0" / "checkpoint.pt").mkdir(parents=True)
+    proc = run_cli("-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none",
+                   "hydra.sweep.dir=sweep", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    records = by_job_number(tmp_path / "sweep")
-    assert records[0]["status"] == "failed" and records[0]["error"].startswith("FileExistsError")
+    records = {job: results(tmp_path / "sweep" / str(job)) for job in (0, 1)}
+    assert records[0]["status"] == "failed" and records[0]["error"].startswith("IsADirectoryError")
     assert records[1]["status"] == "completed"
-    assert proc.stderr.strip().splitlines()[-1].startswith("  #0 data.cache_dir=a_file ")
-    assert "FileExistsError" in proc.stderr.strip().splitlines()[-1]
-    log = next((tmp_path / "sweep").glob("0_*/run.log")).read_text()
-    assert "Traceback" in log and "FileExistsError" in log
+    assert proc.stderr.strip().splitlines()[-1].startswith("  #0 model.lrn=True ")  # as Hydra writes the value back
+    assert "IsADirectoryError" in proc.stderr.strip().splitlines()[-1]
+    log = (tmp_path / "sweep" / "0" / "run.log").read_text()
+    assert "Traceback" in log and "IsADirectoryError" in log
+
+
+def test_a_damaged_checkpoint_is_refused_and_left_as_it_was(tmp_path):
+    """A partial copy, or another tool's file, where a checkpoint would be resumed from: one line, exit 2,
+    the file untouched; resume=never starts over."""
+    import torch
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    for content, error in ((b"PK\x03\x04 cut short", "RuntimeError"), ({"model": {}}, "KeyError")):
+        if isinstance(content, bytes):
+            checkpoint.write_bytes(content)
+        else:
+            torch.save(content, checkpoint)
+        before = checkpoint.read_bytes()
+        proc = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: {checkpoint} is damaged or not a checkpoint of this tool ({error} on reading it): "
+            "move it away, or resume=never to start over here")
+        assert "Traceback" not in proc.stderr and checkpoint.read_bytes() == before
+    fresh = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "resume=never", "hydra.run.dir=run", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert results(tmp_path / "run")["status"] == "completed"
 
 
 def test_a_sweep_without_multirun_says_it_runs_one_job(tmp_path):

@@ -378,8 +378,12 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     path = Path(run_dir) / CHECKPOINT_NAME
     if config.get("resume") != "auto" or not path.is_file():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
-    saved = ckpt.get("config")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
+        saved, epoch = ckpt.get("config"), int(ckpt["state"]["epoch"])
+    except Exception as err:  # noqa: BLE001 - torch.load's errors vary with the damage, and say little
+        raise ConfigError(f"{path} is damaged or not a checkpoint of this tool ({type(err).__name__} on reading it): "
+                          "move it away, or resume=never to start over here") from err
     if saved is None:  # written before checkpoints kept their config: results.json beside it has it
         try:
             saved = json.loads((path.parent / RESULTS_NAME).read_text())["config"]
@@ -397,7 +401,7 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
         shown = "; ".join(refused[:4]) + (f"; +{len(refused) - 4} more" if len(refused) > 4 else "")
         raise ConfigError(f"{path} was written by a run with another config ({shown}): run this one in another "
                           "directory, repeat the same command to resume that one, or resume=never to start over here")
-    epoch, epochs = int(ckpt["state"]["epoch"]), config["trainer"]["epochs"]
+    epochs = config["trainer"]["epochs"]
     if isinstance(epochs, int) and epoch > epochs:  # a bad value is check_config's to refuse
         raise ConfigError(f"{path} has trained {epoch} epochs, more than trainer.epochs={config['trainer']['epochs']}: "
                           "run in another directory, or resume=never to start over here")

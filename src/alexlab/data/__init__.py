@@ -70,6 +70,15 @@ def pixel_stats(data_cfg, train, cache_dir) -> tuple[PixelStats, Path | None]:
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         return PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"]), path
+    if path is not None:  # said before the statistics are computed, not after
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            problem = None if os.access(path.parent, os.W_OK) else "not writable"
+        except OSError as err:
+            problem = f"{type(err).__name__}: {err.strerror}"
+        if problem:
+            raise ConfigError(f"data.cache_dir={cache_dir} cannot hold the pixel statistics ({problem}): name a "
+                              "directory this run can write to, or data.cache_dir=null to keep none")
     acc = StatsAccumulator()
     n = len(train)
     limit = data_cfg.get("stats_images")
