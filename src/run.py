@@ -48,7 +48,7 @@ if __name__ == "__main__":
     main()
     if sweep["failures"]:
         print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed ("
-              "each job's results.json says how it ended):", file=sys.stderr)
+              "their run.log files in the sweep directory say more):", file=sys.stderr)
         for line, _ in sweep["failures"]:
             print(f"  {line}", file=sys.stderr)
         sys.exit(1 if any(crashed for _, crashed in sweep["failures"]) else EXIT_BAD_INPUT)
