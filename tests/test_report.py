@@ -393,3 +393,53 @@ def test_a_claim_that_cannot_be_judged_says_which_side_has_runs(tmp_path):
     assert row(result, "ten_crop", "single_crop")["reason"] == (
         "4 runs with eval.ten_crop=false, but none with the paper's eval.ten_crop=true in the same set-up to pair "
         "them with")
+
+
+def with_centre_patch(run_dir: Path, points_worse: float) -> None:
+    """Add what a ten-patch test records beside its own (alexlab.train.evaluate): the centre patch's errors."""
+    record = json.loads((run_dir / "results.json").read_text())
+    for m in record["history"]:
+        m.update(val_centre_loss=m["val_loss"] + 0.1, val_centre_top1_err=m["val_top1_err"] + points_worse,
+                 val_centre_top5_err=m["val_top5_err"] + points_worse / 2)
+    record["final"] = record["history"][-1]
+    (run_dir / "results.json").write_text(json.dumps(record))
+
+
+def test_the_ten_crop_claim_reads_the_single_crop_side_from_the_ten_patch_runs(tmp_path):
+    """Testing on one patch changes no training: each ten-patch run's centre patch is its single-crop
+    side. A separately trained single-crop run of a seed (older sweeps did that) is used where there is one."""
+    diffs = {0: 1.0, 1: 2.0, 2: 1.5}
+    for seed, diff in diffs.items():
+        paper = write_run(tmp_path / "new", f"{seed}_ablation=paper,seed={seed}", make_config("ten_crop", "paper", seed),
+                          30.0 + seed)
+        with_centre_patch(paper, diff)
+    write_run(tmp_path / "new", "3_ablation=single_crop,seed=0", make_config("ten_crop", "single_crop", 0), 35.0)
+    result = build_report([tmp_path / "new"], tmp_path / "report")
+    ten_crop = row(result, "ten_crop", "single_crop")
+    assert ten_crop["n"] == 3
+    # seed 0: the trained single-crop run (35 against 30); seeds 1, 2: their paper runs' centre patches
+    expected = [5.0, diffs[1], diffs[2]]
+    assert ten_crop["metrics"]["val_top1_err"]["mean"] == pytest.approx(np.mean(expected))
+    assert ten_crop["metrics"]["val_top5_err"]["mean"] == pytest.approx(np.mean([35.0 / 2 - 15.0, 1.0, 0.75]))
+    pairs = {p["seed"]: p for p in ten_crop["pairs"]}
+    assert pairs[0]["ablated"].endswith("3_ablation=single_crop,seed=0")
+    assert pairs[1]["ablated"] == pairs[1]["paper"] + " [single_crop: its own test]"
+    cost = next(c for c in result["cost"] if c["claim"] == "ten_crop")
+    assert (cost["runs"], cost["cpu_device_s"]) == (4, 4 * 18.0)  # the centre patches cost no run of their own
+    assert result["setups"] == [("fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs", 4)]
+    assert (tmp_path / "report" / "curves_ten_crop.png").is_file()
+    # no other claim sees the centre patches: no lrn pairs here
+    assert row(result, "lrn", "no_lrn")["verdict"] == "not run"
+
+    # runs that did not record the centre patch (before this version) and no single-crop runs: no pairs, and why
+    for seed in (0, 1):
+        write_run(tmp_path / "old", f"{seed}_ablation=paper,seed={seed}", make_config("ten_crop", "paper", seed), 30.0)
+        write_run(tmp_path / "old_all", f"{seed}_ablation=paper,seed={seed}", make_config("all", "paper", seed), 30.0)
+    old = row(build_report([tmp_path / "old"], tmp_path / "old_report"), "ten_crop", "single_crop")
+    assert (old["verdict"], old["n"]) == ("inconclusive", 0)
+    assert old["missing"][0] == ("missing: claim ten_crop ablation single_crop seed 0 (no completed single_crop run, "
+                                 "and its paper run did not record val_centre_top1_err (this version's do))")
+    old_all = row(build_report([tmp_path / "old_all"], tmp_path / "old_all_report"), "ten_crop", "single_crop")
+    assert old_all["reason"] == (
+        "no runs with eval.ten_crop=false beside the 2 runs with the paper's eval.ten_crop=true; nor did these record "
+        "it (val_centre_loss, val_centre_top1_err, val_centre_top5_err), as this version's runs do")

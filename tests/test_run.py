@@ -111,6 +111,25 @@ def test_a_damaged_checkpoint_is_refused_and_left_as_it_was(tmp_path):
     assert results(tmp_path / "run")["status"] == "completed"
 
 
+def test_a_ten_patch_test_records_the_centre_patch_as_a_single_crop_run_measures_it(tmp_path):
+    """The ten_crop claim reads its single-crop side from the ten-patch runs themselves. That holds if
+    the test does not change the training (same seed: the same history) and if the centre patch among
+    the ten is the single-crop test: a run with eval.ten_crop=false measures the same errors."""
+    proc = run_cli("-m", "eval.ten_crop=true,false", "scale=tiny", "logger=none", "hydra.sweep.dir=sweep",
+                   "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ten, single = (results(tmp_path / "sweep" / str(job)) for job in (0, 1))
+    assert ten["config"]["eval"]["ten_crop"] is True and single["config"]["eval"]["ten_crop"] is False
+    assert [h["train_loss"] for h in ten["history"]] == [h["train_loss"] for h in single["history"]]
+    one_image = 100 / 512  # points: scale=tiny tests on 512 images; rounding may flip a near tie
+    for epoch_ten, epoch_single in zip(ten["history"], single["history"]):
+        assert epoch_ten["val_centre_loss"] == pytest.approx(epoch_single["val_loss"], rel=1e-4)
+        for k in ("top1", "top5"):
+            assert abs(epoch_ten[f"val_centre_{k}_err"] - epoch_single[f"val_{k}_err"]) <= one_image
+    assert ten["final"]["val_loss"] != pytest.approx(ten["final"]["val_centre_loss"], rel=1e-3)  # ten patches: another test
+    assert "val_centre_top1_err" not in single["final"]
+
+
 def test_a_sweep_without_multirun_says_it_runs_one_job(tmp_path):
     """Hydra runs one job of `sweeps=lrn` without -m and says nothing; the user meant six."""
     proc = run_cli("sweeps=lrn", "scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)

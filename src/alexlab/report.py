@@ -237,6 +237,37 @@ def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], s
     return groups[best], best
 
 
+def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
+    """For a claim whose ablation only changes the test (claim.recorded_as: ten_crop), the ablated side
+    of each paper run that recorded it: a run of its own, with the paper run's config but the claim's
+    factor, and the paper run's history with the recorded test's metrics in place of its own. It costs
+    nothing (no training of its own). Paper runs are those launched for the claim, and those with every
+    other claim's factor at the paper's value (the `paper` runs of `sweeps=all` and of the other claims'
+    sweeps; not their ablated runs, each of which would be a set-up of its own here). None where a
+    separately trained ablated run of the same config and seed exists (sweeps before the paper runs
+    recorded both tests): that one is used."""
+    if not claim.recorded_as:
+        return []
+    (ablation, value), = claim.ablations.items()
+    trained = {comparable_key(r.config, claim) for r in runs if factor_value(r, claim) == value}
+    others = [c for c in CLAIMS.values() if c.id != claim.id]
+    twins = []
+    for run in runs:
+        history = run.record.get("history") or []
+        paper = run.record.get("experiment") == claim.id or all(factor_value(run, c) == c.paper_value for c in others)
+        if (not paper or factor_value(run, claim) != claim.paper_value or comparable_key(run.config, claim) in trained
+                or not history or any(key not in m for m in history for key in claim.recorded_as.values())):
+            continue
+        config = json.loads(json.dumps(run.config))
+        parent, key = claim.factor.rsplit(".", 1)
+        get_path(config, parent)[key] = value
+        tested = [{**m, **{metric: m[key] for metric, key in claim.recorded_as.items()}} for m in history]
+        twins.append(Run(f"{run.name} [{ablation}: its own test]", {
+            **run.record, "config": config, "history": tested, "final": tested[-1], "tested_in": run.name,
+            "wall_time_s": 0.0, "cpu_time_s": 0.0, "images_seen": 0}))
+    return twins
+
+
 def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
     """The claim's ablation against the paper's runs, paired per seed: one row, or one per set-up where
     the runs come from several (configs that differ in more than the seed, the claim's factor and what
@@ -273,7 +304,9 @@ def not_run_reason(claim: Claim, ablation: str, found: dict) -> str:
     if found["ablated"]:
         return f"{runs_text(found['ablated'])} with {ablated}, but none with {paper} in the same set-up to pair them with"
     if found["paper"]:
-        return f"no runs with {ablated} beside the {runs_text(found['paper'])} with {paper}"
+        recorded = (f"; nor did these record it ({', '.join(claim.recorded_as.values())}), as this version's "
+                    "runs do" if claim.recorded_as else "")
+        return f"no runs with {ablated} beside the {runs_text(found['paper'])} with {paper}{recorded}"
     return f"no runs with {ablated}, nor with {paper}"
 
 
@@ -306,10 +339,13 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
                 pairs.append({"seed": seed, "paper": chosen["paper"][seed], "ablated": chosen["ablated"][seed]})
             else:
                 lacking = "paper" if seed not in chosen["paper"] else ablation
-                missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} (no completed {lacking} run)")
+                unrecorded = (f", and its paper run did not record {claim.recorded_as[primary]} (this version's do)"
+                              if claim.recorded_as and lacking != "paper" else "")
+                missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} "
+                               f"(no completed {lacking} run{unrecorded})")
     row = {"claim": claim.id, "ablation": ablation, "setup": setup, "paper_says": claim.paper_says, "metric": primary,
            "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
-           "tuned": tuned, "used_runs": [r.name for r in used],
+           "tuned": tuned, "used_runs": [r.name for r in used if "tested_in" not in r.record],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
            "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
@@ -606,11 +642,13 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
                                  for r in runs if r.status != "completed"]
     analysed, repeats = drop_repeats(runs)
     problems += repeats
-    rows = [row for claim in CLAIMS.values() for ablation in claim.ablations for row in compare(claim, ablation, analysed)]
+    twins = {claim.id: tested_twins(claim, analysed) for claim in CLAIMS.values()}
+    rows = [row for claim in CLAIMS.values() for ablation in claim.ablations
+            for row in compare(claim, ablation, analysed + twins[claim.id])]
     missing = [m for row in rows for m in row["missing"]]
     costs = cost_table(rows, runs)  # repeats cost time too: they count in the total
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(rows, analysed, out_dir)
+    plots = write_plots(rows, analysed + [twin for claim_twins in twins.values() for twin in claim_twins], out_dir)
     report_path = out_dir / "report.md"
     trained_on, table = setups(runs), main_table(rows)
     report_path.write_text(markdown(rows, table, problems, missing, costs, plots, sources, len(runs), trained_on))

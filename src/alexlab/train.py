@@ -209,9 +209,15 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return (~hit[:, 0]).sum(), (~hit.any(1)).sum()
 
 
+CENTRE = 4  # the centre patch's place among augmenter.ten_crop's ten
+
+
 def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: World = World()) -> dict:
+    """val_loss, val_top1_err, val_top5_err; with ten_crop, of the softmax averaged over the ten patches,
+    and also val_centre_*: the centre patch alone, which is the single-crop test of the same net, so the
+    ten_crop claim needs no second training (alexlab.claims: its `recorded_as`)."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=data.augmenter.stats.mean_image.device)
+    sums = torch.zeros(6 if ten_crop else 3, dtype=torch.float64, device=data.augmenter.stats.mean_image.device)
     order = world.shard(torch.arange(len(data.val)))  # each rank tests its part; the sums are added up
     with torch.no_grad(), autocast():
         for images, labels in data.val.batches(order, batch_size):
@@ -219,17 +225,20 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: Worl
             if ten_crop:
                 patches = data.augmenter.ten_crop(images)
                 n = patches.shape[1]
-                logits = model(_to_model(patches.flatten(0, 1), model)).float()
-                probs = logits.softmax(1).view(10, n, -1).mean(0)
+                logits = model(_to_model(patches.flatten(0, 1), model)).float().view(10, n, -1)
+                probs = logits.softmax(2).mean(0)
                 loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-                scores = probs
+                centre_loss = F.cross_entropy(logits[CENTRE], labels, reduction="sum")
+                parts = (loss, *topk_errors(probs, labels), centre_loss, *topk_errors(logits[CENTRE], labels))
             else:
                 scores = model(_to_model(data.augmenter.eval(images), model)).float()
                 loss = F.cross_entropy(scores, labels, reduction="sum")
-            top1, top5 = topk_errors(scores, labels)
-            sums += torch.stack([loss.double(), top1.double(), top5.double()])
-    loss, top1, top5 = (world.sum(sums) / len(data.val)).tolist()
-    return {"val_loss": loss, "val_top1_err": 100 * top1, "val_top5_err": 100 * top5}
+                parts = (loss, *topk_errors(scores, labels))
+            sums += torch.stack([part.double() for part in parts])
+    mean = (world.sum(sums) / len(data.val)).tolist()
+    names = ["val_loss", "val_top1_err", "val_top5_err"] + (["val_centre_loss", "val_centre_top1_err",
+                                                               "val_centre_top5_err"] if ten_crop else [])
+    return {name: value if name.endswith("loss") else 100 * value for name, value in zip(names, mean)}
 
 
 def _to_model(x: torch.Tensor, model) -> torch.Tensor:
