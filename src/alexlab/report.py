@@ -249,7 +249,7 @@ def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
     if not claim.recorded_as:
         return []
     (ablation, value), = claim.ablations.items()
-    trained = {comparable_key(r.config, claim) for r in runs if factor_value(r, claim) == value}
+    trained = {comparable_key(r.config, claim) for r in runs if factor_value(r, claim) == value and r.status == "completed"}
     others = [c for c in CLAIMS.values() if c.id != claim.id]
     twins = []
     for run in runs:
@@ -259,8 +259,8 @@ def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
                 or not history or any(key not in m for m in history for key in claim.recorded_as.values())):
             continue
         config = json.loads(json.dumps(run.config))
-        parent, key = claim.factor.rsplit(".", 1)
-        get_path(config, parent)[key] = value
+        parent, leaf = claim.factor.rsplit(".", 1)
+        get_path(config, parent)[leaf] = value
         tested = [{**m, **{metric: m[key] for metric, key in claim.recorded_as.items()}} for m in history]
         twins.append(Run(f"{run.name} [{ablation}: its own test]", {
             **run.record, "config": config, "history": tested, "final": tested[-1], "tested_in": run.name,
