@@ -41,14 +41,14 @@ def main(cfg: DictConfig) -> None:
         sweep["failures"].append((f"{job}: {err.reason}", False))
     except Exception as err:  # noqa: BLE001 - a crash fails this job, not the sweep; its traceback goes to run.log
         log.exception("job %s failed", job)
-        sweep["failures"].append((f"{job}: {type(err).__name__}: {err}", True))
+        run_log = f"{hydra_cfg.runtime.output_dir}/{hydra_cfg.job.name}.log"
+        sweep["failures"].append((f"{job}: {type(err).__name__}: {err} (traceback: {run_log})", True))
 
 
 if __name__ == "__main__":
     main()
     if sweep["failures"]:
-        print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed ("
-              "their run.log files in the sweep directory say more):", file=sys.stderr)
+        print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed:", file=sys.stderr)
         for line, _ in sweep["failures"]:
             print(f"  {line}", file=sys.stderr)
         sys.exit(1 if any(crashed for _, crashed in sweep["failures"]) else EXIT_BAD_INPUT)

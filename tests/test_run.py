@@ -57,7 +57,7 @@ def test_a_sweep_runs_every_job_when_one_has_bad_input_and_lists_it_at_the_end(t
     records = by_job_number(tmp_path / "sweep")
     assert (records[0]["status"], records[1]["status"]) == ("failed", "completed")  # job 1 ran after job 0 failed
     assert proc.stderr.strip().splitlines()[-2:] == [
-        "error: 1 of 2 jobs of the sweep failed (their run.log files in the sweep directory say more):",
+        "error: 1 of 2 jobs of the sweep failed:",
         "  #0 model.towers=3 scale=tiny trainer.epochs=1 logger=none: model.towers must be 1 or 2, got 3"]
 
 
@@ -84,6 +84,7 @@ def test_a_job_that_crashes_fails_alone_with_its_traceback_in_its_log(tmp_path):
     assert records[1]["status"] == "completed"
     assert proc.stderr.strip().splitlines()[-1].startswith("  #0 model.lrn=True ")  # as Hydra writes the value back
     assert "IsADirectoryError" in proc.stderr.strip().splitlines()[-1]
+    assert proc.stderr.strip().endswith(f"(traceback: {tmp_path / 'sweep' / '0' / 'run.log'})")
     log = (tmp_path / "sweep" / "0" / "run.log").read_text()
     assert "Traceback" in log and "IsADirectoryError" in log
 
