@@ -15,7 +15,7 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from alexlab.claims import CLAIMS
-from alexlab.report import build_report, comparable_key, plot_deltas, run_metrics, t_975
+from alexlab.report import build_report, comparable_key, plot_deltas, run_metrics, seeds_to_detect, t_quantile
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,16 @@ def assert_png(path: Path) -> None:
 
 def test_t_quantile_matches_the_tables():
     for df, t in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045), (40, 2.021), (60, 2.000), (120, 1.980)]:
-        assert t_975(df) == pytest.approx(t, abs=1e-3)
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    for df, t in [(1, 1.376), (2, 1.061), (5, 0.920), (10, 0.879), (30, 0.854), (40, 0.851), (60, 0.848), (120, 0.845)]:
+        assert t_quantile(0.80, df) == pytest.approx(t, abs=1e-3)
+
+
+def test_seeds_to_detect_an_effect_match_gpower():
+    """G*Power's sample sizes for a paired t-test (5% two-sided, 80% power) at effects of 0.2, 0.5,
+    0.8 and 1 sd; the normal approximation gave 197, 32, 13 and 8."""
+    assert [seeds_to_detect(d) for d in (0.2, 0.5, 0.8, 1.0)] == [199, 34, 15, 10]
+    assert seeds_to_detect(5.0) == 3 and seeds_to_detect(math.inf) == 2  # a t-test on 2 pairs has 1 df: t(0.975) = 12.7
 
 
 def test_metrics_of_one_run():
@@ -147,7 +156,7 @@ def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):
     lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")
     stats = lrn["metrics"]["val_top1_err"]
     assert lrn["verdict"] == "inconclusive"
-    assert stats["seeds_needed"] == math.ceil((2.8 * np.std(diffs, ddof=1) / 1.4) ** 2) == 37
+    assert stats["seeds_needed"] == seeds_to_detect(1.4 / np.std(diffs, ddof=1)) == 39  # the normal approximation: 37
 
 
 def test_small_noise_rules_out_the_papers_effect_size(tmp_path):
@@ -165,7 +174,7 @@ def test_noise_without_a_paper_number_uses_the_observed_mean(tmp_path):
     crop_flip = row(build_report([tmp_path], tmp_path), "crop_flip", "no_crop_flip")
     stats = crop_flip["metrics"]["overfit_gap"]
     assert crop_flip["verdict"] == "inconclusive"
-    assert stats["seeds_needed"] == math.ceil((2.8 * np.std(diffs, ddof=1) / abs(np.mean(diffs))) ** 2)
+    assert stats["seeds_needed"] == seeds_to_detect(abs(np.mean(diffs)) / np.std(diffs, ddof=1))
 
 
 def test_relu_picks_the_best_learning_rate_per_activation(tmp_path):
