@@ -201,6 +201,13 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"dropout_before_fc": "maybe"}, "model.dropout_before_fc must be true or false, got 'maybe'"),
     ({"pool_in_lrn": "inside"}, "model.pool_in_lrn must be auto, true or false, got 'inside'"),
     ({"pool_in_lrn": 1}, "model.pool_in_lrn must be auto, true or false, got 1"),
+    # each of these built a net that trained (a width-0 fc6: nothing learned; fc=[10]: no fc7) or failed in torch
+    ({"fc": [0, 10]}, r"model.fc \(fc6\) must be a positive integer, got 0"),
+    ({"fc": [10]}, r"model.fc must give the widths of fc6 and fc7, as \[4096, 4096\]"),
+    ({"fc": "abc"}, "model.fc must give the widths of fc6 and fc7"),
+    ({"in_channels": 0}, "model.in_channels must be a positive integer, got 0"),
+    ({"conv": []}, r"model.conv must list the conv layers \(at least conv1\), got \[\]"),
+    ({"adaptive_pool": "abc"}, r"model.adaptive_pool must be a positive integer or null \(none\), got 'abc'"),
 ])
 def test_bad_model_config_is_refused_clearly(bad, message):
     with pytest.raises(ConfigError, match=message):

@@ -27,6 +27,10 @@ def test_dropout_masks_follow_the_position_and_differ_by_rank():
     ("data.train_subset=-5", "data.train_subset must be a positive integer or null (all), got -5"),
     ("data.val_subset=0", "data.val_subset must be a positive integer or null (all), got 0"),
     ("data.stats_images=-1", "data.stats_images must be a positive integer or null (all), got -1"),
+    ("model.in_channels=3", "model.in_channels=3, but data.channels=1: leave model.in_channels at ${data.channels}, "
+                            "or set data.channels"),
+    ("eval.batch_size=0", "eval.batch_size must be a positive integer, got 0"),
+    ("eval.batch_size=abc", "eval.batch_size must be a positive integer, got 'abc'"),
     ("optim.momentum=-1", "optim.momentum must be a number in [0, 1), got -1"),
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
     ("optim.lr=abc", "optim.lr must be a positive number, got 'abc'"),

@@ -62,6 +62,19 @@ def _plain(cfg: Any) -> dict:
 
 
 def _check(cfg: dict) -> None:
+    require_integer("model.in_channels", cfg.get("in_channels"), 1)
+    if not isinstance(cfg.get("conv"), list) or not cfg["conv"]:
+        raise ConfigError(f"model.conv must list the conv layers (at least conv1), got {cfg.get('conv')!r}")
+    for i, layer in enumerate(cfg["conv"]):
+        for key, least in (("out", 1), ("kernel", 1), ("stride", 1), ("pad", 0)):
+            require_integer(f"model.conv[{i}].{key}", layer.get(key, 1 if key == "stride" else 0), least)
+    fc = cfg.get("fc")
+    if not isinstance(fc, list) or len(fc) != len(REMOVABLE_FC):  # fc=[10] once built no fc7, silently
+        raise ConfigError(f"model.fc must give the widths of fc6 and fc7, as [4096, 4096] (model.remove drops "
+                          f"either), got {fc!r}")
+    for name, width in zip(REMOVABLE_FC, fc):
+        require_integer(f"model.fc ({name})", width, 1)
+    require_integer("model.adaptive_pool", cfg.get("adaptive_pool"), 1, null_means="none")
     conv_names = [layer["name"] for layer in cfg["conv"]]
     if cfg.get("towers") not in (1, 2):
         raise ConfigError(f"model.towers must be 1 or 2, got {cfg.get('towers')!r}")

@@ -75,11 +75,15 @@ def check_config(cfg) -> None:
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     for key in ("batch_size", "epochs"):
         require_integer(f"trainer.{key}", cfg.trainer[key], 1)
+    require_integer("eval.batch_size", cfg.eval.get("batch_size"), 1)  # else found wrong after the first epoch
     for key in ("threads", "log_every_steps"):  # 0: torch's default, per epoch only
         require_integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
     require_integer("model.input_size", cfg.model.get("input_size"), 1)
     for key in ("image_size", "channels"):
         require_integer(f"data.{key}", cfg.data.get(key), 1)
+    if cfg.model.get("in_channels") != cfg.data.channels:  # conv1 would fail at the first step
+        raise ConfigError(f"model.in_channels={cfg.model.get('in_channels')}, but data.channels={cfg.data.channels}: "
+                          "leave model.in_channels at ${data.channels}, or set data.channels")
     # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
     for key in ("train_subset", "val_subset", "stats_images"):
         require_integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
