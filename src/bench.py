@@ -47,7 +47,7 @@ from alexlab.lrn import FUSED_WINDOWS  # noqa: E402
 from alexlab.model import TOWER_IMPLS, build_model  # noqa: E402
 from alexlab.timing import seconds_per_call as time_steps, synchronize as sync  # noqa: E402
 from alexlab.tracking import device_name, library_versions  # noqa: E402
-from alexlab.train import TrainStep, dropout_seed, setup_model  # noqa: E402
+from alexlab.train import COMPILE_MODES, TrainStep, dropout_seed, setup_model  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_LRN_SHAPES = ((256, 96, 55, 55), (256, 256, 27, 27))  # conv1's and conv2's outputs, batch 256
@@ -953,6 +953,11 @@ def _make_jpeg(job):
     Image.fromarray(pixels).save(Path(folder) / f"{i:06d}.JPEG", quality=93)
 
 
+# --only's names -> Bench's methods
+SECTIONS = {"checks": "checks", "train": "train_steps", "lrn": "lrn_alone", "lrn_configs": "lrn_configs",
+            "kernels": "kernels", "data": "data_alone", "e2e": "end_to_end", "profile": "profile", "traffic": "traffic"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/latest.json", help="JSON record (default: bench/latest.json)")
@@ -984,16 +989,23 @@ def main(argv=None) -> int:
                         help="data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec where it is "
                              "installed, comma-separated ('' for none); the first also runs in a child process")
     args = parser.parse_args(argv)
+    # said before anything runs: a typo in a section name ran the sections before it, then ended in a KeyError
+    unknown = [name for name in args.only.split(",") if name not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; the sections: {','.join(SECTIONS)}")
+    modes = [m for m in args.compile_modes.split(",") if m not in COMPILE_MODES]
+    if modes:
+        parser.error(f"--compile-modes: unknown mode(s) {', '.join(modes)}; torch.compile's: {','.join(COMPILE_MODES)}")
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {args.out}: its directory cannot be made ({err})")
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     bench = Bench(args)
     args.jpeg_dir = args.jpeg_dir or ("/tmp/alexlab-bench-jpeg-grain" + ("" if bench.cuda else "-tiny"))
-    sections = {"checks": bench.checks, "train": bench.train_steps, "lrn": bench.lrn_alone,
-                "lrn_configs": bench.lrn_configs, "kernels": bench.kernels,
-                "data": bench.data_alone, "e2e": bench.end_to_end, "profile": bench.profile,
-                "traffic": bench.traffic}
     for name in args.only.split(","):
-        bench.section(name, sections[name])
+        bench.section(name, getattr(bench, SECTIONS[name]))
     table = bench.table()
     bench.record["table"] = table
     bench.save()

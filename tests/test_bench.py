@@ -117,3 +117,13 @@ def test_the_printed_tail_names_each_error_and_each_first_step_choice():
                                         "- paper (lrn, towers 2), bf16+cl: conv1 pad4, lrn1 after, conv2 dense; "
                                         "failed: lrn1 inside"]
     assert first_step_choices(rows[:1]) == []
+
+
+def test_a_mistyped_section_or_mode_stops_the_bench_before_anything_runs(tmp_path):
+    """`--only checks,trian` ran the checks, then ended in a KeyError with no table: on a lent GPU, a wasted call."""
+    for args, message in ((["--only", "checks,trian"], "--only: unknown section(s) trian; the sections: checks,"),
+                          (["--compile-modes", "default,fastest"], "--compile-modes: unknown mode(s) fastest;")):
+        proc = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "--cpu", "--out", str(tmp_path / "b.json"),
+                               *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+        assert not (tmp_path / "b.json").exists()
