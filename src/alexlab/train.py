@@ -227,7 +227,7 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: Worl
         for images, labels in data.val.batches(order, batch_size):
             images, labels = images.to(sums.device, non_blocking=True), labels.to(sums.device, non_blocking=True)
             if ten_crop:
-                # a patch at a time: ten times the batch in one call ran 1.5x slower on a CPU, and takes 10x the memory
+                # a patch at a time: ten times the batch in one call ran up to 1.5x slower on a CPU, in 10x the memory
                 logits = torch.stack([model(_to_model(patch, model)).float() for patch in data.augmenter.ten_crop(images)])
                 probs = logits.softmax(2).mean(0)
                 loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
