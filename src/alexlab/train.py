@@ -87,6 +87,9 @@ def check_config(cfg) -> None:
     # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
     for key in ("train_subset", "val_subset", "stats_images"):
         require_integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
+    for key, least in (("train_size", 1), ("val_size", 1), ("num_classes", 2)):  # data=synthetic's
+        if key in cfg.data:
+            require_integer(f"data.{key}", cfg.data[key], least)
     optim = cfg.optim
     require_number("optim.lr", optim.lr, "a positive number", lambda v: v > 0)
     require_number("optim.momentum", optim.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -107,11 +110,17 @@ def check_config(cfg) -> None:
     # A switch given as a string ("maybe", "yes") would otherwise count as true.
     switches = {"trainer.amp": cfg.trainer.get("amp"), "trainer.channels_last": cfg.trainer.get("channels_last"),
                 "eval.ten_crop": cfg.eval.get("ten_crop"), "data.crop_flip": cfg.data.get("crop_flip", False),
-                "data.pca_lighting": cfg.data.get("pca_lighting", False)}
+                "data.pca_lighting": cfg.data.get("pca_lighting", False), "data.download": cfg.data.get("download", False),
+                "logger.system_stats": cfg.logger.get("system_stats", True)}
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
     require_integer("data.workers", cfg.data.get("workers", 0), 0)
+    tags = cfg.logger.get("tags") or []
+    if not OmegaConf.is_list(tags) and not isinstance(tags, list):  # 'abc' became the tags a, b and c
+        raise ConfigError(f"logger.tags must be a list such as [lrn,seed0], got {tags!r}")
+    if cfg.logger.get("name") == "wandb" and not (isinstance(cfg.logger.get("project"), str) and cfg.logger.project):
+        raise ConfigError(f"logger.project must name a W&B project, got {cfg.logger.get('project')!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
