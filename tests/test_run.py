@@ -303,4 +303,3 @@ def test_wandb_offline_record_has_config_history_and_summary(tmp_path):
             summary.update(r["summary"]["update"])
     assert summary["final/val_top1_err"] == record["final"]["val_top1_err"]
     assert summary["status"] == "completed"
-

@@ -5,6 +5,7 @@ Everything a claim needs is in alexlab.claims; the metrics it is judged on are d
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -276,7 +277,7 @@ def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
         if (not paper or factor_value(run, claim) != claim.paper_value or comparable_key(run.config, claim) in trained
                 or not history or any(key not in m for m in history for key in claim.recorded_as.values())):
             continue
-        config = json.loads(json.dumps(run.config))
+        config = copy.deepcopy(run.config)
         parent, leaf = claim.factor.rsplit(".", 1)
         get_path(config, parent)[leaf] = value
         tested = [{**m, **{metric: m[key] for metric, key in claim.recorded_as.items()}} for m in history]
