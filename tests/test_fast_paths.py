@@ -686,6 +686,8 @@ THREADS_LEFT_BY = """
 import os, sys, threading, torch
 from alexlab.data.gpu_decode import host_copy
 pin = torch.cuda.is_available()
+if pin:  # the CUDA driver's own threads start with its context (a pinned allocation): before the count
+    torch.empty(1, pin_memory=True)
 copies = {"host_copy": lambda x: host_copy(x, pin_memory=pin),
           "torch": lambda x: x.pin_memory() if pin else torch.empty_like(x).copy_(x)}
 copy = copies[sys.argv[1]]
