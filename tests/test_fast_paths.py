@@ -246,6 +246,30 @@ def test_fused_lrn_default_launch_keeps_memory_busy_and_groups_of_four_issue_no_
         assert issued / per_thread <= 1.1 * issued_first / first_per_thread, (case, issued, issued_first)
 
 
+def test_lrn_kernels_compile_the_same_when_inductor_passes_their_floats_as_fp64():
+    """Inside a compiled graph, inductor passes a Python float argument of a Triton kernel as fp64
+    (torch/_inductor/codegen/triton_utils.py: "Python floats are natively fp64"), where Triton's own
+    launcher passes fp32. On an H100 (2026-11-28) that made the pooled forward fail to compile (its
+    running maximum turned fp64 inside the loop) and ran the others' arithmetic in double precision.
+    Compiled for sm_90 here: with the LRN's three floats as fp64 every kernel compiles, with at most 15%
+    more registers than its fp32 build (the pooled backward: 71 against 64) and 5% more instructions
+    (the conversions)."""
+    from alexlab.kernel_resources import compiled_resources
+    from alexlab.lrn_triton import resource_job
+    jobs = {}
+    for pool in (None, (3, 2)):
+        for backward in (False, True):
+            job = resource_job(backward, torch.bfloat16, (256, 96, 55, 55), relu=True, pool=pool)
+            assert all(job["signature"][name] == "fp32" for name in ("coeff", "beta", "k")), job["signature"]
+            as_inductor = dict(job, signature=job["signature"] | {name: "fp64" for name in ("coeff", "beta", "k")})
+            jobs[(pool, backward)] = (job, as_inductor)
+    found = compiled_resources([j for pair in jobs.values() for j in pair], arch=90)
+    for case, fp32, fp64 in zip(jobs, found[::2], found[1::2]):
+        assert fp64["registers"] <= 1.15 * fp32["registers"] and fp64["spilled_bytes"] == 0, (case, fp32, fp64)
+        # (without the conversion in the kernels, conv1's forward with the ReLU was 701 instructions against 266)
+        assert fp64["instructions"] <= 1.05 * fp32["instructions"], (case, fp32, fp64)
+
+
 @pytest.mark.parametrize("impl", ["native_nchw", "split", "dense", "native/dense/dense", "dense/split/native",
                                   "split/native/split"])
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -39,6 +39,15 @@ LANES, GATHER, SCAN = (tl.constexpr(WINDOWS[name]) for name in ("lanes", "gather
 
 
 @triton.jit
+def _as_fp32(coeff, beta, k):
+    """Inductor passes a Python float to a kernel in its graph as fp64 (torch/_inductor/codegen/
+    triton_utils.py), where Triton's own launcher passes fp32: in fp64 the LRN's arithmetic ran in
+    double precision, and the pooled kernel's running maximum changed type inside its loop, which
+    Triton refuses (both seen compiled on an H100, 2026-11-28)."""
+    return tl.cast(coeff, tl.float32), tl.cast(beta, tl.float32), tl.cast(k, tl.float32)
+
+
+@triton.jit
 def _neg_pow(d, beta, BETA_IS_075: tl.constexpr):
     """(d^-beta, d^(-beta-1)) without a division, which costs more than these in fp32."""
     if BETA_IS_075:  # the paper's beta: d^-0.5 * d^-0.25 from one rsqrt and one sqrt, no exp/log
@@ -215,6 +224,7 @@ def _lrn_grad(x, d, g, coeff, beta, SIZE: tl.constexpr, BETA_IS_075: tl.constexp
 def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                     WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
+    coeff, beta, k = _as_fp32(coeff, beta, k)
     at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
                                 WINDOW, GROUPED, RELU)
     scale, _ = _neg_pow(d, beta, BETA_IS_075)
@@ -226,6 +236,7 @@ def _lrn_fwd_kernel(x_ptr, y_ptr, P, C, stride_n, stride_c, stride_p, coeff, bet
 def _lrn_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, stride_n, stride_c, stride_p, coeff, beta, k,
                     SIZE: tl.constexpr, BETA_IS_075: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                     WINDOW: tl.constexpr, GROUPED: tl.constexpr, RELU: tl.constexpr):
+    coeff, beta, k = _as_fp32(coeff, beta, k)
     at, mask, x, d = _load_tile(x_ptr, P, C, stride_n, stride_c, stride_p, coeff, k, SIZE, BLOCK_P, BLOCK_C,
                                 WINDOW, GROUPED, RELU)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -246,6 +257,7 @@ def _lrn_pool_fwd_kernel(x_ptr, y_ptr, arg_ptr, W, C, Wo, Q, stride_n, stride_c,
     loads at once and compiled conv1's forward to 135 registers (conv2's 184), 19% (12%) of the SM's
     warp slots; with the loop 72 (80), 44% (38%), read off the code compiled for sm_90 (no GPU timed
     either)."""
+    coeff, beta, k = _as_fp32(coeff, beta, k)
     n = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = (q // Wo) * POOL_S
@@ -278,6 +290,7 @@ def _lrn_pool_bwd_kernel(x_ptr, arg_ptr, g_ptr, dx_ptr, H, W, C, Ho, Wo, stride_
     the pooled gradient of every window (at most ceil(POOL_K / POOL_S) per axis) whose saved position is
     it, then the LRN's backward runs on that as _lrn_bwd_kernel's does. The LRN's output and its
     full-size gradient never go through memory."""
+    coeff, beta, k = _as_fp32(coeff, beta, k)
     n = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     h = p // W
