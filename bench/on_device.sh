@@ -9,6 +9,8 @@
 # A second look, if device time is left: every cuDNN algorithm tried for each convolution (the grouped
 # ones may have faster algorithms than PyTorch's default top 10; cuDNN's choices are cached per process):
 #   run(command="TESTS=0 SECTIONS=train bash bench/on_device.sh --cudnn-benchmark-limit 0", carry=[".whl"])
+# The target alone (the paper net against torchvision's, eager and compiled; about 100 s of bench):
+#   run(command="TESTS=0 SECTIONS=target bash bench/on_device.sh", carry=[".whl"], timeout_s=200)
 # Writes under $OUT (or ./device-out):
 # gpu.txt, gpu-tests.log, bench.json, bench.log, traces/.
 set -uo pipefail

@@ -11,6 +11,8 @@ then times, on synthetic data already on the device:
 then the JPEG pipeline alone (files -> augmented batch on the GPU; and the CPU path) and end to end
 (files -> step), on generated ImageNet-sized JPEGs and on their resized copies (data.resized_jpegs). Warm-up excluded, median of repeats, device synchronised.
 Prints a table last and writes JSON with the card, library versions and date.
+`--only target` times just the rows the issue's target compares (each net eager and compiled), in
+about 100 s on an H100: the short check for a lent GPU.
 
 Without CUDA it runs a tiny version (batch 2, few steps, small images) in seconds, for the tests.
 """
@@ -281,6 +283,35 @@ class Bench:
         if paper:
             best_row = max(paper, key=lambda r: r["images_per_s"])
             self.record["fastest_paper_mode"] = best_row["mode"]
+
+    def target(self):
+        """The issue's speed target in one short run (about 100 s on an H100): the paper net against
+        torchvision's AlexNet, each eager and compiled, then the eager rows again (their spread is the
+        noise), then the paper net with dense towers compiled. `record["target"]`: each net's best row
+        and their ratio (the target: the paper net at >= 95% of torchvision's best stock mode)."""
+        import torchvision
+        tv = lambda: torchvision.models.alexnet(num_classes=1000)  # noqa: E731
+        ours = lambda **c: (lambda: build_model(model_preset(self.ours, **c), 1000))  # noqa: E731
+        eager = "bf16+cl" if self.cuda else "fp32"
+        modes = [eager] + (["bf16+cl+compile"] if self.cuda and not self.args.no_compile else [])
+        rows = [("torchvision alexnet", tv, mode, self.tv_size) for mode in modes]
+        rows = [row for pair in zip(rows, [("paper (lrn, towers 2)", ours(), mode, self.ours_size) for mode in modes])
+                for row in pair]
+        rows += rows[:2] + [("paper, grouped_conv=dense", ours(grouped_conv="dense"), modes[-1], self.ours_size)]
+        timed = [self.time_model(*row) for row in rows]
+        timed = [r for r in timed if r]
+        best = {net: max((r for r in timed if r["model"].startswith(net)), key=lambda r: r["images_per_s"], default=None)
+                for net in ("torchvision", "paper")}
+        if best["torchvision"] and best["paper"]:
+            ratio = best["paper"]["images_per_s"] / best["torchvision"]["images_per_s"]
+            met = None if self.tiny else ratio >= 0.95  # tiny: other nets (the small preset), so no verdict
+            self.record["target"] = {"paper_best": best["paper"], "torchvision_best": best["torchvision"],
+                                     "ratio": ratio, "met": met}
+            print(f"   target: the paper net at {ratio:.1%} of torchvision's best ({best['paper']['model']}, "
+                  f"{best['paper']['mode']}: {best['paper']['images_per_s']:.0f} against "
+                  f"{best['torchvision']['mode']}: {best['torchvision']['images_per_s']:.0f} img/s); "
+                  + {True: "95% met", False: "95% not met", None: "the tiny CPU version's nets: no verdict"}[met],
+                  flush=True)
 
     def traffic(self):
         """Bytes one bf16 channels_last training step moves through memory (alexlab.traffic: each op
@@ -954,7 +985,7 @@ def _make_jpeg(job):
 
 
 # --only's names -> Bench's methods
-SECTIONS = {"checks": "checks", "train": "train_steps", "lrn": "lrn_alone", "lrn_configs": "lrn_configs",
+SECTIONS = {"checks": "checks", "train": "train_steps", "target": "target", "lrn": "lrn_alone", "lrn_configs": "lrn_configs",
             "kernels": "kernels", "data": "data_alone", "e2e": "end_to_end", "profile": "profile", "traffic": "traffic"}
 
 
@@ -975,7 +1006,7 @@ def main(argv=None) -> int:
                         "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU version even where CUDA is available")
     parser.add_argument("--only", default="checks,kernels,lrn,lrn_configs,train,traffic,data,e2e,profile",
-                        help="comma-separated sections")
+                        help="comma-separated sections; also `target`: the 95%% target's rows alone (about 100 s on an H100)")
     parser.add_argument("--trace-dir", default="", help="write the profile section's Chrome traces here")
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                         help="cuDNN algorithms tried per convolution (PyTorch's default 10; 0: all). Its choices are "

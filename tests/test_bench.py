@@ -127,3 +127,22 @@ def test_a_mistyped_section_or_mode_stops_the_bench_before_anything_runs(tmp_pat
                                *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
         assert not (tmp_path / "b.json").exists()
+
+
+def test_the_target_section_compares_each_nets_best_row(tmp_path):
+    """`--only target`, the short run for a lent GPU: both nets timed, each eager row twice, and the
+    ratio is the paper net's best row over torchvision's best, whatever row each was."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "--cpu", "--only", "target", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = record["train_step"]
+    assert [r["model"] for r in rows].count("torchvision alexnet") == 2  # the CPU version: fp32 only, twice
+    assert [r["model"] for r in rows].count("paper (lrn, towers 2)") == 2
+    tv = max(r["images_per_s"] for r in rows if r["model"].startswith("torchvision"))
+    paper = max(r["images_per_s"] for r in rows if r["model"].startswith("paper"))
+    target = record["target"]
+    assert target["ratio"] == paper / tv and target["paper_best"]["images_per_s"] == paper
+    assert target["met"] is None  # the tiny version's nets are not the paper's: no verdict
+    assert "target: the paper net at" in proc.stdout
