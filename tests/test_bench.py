@@ -34,6 +34,7 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
         (impl + pool, layout) for impl in ("fused", "fused_gather", "fused_scan") for pool in ("", "+pool")
         for layout in ("channels_last", "nchw")}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
+    assert all("layer_impls" in r for r in record["end_to_end"])  # what the step ran, raced before decoding
     resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
     assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end
     assert record["resized_files"]["count"] == record["jpeg_files"]["count"]

@@ -307,7 +307,7 @@ class TowerConv2d(nn.Conv2d):
     sometimes cuDNN's faster kernels); or "F/I/W", a way for each direction: the forward, the input's
     gradient and the weight's gradient (native, split or dense each; cuDNN's grouped kernels have
     been slow in one direction only, e.g. the weight's gradient in channels_last, PyTorch issue
-    34977). auto: on CUDA the trainer times them on each layer's real input at its first step and
+    34977). auto: on CUDA the trainer times them on each layer's input before its first step and
     keeps the fastest (`choose_layer_impls`); before that, dense on CUDA (24.2k vs 20.3k img/s for
     the paper net on an H200, bench/RESULTS.md) and native elsewhere (the CPU's grouped kernels are
     not slow)."""
@@ -350,7 +350,7 @@ class FirstConv2d(nn.Conv2d):
     why NVIDIA's DALI can pad images to 4 channels); space_to_depth: each stride x stride block of
     pixels becomes channels, so conv1's 11x11 stride-4 conv on 3 channels becomes a 3x3 stride-1 conv
     on 48 (the weight zero-padded to 12x12: 19% more multiply-adds). auto: native until the trainer
-    times them on CUDA at the first step and keeps the fastest (`choose_layer_impls`). The input's
+    times them on CUDA before its first step and keeps the fastest (`choose_layer_impls`). The input's
     copy is made in the dtype the conv computes in (bf16 under autocast), in channels_last."""
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -474,7 +474,7 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
                 seconds.update(more_seconds)
                 failed.update(more_failed)
         for way, error in failed.items():
-            warnings.warn(f"{name}: {attribute}={way} failed when timed at the first step and is left out: {error}")
+            warnings.warn(f"{name}: {attribute}={way} failed when timed and is left out: {error}")
         chosen[name] = min(seconds, key=seconds.get)
         setattr(layer, attribute, chosen[name])
         if timings is not None:

@@ -172,7 +172,8 @@ class TrainStep:
         sums:   loss x images, misses, images (the epoch so far)
         window: misses, images (since the last step log)
 
-    On CUDA the first call also picks, by timing, each tower layer's grouped-conv implementation
+    On CUDA, choose_layers (fit calls it on noise before the first batch; else the first call does)
+    picks, by timing, each tower layer's grouped-conv implementation
     (model.grouped_conv=auto), conv1's (model.conv1_impl=auto) and where the max-pool after each LRN
     runs (model.pool_in_lrn=auto; with model.lrn_impl=auto, the reference LRN is timed too, so a fused
     kernel that fails is left out): `layer_impls` holds the choice, `layer_ms` each candidate's forward
@@ -191,10 +192,16 @@ class TrainStep:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
+    def choose_layers(self, x: torch.Tensor) -> None:
+        """Pick the auto layers' ways by timing on `x` (CUDA only, once). fit calls it on a batch of
+        noise before the data pipeline starts: raced while the pipeline decodes on the same GPU, the
+        way timed beside a decode looks slower than it is, and the choice stays for the whole run."""
         if self.layer_impls is None:
             self.layer_impls = choose_layer_impls(self.model, x, self.autocast, timings=self.layer_ms) \
                 if x.is_cuda else {}
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
+        self.choose_layers(x)  # a no-op where fit (or the bench) chose before the first batch
         with self.autocast():
             logits = self.step_model(x)
         loss = F.cross_entropy(logits.float(), labels)
@@ -298,6 +305,11 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     log_every = int(cfg.trainer.log_every_steps or 0)
     train_step.window = state["window"].to(device)
+    # The auto layers' race (CUDA), on noise of a batch's shape, before the data pipeline starts
+    size, local_batch = int(cfg.model.input_size), len(range(batch_size)[world.part(batch_size)])
+    noise = torch.randn(local_batch, int(cfg.model.in_channels), size, size, device=device,
+                        generator=torch.Generator(device).manual_seed(0))  # leaves the seeded RNGs alone
+    train_step.choose_layers(_to_model(noise, model))
     first_epoch = state["epoch"]
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
@@ -346,7 +358,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
                     raise Interrupted(signum)
             progress.close()
             if epoch == first_epoch and train_step.layer_impls:
-                tracker.note(f"layers timed at the first step, fastest kept: {train_step.layer_impls} "
+                tracker.note(f"layers timed before the first step, fastest kept: {train_step.layer_impls} "
                              f"(ms: {train_step.layer_ms})")
             if device.type == "cuda":
                 torch.cuda.synchronize()
