@@ -655,6 +655,33 @@ def test_torchvisions_cpu_jpeg_decoder_gives_pils_pixels(tmp_path):
     assert len(calls) == 1 and torch.equal(image, torch.from_numpy(_photos()["tiny"].copy()).permute(2, 0, 1))
 
 
+NVJPEG_KEPT_LOCAL = """
+import ctypes, sys, torch
+from alexlab.data.nvimgcodec_jpeg import NvImageCodecJpeg
+NvImageCodecJpeg(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+maps = open("/proc/self/maps").read()
+print("libnvjpeg_ext" in maps, hasattr(ctypes.CDLL(None), "nvjpegCreateSimple"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the loaded libraries from /proc")
+def test_nvimgcodec_loads_its_nvjpeg_without_handing_its_symbols_to_the_whole_process():
+    """nvImageCodec's nvJPEG extension, linked from a folder of its own, needs the nvJPEG wheel's
+    library loaded first. Loaded with RTLD_GLOBAL, its symbols served every library loaded after it:
+    torchvision's decode_jpeg, imported later, would run the wheel's nvJPEG instead of its own copy, and
+    the bench's nvJPEG rows would time another library. Loaded locally, the extension still finds it
+    (by its soname) and nothing else sees it."""
+    import os
+    import subprocess
+    import sys
+    skip_without_nvimgcodec()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    env.pop("NVIMGCODEC_EXTENSIONS_PATH", None)  # set by this process's import: the child would load nothing itself
+    out = subprocess.run([sys.executable, "-c", NVJPEG_KEPT_LOCAL], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-2:] == ["True", "False"], out.stdout + out.stderr[-2000:]
+
+
 def test_nvimgcodec_decodes_batches_as_pil_does_and_returns_none_for_what_it_refuses(tmp_path):
     """data.jpeg_decoder=nvimgcodec: each batch in one call, planar RGB as torchvision's decoders
     give it. On a CPU (libjpeg-turbo) PIL's pixels exactly; on CUDA (hardware engines or CUDA

@@ -35,7 +35,9 @@ JPEG_EXTENSIONS = ("libnvjpeg_ext.so", "libjpeg_turbo_ext.so")
 def _jpeg_extensions_only(package_dir: Path) -> None:
     """Point NVIMGCODEC_EXTENSIONS_PATH (unless the user set it) at a folder of links to the JPEG
     extensions of this installation. A linked nvJPEG extension looks for libnvjpeg beside the link,
-    not beside its file, so the library is loaded here first, from the wheel's folder."""
+    not beside its file, so the library is loaded here first, from the wheel's folder; locally, so the
+    extension finds it by its soname and nothing else binds to it (loaded globally, it served
+    torchvision's decode_jpeg too where torchvision was imported after it)."""
     if "NVIMGCODEC_EXTENSIONS_PATH" in os.environ:
         return
     source = package_dir / "extensions"
@@ -44,7 +46,7 @@ def _jpeg_extensions_only(package_dir: Path) -> None:
     libraries = sorted(package_dir.parent.glob(f"*/lib/libnvjpeg.so.{major or '*'}"))
     if not wanted or not libraries:
         return  # an installation laid out otherwise: let nvImageCodec find its own
-    ctypes.CDLL(str(libraries[-1]), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(str(libraries[-1]), mode=ctypes.RTLD_LOCAL)
     key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"alexlab-nvimgcodec-{os.getuid()}-{key}"
     folder.mkdir(exist_ok=True)
