@@ -310,6 +310,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     noise = torch.randn(local_batch, int(cfg.model.in_channels), size, size, device=device,
                         generator=torch.Generator(device).manual_seed(0))  # leaves the seeded RNGs alone
     train_step.choose_layers(_to_model(noise, model))
+    del noise  # a batch's worth of GPU memory
     first_epoch = state["epoch"]
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
