@@ -26,7 +26,7 @@ command -v nvidia-smi >/dev/null || export TRITON_INTERPRET=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
 # The ImageNet pipeline's GPU decoding (nvJPEG; nvImageCodec in and out of a child process) on real files too.
-[ "${TESTS:-1}" = 0 ] || timeout "${TESTS_TIMEOUT_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py \
+[ "${TESTS:-1}" = 0 ] || timeout "${TESTS_TIMEOUT_S:-240}" python3 -m pytest -q -p no:cacheprovider --durations=20 tests/test_gpu.py tests/test_fast_paths.py \
   tests/test_imagenet.py::test_gpu_decode_serves_the_cpu_paths_images_odd_files_included 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
 # End to end first (it generates 6,144 JPEGs and their resized copies, about a minute; its
