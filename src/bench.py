@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import faulthandler
 import functools
+import itertools
 import os
 import statistics
 import sys
@@ -533,17 +534,26 @@ class Bench:
 
     def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
                  resized: bool = False, cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
-        """Images/s from files to augmented batches (and through `model_step` if given)."""
+        """(images/s from files to augmented batches, and through `model_step` if given; the number of
+        files; the share of the time the main thread waited for the next batch). The share tells
+        which side sets the rate: near 1, the pipeline (reading, decoding); near 0, the GPU work the
+        main thread queues (the step, and the decode where it shares the GPU)."""
         from alexlab.data.augment import batch_generator
         if model_step is not None:
             self.choose_layers_first(model_step)
         source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share, decoder, hw_load)
         paths = self.files(resized)
-        rates = []
+        rates, waited, timed = [], 0.0, 0.0
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
-            seen, tic = 0, None
-            for step, (images, labels) in enumerate(source.batches(order, self.batch)):
+            seen, tic, batches = 0, None, iter(source.batches(order, self.batch))
+            for step in itertools.count():
+                asked = time.perf_counter()
+                images, labels = next(batches, (None, None))
+                if images is None:
+                    break
+                if step:
+                    waited += time.perf_counter() - asked
                 x = augment.train(images, batch_generator(0, epoch, step))
                 if model_step is not None:
                     model_step(x.contiguous(memory_format=torch.channels_last), labels)
@@ -555,7 +565,8 @@ class Bench:
             sync(self.device)
             if seen:
                 rates.append(seen / (time.perf_counter() - tic))
-        return statistics.median(rates) if rates else float("nan"), len(paths)
+                timed += time.perf_counter() - tic
+        return statistics.median(rates) if rates else float("nan"), len(paths), waited / timed if timed else float("nan")
 
     def data_alone(self):
         """The JPEG pipeline without the training step: first its parts on one batch whose bytes are in
@@ -598,23 +609,26 @@ class Bench:
                       flush=True)
         for prefetch, how, resized in ((3, "prefetch thread, side stream", False), (0, "inline", False),
                                        (3, "prefetch thread, side stream; the resized copies", True)):
-            rate, n = self.pipeline(prefetch=prefetch, resized=resized)
+            rate, n, waited = self.pipeline(prefetch=prefetch, resized=resized)
             self.add_data_row({"pipeline": f"JPEG files -> nvJPEG -> resize kernel -> augment ({how})",
-                               "threads": self.args.workers, "images": n, "images_per_s": rate})
+                               "threads": self.args.workers, "images": n, "images_per_s": rate,
+                               "waiting_for_batches_share": waited})
             print(f"   gpu jpeg pipeline ({how}): {rate:.0f} img/s", flush=True)
         for hw_load in self.nvimgcodec_loads():  # data.jpeg_decoder=nvimgcodec
             with self.row_guard(f"data, nvimgcodec pipeline, hw_decoder_load={hw_load}"):
-                rate, n = self.pipeline(decoder="nvimgcodec", hw_load=hw_load)
+                rate, n, waited = self.pipeline(decoder="nvimgcodec", hw_load=hw_load)
                 self.add_data_row({"pipeline": f"JPEG files -> nvImageCodec (hw_decoder_load={hw_load}) -> "
                                                f"resize kernel -> augment (prefetch thread, side stream)",
-                                   "threads": self.args.workers, "images": n, "images_per_s": rate})
+                                   "threads": self.args.workers, "images": n, "images_per_s": rate,
+                                   "waiting_for_batches_share": waited})
                 print(f"   gpu jpeg pipeline, nvimgcodec hw_decoder_load={hw_load}: {rate:.0f} img/s", flush=True)
         # data.cpu_decode_share: libjpeg in the reading threads, beside nvJPEG (the tiny version: one share)
         for share in self.cpu_shares if self.cuda else self.cpu_shares[:1]:
-            rate, n = self.pipeline(cpu_share=share)
+            rate, n, waited = self.pipeline(cpu_share=share)
             self.add_data_row({"pipeline": f"JPEG files -> nvJPEG ({1 - share:.0%}) + libjpeg in the reading "
                                            f"threads ({share:.0%}) -> resize kernel -> augment",
-                               "threads": self.args.workers, "images": n, "images_per_s": rate})
+                               "threads": self.args.workers, "images": n, "images_per_s": rate,
+                               "waiting_for_batches_share": waited})
             print(f"   gpu jpeg pipeline, cpu_decode_share={share}: {rate:.0f} img/s", flush=True)
         for resized in (False, True):  # the CPU path (data.decode=cpu): PIL in DataLoader workers
             rate = self.cpu_pipeline(resized)
@@ -672,18 +686,19 @@ class Bench:
                 torch.manual_seed(0)
                 model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
                 train_step = trainer_step(model, self.device, mode)
-                rate, n = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
+                rate, n, waited = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
                                         resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
                 days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
                 row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                    f"grouped_conv={impl}; {where})",
                        "threads": self.args.workers, "images": n, "images_per_s": rate,
+                       "waiting_for_batches_share": waited,
                        "jpeg_decoder": v["decoder"], "projected_90_epochs_hours": 24 * days,
                        "layer_impls": train_step.layer_impls, "layer_ms": train_step.layer_ms}
                 self.record["end_to_end"].append(row)
                 self.save()
-                print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h",
-                      flush=True)
+                print(f"   end to end, {where}: {rate:.0f} img/s -> 90 epochs of ImageNet in {24 * days:.1f} h; "
+                      f"waiting for batches {waited:.0%} of the time", flush=True)
         for decoder in ("torchvision", *(["nvimgcodec"] if self.nvimgcodec_loads() else [])):
             with self.row_guard(f"overlap of decode ({decoder}) and step"):
                 self.overlap(decoder=decoder)
@@ -849,8 +864,10 @@ class Bench:
                       f"{r['measured_ms_per_step']:.2f} |" if "measured_ms_per_step" in r else
                       f"| {r['model']} | {r['gb_per_step']:.2f} | {r['floor_ms_at_bandwidth']:.2f} | |"
                       for r in self.record["traffic"]]
-        lines += ["", "| pipeline | img/s |", "|---|---:|"]
-        lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} |" for r in self.record["data"] + self.record["end_to_end"]]
+        lines += ["", "| pipeline | img/s | waiting for batches |", "|---|---:|---:|"]
+        lines += [f"| {r['pipeline']} | {r['images_per_s']:.0f} | "
+                  + (f"{r['waiting_for_batches_share']:.0%} |" if "waiting_for_batches_share" in r else " |")
+                  for r in self.record["data"] + self.record["end_to_end"]]
         for o in self.record["overlap"]:
             lines.append(f"\ndecode ({o['jpeg_decoder']}) and step at once: overlap {o['overlap']:.2f} (1 = serial, 2 = full); decode "
                          f"{o['decode_alone']:.0f} -> {o['decode_together']:.0f} img/s, step {o['step_alone']:.0f} -> "

@@ -35,6 +35,9 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
         for layout in ("channels_last", "nchw")}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
     assert all("layer_impls" in r for r in record["end_to_end"])  # what the step ran, raced before decoding
+    # the share of the time the main thread waited for the next batch: which side sets the rate
+    pipelines = record["end_to_end"] + [r for r in record["data"] if r["pipeline"].startswith("JPEG files ->")]
+    assert pipelines and all(0 <= r["waiting_for_batches_share"] <= 1 for r in pipelines)
     resized = [r for r in record["data"] + record["end_to_end"] if "resized copies" in r["pipeline"]]
     assert len(resized) == 3 and all(r["images_per_s"] > 0 for r in resized)  # GPU pipeline, CPU path, end to end
     assert record["resized_files"]["count"] == record["jpeg_files"]["count"]
