@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import faulthandler
 import functools
-import itertools
 import os
 import statistics
 import sys
@@ -295,9 +294,8 @@ class Bench:
         ours = lambda **c: (lambda: build_model(model_preset(self.ours, **c), 1000))  # noqa: E731
         eager = "bf16+cl" if self.cuda else "fp32"
         modes = [eager] + (["bf16+cl+compile"] if self.cuda and not self.args.no_compile else [])
-        rows = [("torchvision alexnet", tv, mode, self.tv_size) for mode in modes]
-        rows = [row for pair in zip(rows, [("paper (lrn, towers 2)", ours(), mode, self.ours_size) for mode in modes])
-                for row in pair]
+        rows = [row for mode in modes for row in (("torchvision alexnet", tv, mode, self.tv_size),
+                                                  ("paper (lrn, towers 2)", ours(), mode, self.ours_size))]
         rows += rows[:2] + [("paper, grouped_conv=dense", ours(grouped_conv="dense"), modes[-1], self.ours_size)]
         timed = [self.time_model(*row) for row in rows]
         timed = [r for r in timed if r]
@@ -527,11 +525,6 @@ class Bench:
                                cpu_share=cpu_share, jpeg_decoder=decoder, hw_decoder_load=hw_load)
         return source, augment
 
-    def choose_layers_first(self, train_step) -> None:
-        """The auto layers' race on noise, before a pipeline starts decoding on the same GPU (as fit does)."""
-        noise = torch.randn(self.batch, 3, self.ours_size, self.ours_size, device=self.device)
-        train_step.choose_layers(noise.contiguous(memory_format=torch.channels_last))
-
     def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
                  resized: bool = False, cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
         """(images/s from files to augmented batches, and through `model_step` if given; the number of
@@ -539,20 +532,16 @@ class Bench:
         which side sets the rate: near 1, the pipeline (reading, decoding); near 0, the GPU work the
         main thread queues (the step, and the decode where it shares the GPU)."""
         from alexlab.data.augment import batch_generator
-        if model_step is not None:
-            self.choose_layers_first(model_step)
+        if model_step is not None:  # the auto layers' race before decoding starts on the same GPU, as fit does
+            model_step.choose_layers_on_noise(self.batch, 3, self.ours_size)
         source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share, decoder, hw_load)
         paths = self.files(resized)
         rates, waited, timed = [], 0.0, 0.0
         for epoch in range(epochs):
             order = torch.randperm(len(paths), generator=batch_generator(0, epoch, -1))
-            seen, tic, batches = 0, None, iter(source.batches(order, self.batch))
-            for step in itertools.count():
-                asked = time.perf_counter()
-                images, labels = next(batches, (None, None))
-                if images is None:
-                    break
-                if step:
+            seen, tic, asked = 0, None, None
+            for step, (images, labels) in enumerate(source.batches(order, self.batch)):
+                if step:  # since the last batch's work was queued
                     waited += time.perf_counter() - asked
                 x = augment.train(images, batch_generator(0, epoch, step))
                 if model_step is not None:
@@ -562,6 +551,7 @@ class Bench:
                     tic = time.perf_counter()
                 else:
                     seen += len(labels)
+                asked = time.perf_counter()
             sync(self.device)
             if seen:
                 rates.append(seen / (time.perf_counter() - tic))
@@ -801,7 +791,7 @@ class Bench:
         def end_to_end():
             model = preset().to(self.device)
             train_step = trainer_step(model, self.device, "bf16+cl")
-            self.choose_layers_first(train_step)
+            train_step.choose_layers_on_noise(self.batch, 3, self.ours_size)
             source, augment = self.jpeg_source_and_augmenter()
             order = torch.randperm(len(self.jpeg_files), generator=batch_generator(0, 0, -1))
             batches = enumerate(source.batches(order, self.batch))

@@ -200,6 +200,13 @@ class TrainStep:
             self.layer_impls = choose_layer_impls(self.model, x, self.autocast, timings=self.layer_ms) \
                 if x.is_cuda else {}
 
+    def choose_layers_on_noise(self, batch: int, channels: int, size: int) -> None:
+        """choose_layers on noise of a batch's shape, before the data pipeline starts (fit, the bench);
+        its own generator leaves the seeded RNGs alone."""
+        device = self.sums.device
+        noise = torch.randn(batch, channels, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+        self.choose_layers(_to_model(noise, self.model))
+
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, loss_weight: float = 1.0) -> None:
         self.choose_layers(x)  # a no-op where fit (or the bench) chose before the first batch
         with self.autocast():
@@ -305,12 +312,8 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     log_every = int(cfg.trainer.log_every_steps or 0)
     train_step.window = state["window"].to(device)
-    # The auto layers' race (CUDA), on noise of a batch's shape, before the data pipeline starts
-    size, local_batch = int(cfg.model.input_size), len(range(batch_size)[world.part(batch_size)])
-    noise = torch.randn(local_batch, int(cfg.model.in_channels), size, size, device=device,
-                        generator=torch.Generator(device).manual_seed(0))  # leaves the seeded RNGs alone
-    train_step.choose_layers(_to_model(noise, model))
-    del noise  # a batch's worth of GPU memory
+    train_step.choose_layers_on_noise(len(range(batch_size)[world.part(batch_size)]), int(cfg.model.in_channels),
+                                      int(cfg.model.input_size))
     first_epoch = state["epoch"]
     with StopFlag() as stop:
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
