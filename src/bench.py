@@ -80,6 +80,7 @@ class Bench:
         self.warmup, self.steps, self.repeats = (5, 10, 3) if self.cuda else (1, 1, 2)
         self.started = time.perf_counter()
         self.cpu_shares = [float(v) for v in args.cpu_decode_shares.split(",") if v.strip()]
+        self.decode_processes = [int(v) for v in args.decode_processes.split(",") if v.strip()]
         # The LRN's tensors (conv1's and conv2's outputs) and the fused kernels' launch parameters to try
         # (`lrn_configs` times them, `kernels` reads their registers and occupancy).
         self.lrn_shapes = list(PAPER_LRN_SHAPES) if self.cuda else [(2, 24, 3, 3)]
@@ -510,7 +511,8 @@ class Bench:
         return self.resized_files if resized else self.jpeg_files
 
     def jpeg_source_and_augmenter(self, prefetch: int = 3, in_process: bool = True, resized: bool = False,
-                                  cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
+                                  cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0,
+                                  processes: int = 1):
         """The GPU JPEG source over the benchmark's files (or their resized copies), and the paper's
         augmentation."""
         from alexlab.data.augment import Augmenter, PixelStats
@@ -522,11 +524,13 @@ class Bench:
         augment = Augmenter(stats.to(self.device), crop, crop_flip=True, pca_lighting=True, pixel_scale=255.0)
         source = GpuJpegSource(paths, [i % 1000 for i in range(len(paths))], size, self.args.workers,
                                self.device, decode_bytes, prefetch=prefetch, in_process=in_process,
-                               cpu_share=cpu_share, jpeg_decoder=decoder, hw_decoder_load=hw_load)
+                               cpu_share=cpu_share, jpeg_decoder=decoder, hw_decoder_load=hw_load,
+                               processes=processes)
         return source, augment
 
     def pipeline(self, model_step=None, epochs: int = 2, prefetch: int = 3, in_process: bool = True,
-                 resized: bool = False, cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0):
+                 resized: bool = False, cpu_share: float = 0.0, decoder: str = "torchvision", hw_load: float = 1.0,
+                 processes: int = 1):
         """(images/s from files to augmented batches, and through `model_step` if given; the number of
         files; the share of the time the main thread waited for the next batch). The share tells
         which side sets the rate: near 1, the pipeline (reading, decoding); near 0, the GPU work the
@@ -534,7 +538,8 @@ class Bench:
         from alexlab.data.augment import batch_generator
         if model_step is not None:  # the auto layers' race before decoding starts on the same GPU, as fit does
             model_step.choose_layers_on_noise(self.batch, 3, self.ours_size)
-        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share, decoder, hw_load)
+        source, augment = self.jpeg_source_and_augmenter(prefetch, in_process, resized, cpu_share, decoder, hw_load,
+                                                         processes)
         paths = self.files(resized)
         rates, waited, timed = [], 0.0, 0.0
         for epoch in range(epochs):
@@ -651,25 +656,31 @@ class Bench:
         # Now first: nvImageCodec, which can decode on the GPU's hardware JPEG engines and leave the
         # SMs to the step, alone and with libjpeg's share beside it; then the resized copies
         # (data.resized_jpegs=true: a third of the bytes and pixels to decode).
-        plain = dict(in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0)
+        plain = dict(in_process=True, resized=False, share=0.0, decoder="torchvision", hw_load=1.0, processes=1)
         hw = [plain | dict(decoder="nvimgcodec", hw_load=load) for load in self.nvimgcodec_loads()]
         hw_child = [v | dict(in_process=False) for v in hw[:1]]
         # On 2026-11-28 (H100) the first four rows used the call's time; the resized copies (a third of
-        # the pixels to decode, on the GPU or by libjpeg in the reading threads) have never run on a GPU
-        # and are the likeliest way to 20k img/s, so they come second now.
-        variants = [plain, plain | dict(resized=True), plain | dict(resized=True, in_process=False),
+        # the pixels to decode, on the GPU or by libjpeg in the reading threads) and several decoder
+        # processes (each with its own nvJPEG, interpreter lock and CUDA context) have never run on a
+        # GPU and are the likeliest ways to 20k img/s, so they come first.
+        children = [plain | dict(in_process=False, processes=n) for n in self.decode_processes]
+        variants = [plain, *children[:1], plain | dict(resized=True), *(v | dict(resized=True) for v in children[:1]),
+                    plain | dict(resized=True, in_process=False), *children[1:],
                     *(plain | dict(resized=True, share=s) for s in self.cpu_shares[-1:]),
                     plain | dict(in_process=False), *hw[:1], *hw_child,
                     *(v | dict(resized=True) for v in hw_child), *hw[1:],
                     *(v | dict(share=s) for v in hw_child for s in self.cpu_shares[:1]),
                     *(plain | dict(share=s) for s in self.cpu_shares)]
         if not self.cuda:  # the tiny version: each kind of row once
-            variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1])]
+            variants = [plain, *hw[:1], plain | dict(resized=True), *(plain | dict(share=s) for s in self.cpu_shares[:1]),
+                        *children[:1]]
         for v in variants:
-            in_process, resized, share = v["in_process"], v["resized"], v["share"]
+            in_process, resized, share, processes = v["in_process"], v["resized"], v["share"], v["processes"]
             where = ", ".join(filter(None, [
                 f"nvImageCodec, hw_decoder_load={v['hw_load']}" if v["decoder"] == "nvimgcodec" else "nvJPEG (torchvision)",
-                "in the training process" if in_process else "in a child process (data.decode=gpu_process)",
+                "in the training process" if in_process else "in a child process (data.decode=gpu_process)"
+                if processes == 1 else f"in {processes} child processes (data.decode=gpu_process, "
+                                       f"data.decode_processes={processes})",
                 "the resized copies (data.resized_jpegs=true)" if resized else "",
                 f"data.cpu_decode_share={share}" if share else ""]))
             with self.row_guard(f"end to end, {where}"):
@@ -677,13 +688,15 @@ class Bench:
                 model = build_model(model_preset(self.ours, grouped_conv=impl), 1000).to(self.device)
                 train_step = trainer_step(model, self.device, mode)
                 rate, n, waited = self.pipeline(train_step, epochs=4 if self.cuda else 2, in_process=in_process,
-                                        resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"])
+                                        resized=resized, cpu_share=share, decoder=v["decoder"], hw_load=v["hw_load"],
+                                        processes=processes)
                 days = 90 * IMAGENET_TRAIN_IMAGES / rate / 86400
                 row = {"pipeline": f"JPEG files -> GPU decode/augment -> paper net train step ({mode}, "
                                    f"grouped_conv={impl}; {where})",
                        "threads": self.args.workers, "images": n, "images_per_s": rate,
                        "waiting_for_batches_share": waited,
-                       "jpeg_decoder": v["decoder"], "projected_90_epochs_hours": 24 * days,
+                       "jpeg_decoder": v["decoder"], "decode_processes": processes if not in_process else 0,
+                       "projected_90_epochs_hours": 24 * days,
                        "layer_impls": train_step.layer_impls, "layer_ms": train_step.layer_ms}
                 self.record["end_to_end"].append(row)
                 self.save()
@@ -1038,6 +1051,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
                         help="memory bandwidth (TB/s, bytes read + written) for the traffic section's floor; "
                              "3.0: a device-to-device copy on an H100")
+    parser.add_argument("--decode-processes", default="4",
+                        help="data.decode_processes values (child processes taking the batches in turn) to time "
+                             "end to end beside one child, comma-separated ('' for none)")
     parser.add_argument("--hw-decoder-loads", default="1.0,0.75,0",
                         help="data.hw_decoder_load values to time with data.jpeg_decoder=nvimgcodec where it is "
                              "installed, comma-separated ('' for none); the first also runs in a child process")

@@ -12,7 +12,7 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
     # as a user types it: the bench turns Triton's interpreter on by itself without CUDA
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "--cpu", "--out", str(out),
-                           "--workers", "0", "--jpeg-dir", str(tmp_path / "jpeg")],
+                           "--workers", "0", "--jpeg-dir", str(tmp_path / "jpeg"), "--decode-processes", "2"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -35,6 +35,8 @@ def test_bench_tiny_version_runs_every_section_and_writes_json(tmp_path):
         for layout in ("channels_last", "nchw")}
     assert record["data"][0]["images_per_s"] > 0 and record["end_to_end"][0]["images_per_s"] > 0
     assert all("layer_impls" in r for r in record["end_to_end"])  # what the step ran, raced before decoding
+    children = [r for r in record["end_to_end"] if r["decode_processes"] == 2]
+    assert len(children) == 1 and children[0]["images_per_s"] > 0 and "in 2 child processes" in children[0]["pipeline"]
     # the share of the time the main thread waited for the next batch: which side sets the rate
     pipelines = record["end_to_end"] + [r for r in record["data"] if r["pipeline"].startswith("JPEG files ->")]
     assert pipelines and all(0 <= r["waiting_for_batches_share"] <= 1 for r in pipelines)

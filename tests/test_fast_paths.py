@@ -797,9 +797,10 @@ def test_cpu_share_sends_the_last_plain_jpegs_of_each_batch_to_libjpeg_and_the_o
         assert kinds == expected, share
 
 
-def test_decoder_process_serves_what_the_in_process_source_serves(tmp_path):
-    """data.decode=gpu_process: the same batches from a child process, epoch after epoch, also after
-    an epoch stopped early; a file gone missing is reported from the child, named."""
+def test_decoder_processes_serve_what_the_in_process_source_serves(tmp_path, processes=3):
+    """data.decode=gpu_process: the same batches in the same order from child processes (four batches
+    of one image go 2/1/1 to three, and two batches leave one idle), epoch after epoch, also after
+    an epoch stopped early; a file gone missing is reported from the child, named; every child ends."""
     from PIL import Image
     from alexlab.data.gpu_decode import GpuJpegSource
     from alexlab.data.imagenet import decode_bytes
@@ -809,25 +810,29 @@ def test_decoder_process_serves_what_the_in_process_source_serves(tmp_path):
         Image.fromarray(pixels).save(paths[-1], quality=90)
     labels = [10 + i for i in range(len(paths))]
     here = GpuJpegSource(paths, labels, 32, 2, torch.device(DEVICE), decode_bytes)
-    child = GpuJpegSource(paths, labels, 32, 2, torch.device(DEVICE), decode_bytes, prefetch=2, in_process=False)
+    child = GpuJpegSource(paths, labels, 32, 2, torch.device(DEVICE), decode_bytes, prefetch=2, in_process=False,
+                          processes=processes)
     orders = [torch.tensor([3, 2, 0, 1]), torch.tensor([1, 0, 3, 2])]
 
     def same(a, b):
         return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) and torch.equal(u.cpu(), v.cpu())
                                         for (x, u), (y, v) in zip(a, b))
-    for order in orders:
-        assert same(list(child.batches(order, 3)), list(here.batches(order, 3)))
+    for order, size in zip(orders, (1, 3)):
+        assert same(list(child.batches(order, size)), list(here.batches(order, size)))
+    assert len(child._decoders) == processes
     early = child.batches(orders[0], 1)
     next(early)
-    early.close()  # the child is told, and what it had sent is taken back
-    assert same(list(child.batches(orders[1], 3)), list(here.batches(orders[1], 3)))
+    early.close()  # every child is told, and what each had sent is taken back
+    assert same(list(child.batches(orders[1], 1)), list(here.batches(orders[1], 1)))
     missing = Path(paths[2])
     missing.unlink()
     with pytest.raises(RuntimeError, match=missing.name):
-        list(child.batches(orders[0], 3))
-    process = child._decoder.process
-    child._decoder.close()
-    assert not process.is_alive()
+        list(child.batches(orders[0], 1))
+    assert same(list(child.batches(torch.tensor([3, 1]), 1)), list(here.batches(torch.tensor([3, 1]), 1)))
+    children = [d.process for d in child._decoders]
+    for decoder in child._decoders:
+        decoder.close()
+    assert not any(process.is_alive() for process in children)
 
 
 def test_fit_races_the_auto_layers_on_noise_before_it_asks_the_data_for_a_batch(tmp_path, monkeypatch):

@@ -358,7 +358,7 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
                               f"data.cpu_decode_share={share}", f"data.jpeg_decoder={decoder}"), 27, device, None)
     assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
     assert gpu.train.in_process == (decode == "gpu") and gpu.train.cpu_share == share
-    assert gpu.train.jpeg_decoder == decoder
+    assert gpu.train.jpeg_decoder == decoder and gpu.train.processes == 1
     assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
     order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
     for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
@@ -376,6 +376,25 @@ def test_a_decode_share_outside_0_to_1_is_one_clear_error(prepared, name, share)
     with pytest.raises(ConfigError, match=f"data.{name} must be a number from 0 to 1, got"):
         build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.{name}={share}"), 27,
                    torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "two", "true"])
+def test_decode_processes_that_are_not_a_positive_integer_are_one_clear_error(prepared, value):
+    with pytest.raises(ConfigError, match="data.decode_processes must be a positive integer, got"):
+        build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode_processes={value}"), 27,
+                   torch.device("cpu"), None)
+
+
+def test_decode_processes_reach_the_gpu_source_and_are_said_idle_elsewhere(prepared, caplog):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu_process",
+                               "data.decode_processes=4"), 27, device, None)
+    assert data.train.processes == 4 and data.val.processes == 4 and not data.train.in_process
+    with caplog.at_level("WARNING", logger="alexlab"):
+        data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu", "data.decode_processes=4"),
+                          27, torch.device("cpu"), None)
+    assert type(data.train).__name__ == "ImageFolderSource"
+    assert "data.decode_processes=4 applies to data.decode=gpu_process; data.decode=cpu here" in caplog.text
 
 
 def test_an_unknown_missing_or_idle_jpeg_decoder_is_said_clearly(prepared, monkeypatch, caplog):

@@ -274,19 +274,22 @@ class GpuJpegSource(BatchSource):
     """A split as (path, label) pairs, served as uint8 (N, 3, size, size) batches on `device`.
 
     Decoding runs `prefetch` batches ahead in a thread of this process (on a side CUDA stream), or,
-    with `in_process=False`, in a child process with its own interpreter lock and CUDA context,
-    which hands each batch over through CUDA IPC (`DecoderProcess`)."""
+    with `in_process=False`, in `processes` child processes, each with its own interpreter lock,
+    CUDA context and JPEG decoder, which hand the batches over through CUDA IPC (`DecoderProcess`):
+    child k decodes batches k, k + processes, ..., and the `threads` reading threads are shared
+    out among them."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, threads: int,
                  device: torch.device, cpu_decode: Decoder, prefetch: int = 3,
                  cpu_files: set[int] = frozenset(), in_process: bool = True, cpu_share: float = 0.0,
-                 jpeg_decoder: str = "torchvision", hw_decoder_load: float = 1.0):
+                 jpeg_decoder: str = "torchvision", hw_decoder_load: float = 1.0, processes: int = 1):
         self.paths, self.size, self.threads, self.device = list(paths), size, threads, torch.device(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.cpu_decode, self.prefetch, self.cpu_files = cpu_decode, prefetch, set(cpu_files)
         self.in_process, self.cpu_share = in_process, float(cpu_share)
         self.jpeg_decoder, self.hw_decoder_load = jpeg_decoder, float(hw_decoder_load)
-        self._decoder: DecoderProcess | None = None
+        self.processes = max(1, int(processes))
+        self._decoders: list[DecoderProcess] = []
         self._jpeg = None  # made where the decoding runs (in the child, for in_process=False)
 
     def jpeg_batch_decoder(self):
@@ -326,9 +329,12 @@ class GpuJpegSource(BatchSource):
 
     def batches_of(self, index_batches) -> Iterator:
         if not self.in_process:
-            if self._decoder is None:
-                self._decoder = DecoderProcess(self)
-            yield from self._decoder.batches_of(index_batches)
+            index_batches = list(index_batches)
+            if not self._decoders:
+                threads = max(1, self.threads // self.processes)
+                self._decoders = [DecoderProcess(self, threads) for _ in range(self.processes)]
+            yield from _in_turn([d.batches_of(index_batches[k::len(self._decoders)])
+                                 for k, d in enumerate(self._decoders)], len(index_batches))
             return
         if self.device.type != "cuda" or not self.prefetch:
             for datas, idx in self._loader(index_batches):
@@ -378,6 +384,21 @@ class GpuJpegSource(BatchSource):
             thread.join(timeout=30)
 
 
+def _in_turn(generators: list[Iterator], count: int) -> Iterator:
+    """`count` items, item i from generators[i % len(generators)], then each generator run to its end
+    (a DecoderProcess's epoch ends when its child says so); stopped early or failed, every generator
+    is closed (each tells its child)."""
+    try:
+        for i in range(count):
+            yield next(generators[i % len(generators)])
+        for generator in generators:
+            for _ in generator:
+                raise RuntimeError("a JPEG decoder process served more batches than it was given")
+    finally:
+        for generator in generators:
+            generator.close()
+
+
 class DecoderProcess:
     """A child process that runs a GpuJpegSource's reading and decoding (in_process=True there) for
     the parent, one epoch (a list of index batches) per command, for the source's whole life.
@@ -386,12 +407,12 @@ class DecoderProcess:
     the labels from its own copy. The child ignores SIGTERM/SIGUSR2/SIGINT (the parent checkpoints and then ends it),
     and exits when told, or when its parent is gone."""
 
-    def __init__(self, source: GpuJpegSource):
+    def __init__(self, source: GpuJpegSource, threads: int):
         use_file_system_sharing()
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self.device, self.labels = source.device, source.labels
         state = {"paths": source.paths, "labels": source.labels.tolist(), "size": source.size,
-                 "threads": source.threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
+                 "threads": threads, "device": str(source.device), "cpu_decode": source.cpu_decode,
                  "prefetch": 0, "cpu_files": source.cpu_files, "cpu_share": source.cpu_share,
                  "jpeg_decoder": source.jpeg_decoder, "hw_decoder_load": source.hw_decoder_load}
         self.commands, self.results = context.Queue(), context.Queue(max(1, source.prefetch))
@@ -410,11 +431,19 @@ class DecoderProcess:
                     raise RuntimeError(f"the JPEG decoder process died (exit code {self.process.exitcode})") from None
 
     def batches_of(self, index_batches) -> Iterator:
+        """The epoch's batches. The child is told at once, not when the first batch is asked for, so
+        that several children start together; closing the iterator tells the child to stop."""
+        served = self._served(index_batches)
+        next(served)
+        return served
+
+    def _served(self, index_batches) -> Iterator:
         epoch = next(self.epochs)
         index_batches = [torch.as_tensor(b).tolist() for b in index_batches]
         self.commands.put((epoch, index_batches))
         finished, served = False, 0
         try:
+            yield None  # told; from here on, closing this generator runs the `finally` below
             while True:
                 tag, images, failure = self._get()
                 if tag != epoch:  # left over from an abandoned epoch

@@ -116,7 +116,7 @@ GPU_DECODER_SKIPS = ("cmyk", "greyscale", "progressive")
 
 def resolve_decode(cfg, device: torch.device) -> str:
     """data.decode: auto -> gpu when training on CUDA with Triton installed, else cpu. gpu_process:
-    as gpu, with the decoding in a child process (alexlab.data.gpu_decode.DecoderProcess)."""
+    as gpu, with the decoding in data.decode_processes child processes (alexlab.data.gpu_decode.DecoderProcess)."""
     decode = cfg.get("decode", "auto")
     if decode not in ("auto", "cpu", "gpu", "gpu_process"):
         raise ConfigError(f"data.decode must be auto, cpu, gpu or gpu_process, got {decode!r}")
@@ -521,6 +521,7 @@ def check_options(cfg) -> None:
         require_number(f"data.{name}", cfg.get(name, 0.0), "a number from 0 to 1", lambda v: 0 <= v <= 1)
     if cfg.get("jpeg_decoder", "torchvision") not in ("torchvision", "nvimgcodec"):
         raise ConfigError(f"data.jpeg_decoder must be torchvision or nvimgcodec, got {cfg.get('jpeg_decoder')!r}")
+    require_integer("data.decode_processes", cfg.get("decode_processes", 1), 1)
 
 
 def check_bad_files(index: dict, cfg) -> list[dict]:
@@ -605,6 +606,9 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
     elif jpeg_decoder == "nvimgcodec":
         log.warning("data.jpeg_decoder=nvimgcodec applies to data.decode=gpu or gpu_process; "
                     "data.decode=%s here, so PIL decodes on the CPU", cfg.get("decode", "auto"))
+    if cfg.get("decode_processes", 1) > 1 and decode != "gpu_process":
+        log.warning("data.decode_processes=%s applies to data.decode=gpu_process; data.decode=%s here, "
+                    "so it is not used", cfg.get("decode_processes"), cfg.get("decode", "auto"))
     out = find_prepared(cfg, cache_dir)
     if out is None:
         raise ConfigError(f"{_root(cfg)} is not prepared: run `{prepare_command(cfg)}` once first (it decodes "
@@ -644,7 +648,8 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
             splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
                                         cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
                                         in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0),
-                                        jpeg_decoder=jpeg_decoder, hw_decoder_load=cfg.get("hw_decoder_load", 1.0)))
+                                        jpeg_decoder=jpeg_decoder, hw_decoder_load=cfg.get("hw_decoder_load", 1.0),
+                                        processes=cfg.get("decode_processes", 1)))
         else:
             splits.append(ImageFolderSource(samples, size, workers, names))
     return splits[0], splits[1], len(picked), stats, stats_path, skipped
