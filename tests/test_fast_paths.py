@@ -388,6 +388,32 @@ def test_layer_impls_chosen_by_timing_keep_the_function_and_leave_no_gradients(b
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_slow_spell_as_long_as_one_ways_timing_does_not_decide_the_race():
+    """The race times the ways in turn, round after round, and keeps each way's median, so a slow spell
+    of the device (another process's kernels) as long as one way's timed block costs each way at most
+    one round. Timed way by way (as before), a spell over the faster way's consecutive runs made it
+    lose: on an H100 (2026-11-28) conv2's dense way once took 2.10 ms in its race against 1.50 in others.
+    Real sleeps: way A takes 2 ms a call, B 4 ms, and the spell adds 40 ms to each call it covers, for
+    every place the spell can start."""
+    import time
+    from alexlab.model import _time_ways
+    steps = 3
+    calls = 2 * 2 + 3 * 2 * steps  # two ways: two warm-up calls each, then three rounds
+    for spell_start in range(4, calls - steps + 1):
+        count = [0]
+
+        def call_for_way(way):
+            def call():
+                slow = spell_start <= count[0] < spell_start + steps
+                count[0] += 1
+                time.sleep((0.002 if way == "A" else 0.004) + (0.04 if slow else 0.0))
+            return call
+        seconds, failed = _time_ways(["A", "B"], call_for_way, torch.device("cpu"), steps=steps)
+        assert count[0] == calls and not failed
+        assert min(seconds, key=seconds.get) == "A", (spell_start, seconds)
+        assert seconds["A"] < 0.003 and 0.004 <= seconds["B"] < 0.005, (spell_start, seconds)
+
+
 def test_a_way_that_fails_when_timed_is_left_out_with_a_warning_and_recorded(monkeypatch):
     """The fused LRN kernels with the ReLU and the pool inside have never run on a GPU; were one not to
     compile on the card at hand, the trainer's first step should go on with another way and say so, not

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
 import warnings
 from collections import OrderedDict
 from typing import Any, Mapping
@@ -37,7 +38,7 @@ from torch import nn
 
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
-from alexlab.timing import seconds_per_call
+from alexlab.timing import seconds_per_call, synchronize
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 GROUPED_CONV_IMPLS = ("auto", "native", "native_nchw", "split", "dense")
@@ -444,8 +445,8 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
         for hook in hooks:
             hook.remove()
 
-    def timed(call) -> float:  # the median of three runs: with more candidates, one noisy run picks wrong more often
-        return seconds_per_call(call, x.device, warmup=2, steps=repeats, repeats=3)
+    def time_ways(ways, call_for_way):
+        return _time_ways(ways, call_for_way, x.device, steps=repeats)
 
     chosen = {}
     for name, (layer, (attribute, ways, _)) in layers.items():
@@ -459,18 +460,20 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
                 out = layer(inp)
             torch.autograd.grad(out, wrt, torch.ones_like(out))
 
-        def way_step(way):
-            setattr(layer, attribute, way)
-            return step
-        seconds, failed = _time_ways(ways, way_step, timed)
+        def way_step(way):  # the ways are timed in turn, so each call sets its own
+            def call():
+                setattr(layer, attribute, way)
+                step()
+            return call
+        seconds, failed = time_ways(ways, way_step)
         if not seconds:
             raise RuntimeError(f"{name}: no way of running it worked: {failed}")
-        way_step(min(seconds, key=seconds.get))  # a way that runs, for the directions' output dtype
-        directions = _time_directions(layer, inp, autocast, timed, failed) if towers else {}
+        setattr(layer, attribute, min(seconds, key=seconds.get))  # a way that runs, for the directions' output dtype
+        directions = _time_directions(layer, inp, autocast, time_ways, failed) if towers else {}
         if directions:
             mix = "/".join(min(directions[d], key=directions[d].get) for d in DIRECTIONS)
             if len(set(mix.split("/"))) > 1:  # one way for all three is timed above already
-                more_seconds, more_failed = _time_ways([mix], way_step, timed)
+                more_seconds, more_failed = time_ways([mix], way_step)
                 seconds.update(more_seconds)
                 failed.update(more_failed)
         for way, error in failed.items():
@@ -487,18 +490,38 @@ def choose_layer_impls(model: nn.Module, x: torch.Tensor, autocast=contextlib.nu
     return chosen
 
 
-def _time_ways(ways, call_for_way, timed) -> tuple[dict[str, float], dict[str, str]]:
-    """({way: seconds} for each way whose call runs, {way: its error, first line} for each that raises)."""
-    seconds, failed = {}, {}
+def _time_ways(ways, call_for_way, device: torch.device, steps: int, rounds: int = 3
+               ) -> tuple[dict[str, float], dict[str, str]]:
+    """({way: seconds per call} for each way whose call runs, {way: its error, first line} for each that
+    raises). Each way is warmed up (cuDNN's search, Triton's compiling), then timed `steps` calls at a
+    time in `rounds` rounds that take the ways in turn, and its median kept: a slow spell of the device
+    (another process's kernels, a clock change) then costs one round of each way, which the median
+    drops, instead of every run of the one way timed during it (on an H100, 2026-11-28, conv2's dense
+    way once took 2.10 ms in its race against 1.50 in the others, and lost)."""
+    calls, failed = {}, {}
+
+    def failure(way, error):
+        failed[way] = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:300]
     for way in ways:
         try:
-            seconds[way] = timed(call_for_way(way))
+            calls[way] = call_for_way(way)
+            for _ in range(2):
+                calls[way]()
+            synchronize(device)
         except Exception as error:  # noqa: BLE001 (any failure of one candidate: the race goes on without it)
-            failed[way] = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:300]
-    return seconds, failed
+            calls.pop(way, None)
+            failure(way, error)
+    times: dict[str, list[float]] = {way: [] for way in calls}
+    for _ in range(rounds):
+        for way in [w for w in calls if w not in failed]:
+            try:
+                times[way].append(seconds_per_call(calls[way], device, warmup=0, steps=steps, repeats=1))
+            except Exception as error:  # noqa: BLE001
+                failure(way, error)
+    return {way: statistics.median(t) for way, t in times.items() if way not in failed}, failed
 
 
-def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed,
+def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, time_ways,
                      failed: dict[str, str]) -> dict[str, dict[str, float]]:
     """Seconds of each direction of `layer` on `inp`, each way that runs, on the tensors it computes
     with (under autocast, the autocast dtype: that of the layer's output); the ways that raise go into
@@ -512,10 +535,10 @@ def _time_directions(layer: TowerConv2d, inp: torch.Tensor, autocast, timed,
     seconds: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for direction in DIRECTIONS:
-            seconds[direction], failed_here = _time_ways(
+            seconds[direction], failed_here = time_ways(
                 DIRECTION_IMPLS, lambda how: functools.partial(grouped_conv_direction, direction, how, x, weight,
                                                                layer.groups, layer.stride, layer.padding,
-                                                               bias=bias, grad=grad), timed)
+                                                               bias=bias, grad=grad))
             failed.update({f"{direction}:{how}": error for how, error in failed_here.items()})
             if not seconds[direction]:  # no way of this direction runs: no mix to try
                 return {}
