@@ -11,8 +11,8 @@ picks which reading is built:
 """
 from __future__ import annotations
 
-import functools
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,17 +79,24 @@ class _LRNFunction(torch.autograd.Function):
         return back.mul_(x).mul_(-2 * beta * coefficient).add_(g_scaled).to(grad.dtype), None, None, None, None
 
 
-@functools.cache
+# (opaque, pooled) -> the op, or None without Triton; filled at the first call. A plain dict, not
+# functools.cache: torch.compile traces through this lookup, and warns at every compile about a cache
+# wrapper it ignores.
+_FUSED_OPS: dict[tuple[bool, bool], Any] = {}
+
+
 def _fused_lrn(opaque: bool, pooled: bool = False):
     """The Triton op (alexlab.lrn_triton) where Triton is installed, else None. pooled: the op that also
     max-pools its output (returning the pooled output and where each maximum was)."""
-    try:
-        from alexlab import lrn_triton
-    except ImportError:
-        return None
-    if pooled:
-        return lrn_triton.lrn_pool_forward_opaque if opaque else lrn_triton.lrn_pool_forward
-    return lrn_triton.lrn_forward_opaque if opaque else lrn_triton.lrn_forward
+    if (opaque, pooled) not in _FUSED_OPS:
+        try:
+            from alexlab import lrn_triton
+            ops = {(False, False): lrn_triton.lrn_forward, (True, False): lrn_triton.lrn_forward_opaque,
+                   (False, True): lrn_triton.lrn_pool_forward, (True, True): lrn_triton.lrn_pool_forward_opaque}
+        except ImportError:
+            ops = dict.fromkeys([(False, False), (True, False), (False, True), (True, True)])
+        _FUSED_OPS.update(ops)
+    return _FUSED_OPS[opaque, pooled]
 
 
 # The widest max-pool window the fused kernels take: a maximum's position in it, up to 11 x 11 - 1, fits an int8.
