@@ -6,6 +6,9 @@
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # an sdist on PyPI; pure Python
 #   python3 -m pip download --no-deps -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.0.4.44
 #     (data.jpeg_decoder=nvimgcodec, the hardware JPEG engines; 29 MB; nvJPEG 13.0 as the image's CUDA)
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytest-xdist==3.8.0 execnet==2.1.1
+#     (the CUDA tests in TEST_WORKERS processes, 4 by default: they took over 240 s in one on an H100,
+#     most of it compiling Triton kernels on the host, one at a time)
 # A second look, if device time is left: every cuDNN algorithm tried for each convolution (the grouped
 # ones may have faster algorithms than PyTorch's default top 10; cuDNN's choices are cached per process):
 #   run(command="TESTS=0 SECTIONS=train bash bench/on_device.sh --cudnn-benchmark-limit 0", carry=[".whl"])
@@ -26,7 +29,9 @@ command -v nvidia-smi >/dev/null || export TRITON_INTERPRET=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # Correctness on the GPU first: the CUDA-only tests and the fast paths against their references.
 # The ImageNet pipeline's GPU decoding (nvJPEG; nvImageCodec in and out of a child process) on real files too.
-[ "${TESTS:-1}" = 0 ] || timeout "${TESTS_TIMEOUT_S:-240}" python3 -m pytest -q -p no:cacheprovider --durations=20 tests/test_gpu.py tests/test_fast_paths.py \
+PARALLEL=""
+python3 -c "import xdist" 2>/dev/null && PARALLEL="-n ${TEST_WORKERS:-4}"
+[ "${TESTS:-1}" = 0 ] || timeout "${TESTS_TIMEOUT_S:-240}" python3 -m pytest -q -p no:cacheprovider --durations=20 $PARALLEL tests/test_gpu.py tests/test_fast_paths.py \
   tests/test_imagenet.py::test_gpu_decode_serves_the_cpu_paths_images_odd_files_included 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 # Then every measurement (it checks again, then times; skips what would start after BUDGET s).
 # End to end first (it generates 6,144 JPEGs and their resized copies, about a minute; its
