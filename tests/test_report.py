@@ -3,6 +3,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from alexlab.claims import CLAIMS
-from alexlab.report import build_report, comparable_key, plot_deltas, run_metrics, seeds_to_detect, t_quantile
+from alexlab.report import (ReportError, build_report, comparable_key, judge, plot_deltas, run_metrics, seeds_to_detect,
+                            t_quantile)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -253,6 +255,65 @@ def test_failed_and_missing_runs_are_listed_not_averaged(tmp_path):
     assert next(c for c in result["cost"] if c["claim"] == "lrn")["runs"] == 8  # the failed run cost time too
 
 
+def test_odd_records_and_a_failed_runs_odd_seed_are_problems_not_a_crash(tmp_path):
+    """seed=abc fails at the config check, and its results.json keeps the seed as typed; a record
+    whose config sections are not mappings is unreadable. Neither stops the report."""
+    lrn_sweep(tmp_path, [2.0, 2.2, 1.8])
+    bad_seed = make_config("lrn", "no_lrn", 0)
+    bad_seed["seed"] = "abc"
+    failed = write_run(tmp_path, "6_ablation=no_lrn,seed=abc", bad_seed, 90.0, status="failed",
+                       error="ConfigError: seed must be an integer, got 'abc'")
+    odd = write_run(tmp_path, "7_ablation=paper,seed=9", make_config("lrn", "paper", 9), 30.0)
+    record = json.loads((odd / "results.json").read_text())
+    record["config"]["model"] = 3
+    (odd / "results.json").write_text(json.dumps(record))
+    result = build_report([tmp_path], tmp_path)
+    problems = {p["run"]: p for p in result["problems"]}
+    assert problems[str(failed)]["status"] == "failed"
+    assert problems[str(odd)] == {"run": str(odd), "status": "unreadable",
+                                  "error": "results.json: config.model is not a mapping"}
+    assert row(result, "lrn", "no_lrn")["n"] == 3
+    assert "missing: claim lrn ablation no_lrn seed abc (no completed paper run)" in result["missing"]
+
+
+def test_a_directory_of_unreadable_records_says_so(tmp_path):
+    (tmp_path / "0_x").mkdir()
+    (tmp_path / "0_x" / "results.json").write_text("{bad")
+    with pytest.raises(ReportError, match=r"no readable results.json under .*: 1 unreadable, the first .*0_x"):
+        build_report([tmp_path], tmp_path)
+
+
+def test_pairs_of_runs_that_all_guess_one_class_give_no_verdict(tmp_path):
+    """On a validation subset whose commonest class is 12.5% of it, a net that always guesses that class
+    errs 87.5%: below the 90% of uniform guessing, yet it learned nothing. With every run so, each pair
+    differs by 0, sd 0, a CI of no width, which once read as 'contradicted: rules out the paper's +0.40'."""
+    root = lrn_sweep(tmp_path / "sweep", [0.0, 0.0, 0.0])
+    for results in root.glob("*/results.json"):
+        record = json.loads(results.read_text())
+        for m in record["history"]:
+            m["val_top1_err"] = 87.5
+        record["final"], record["val_majority_err"] = record["history"][-1], 87.5
+        results.write_text(json.dumps(record))
+    lrn = row(build_report([root], tmp_path / "report"), "lrn", "no_lrn")
+    assert len(lrn["at_chance"]) == 6
+    assert lrn["verdict"] == "inconclusive"
+    assert lrn["reason"].startswith("no pair in which either side learned (all at chance level)")
+    assert all(s["verdict"] == "inconclusive" for s in lrn["metrics"].values())
+    # the same differences from runs that did learn: still no verdict from a CI of no width
+    assert judge("val_top1_err", 0.4, 3, 0.0, 0.0, (0.0, 0.0))[:2] == (
+        "inconclusive", "every pair differs by the same amount (sd 0): the CI says nothing")
+
+
+def test_gpu_seconds_count_every_data_parallel_process(tmp_path):
+    root = lrn_sweep(tmp_path / "sweep", [2.0, 2.2, 1.8])
+    for results in root.glob("*/results.json"):
+        record = json.loads(results.read_text())
+        record.update(device="cuda:0", processes=8, wall_time_s=100.0)
+        results.write_text(json.dumps(record))
+    cost = next(c for c in build_report([root], tmp_path / "report")["cost"] if c["claim"] == "lrn")
+    assert (cost["runs"], cost["wall_time_s"], cost["gpu_s"]) == (6, 600.0, 6 * 8 * 100.0)
+
+
 def test_repeated_runs_are_not_extra_seeds(tmp_path):
     first, second = lrn_sweep(tmp_path / "first", [2.0, 2.2, 1.8]), lrn_sweep(tmp_path / "second", [2.0, 2.2, 1.8])
     result = build_report([first, second], tmp_path / "out")
@@ -263,17 +324,27 @@ def test_repeated_runs_are_not_extra_seeds(tmp_path):
 
 def test_the_report_says_what_the_runs_trained_on(tmp_path):
     """One line per set-up with its count of runs, before the claims: a verdict on 1,024 Fashion-MNIST
-    images for 2 epochs is not the paper's ImageNet result, and the report says which it is."""
+    images for 2 epochs is not the paper's ImageNet result, and the report says which it is. The count
+    is the run's own where it recorded one (synthetic data of 512 images under scale=tiny's subset of
+    1,024 trains on 512); a run that failed trained on nothing and is not counted."""
     runs = lrn_sweep(tmp_path / "multirun", [2.0, 2.1, 1.9])
     longer = make_config("lrn", "paper", 7)
     longer["data"]["train_subset"], longer["trainer"]["epochs"] = None, 30
     write_run(runs, "6_ablation=paper,seed=7", longer, 20.0)
+    synthetic = write_run(runs, "7_ablation=paper,seed=8,data=synthetic", make_config("lrn", "paper", 8), 20.0)
+    record = json.loads((synthetic / "results.json").read_text())
+    record["config"]["data"].update(name="synthetic", train_size=512)
+    record["train_images"] = 512
+    (synthetic / "results.json").write_text(json.dumps(record))
+    write_run(runs, "8_ablation=paper,seed=9,trainer.epochs=0", make_config("lrn", "paper", 9), 90.0,
+              status="failed", error="ConfigError: trainer.epochs must be a positive integer, got 0")
     text = build_report([runs], tmp_path / "out")["report"].read_text()
     section = text.split("## What the runs trained on\n\n", 1)[1].split("\n\n## Claims", 1)[0]
     assert section.splitlines()[1:] == [
         "",
         "- fashion_mnist (1,024 training images), model `small` at 27 px, 2 epochs: 6 runs",
-        "- fashion_mnist (all training images), model `small` at 27 px, 30 epochs: 1 run"]
+        "- fashion_mnist (all training images), model `small` at 27 px, 30 epochs: 1 run",
+        "- synthetic (512 training images), model `small` at 27 px, 2 epochs: 1 run"]
     assert section.startswith("The paper's claims are about ImageNet")
 
 
@@ -325,6 +396,14 @@ def test_cli_writes_the_report_and_fails_clearly(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode != 0
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nonexistent'} is not a directory"]
+    # runs from W&B without a W&B login: one line, not wandb's traceback
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {"HOME": str(tmp_path), "WANDB_MODE": "offline"}
+    no_login = subprocess.run([sys.executable, "src/report.py", "--wandb", "ent/proj", "--group", "lrn"], cwd=ROOT,
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert no_login.returncode == 2
+    lines = no_login.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --wandb ent/proj: W&B could not list the runs: UsageError: "
+                                                   "No API key"), lines  # the rest of wandb's wording may change
 
 
 def test_log_to_wandb_writes_a_report_run_with_the_table_the_set_ups_and_the_plots(tmp_path):
@@ -450,5 +529,7 @@ def test_the_ten_crop_claim_reads_the_single_crop_side_from_the_ten_patch_runs(t
                                  "and its paper run did not record val_centre_top1_err (this version's do))")
     old_all = row(build_report([tmp_path / "old_all"], tmp_path / "old_all_report"), "ten_crop", "single_crop")
     assert old_all["reason"] == (
-        "no runs with eval.ten_crop=false beside the 2 runs with the paper's eval.ten_crop=true; nor did these record "
-        "it (val_centre_loss, val_centre_top1_err, val_centre_top5_err), as this version's runs do")
+        "no runs with eval.ten_crop=false beside the 2 runs with the paper's eval.ten_crop=true; its ablated side is "
+        "read from paper runs (every other claim's factor at the paper's value, or launched for this claim) that "
+        "recorded val_centre_loss, val_centre_top1_err, val_centre_top5_err, as this version's runs do, and none "
+        "of these is one")

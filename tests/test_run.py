@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, requires_fashion, run_cli
@@ -32,6 +33,14 @@ def test_tiny_run_leaves_a_complete_record(tmp_path):
     assert record["versions"]["torch"] and record["device"] == "cpu" and record["wall_time_s"] > 0
     assert record["final"]["val_top1_err"] < 80  # it learned something (10 classes: chance is 90%)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    # for the report: the images it trained on, and the error of always guessing the commonest class of
+    # its validation subset (the report's chance level where the subset's classes are unbalanced)
+    from alexlab.data.datasets import load_in_memory
+    from conftest import compose_cfg
+    _, val, _ = load_in_memory(compose_cfg("scale=tiny").data)
+    counts = np.bincount(val.labels.numpy(), minlength=10)
+    assert record["train_images"] == 1024
+    assert record["val_majority_err"] == pytest.approx(100 * (1 - counts.max() / 512))
 
 
 def test_multirun_over_lrn_leaves_two_results(tmp_path):

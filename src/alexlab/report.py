@@ -132,14 +132,18 @@ CHANCE_MARGIN = 1.0  # percentage points: a final error this close to chance mea
 
 
 def at_chance(run: Run) -> bool:
-    """A completed run whose final validation error is within CHANCE_MARGIN of guessing. Such runs
-    stay in the analysis (not learning can be the effect of an ablation), but a verdict that rests
-    on one says so."""
+    """A completed run whose final validation error is within CHANCE_MARGIN of guessing: of guessing
+    uniformly, or, where the run recorded it and it is lower (an unbalanced validation subset), of
+    always guessing the most frequent class. Such runs stay in the analysis (not learning can be the
+    effect of an ablation), but a verdict that rests on one says so."""
     data = run.config.get("data") or {}
     classes = run.record.get("num_classes") or data.get("classes") or data.get("num_classes") \
         or CLASSES_BY_DATASET.get(data.get("name"))
+    guesses = [100 * (1 - 1 / classes)] if isinstance(classes, int) and classes > 0 else []
+    if isinstance(run.record.get("val_majority_err"), (int, float)):
+        guesses.append(run.record["val_majority_err"])
     err = run.metrics["val_top1_err"]
-    return bool(classes) and err is not None and err >= 100 * (1 - 1 / classes) - CHANCE_MARGIN
+    return bool(guesses) and err is not None and err >= min(guesses) - CHANCE_MARGIN
 
 
 def run_metrics(record: dict) -> dict:
@@ -174,6 +178,9 @@ def steps_to_converge(history: list):
     return history[first]["steps"]
 
 
+CONFIG_SECTIONS = ("model", "data", "trainer", "optim", "eval")
+
+
 def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
     """Every results.json under root, plus problems: unreadable files and job dirs without results.json."""
     runs, problems = [], []
@@ -185,6 +192,10 @@ def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
             problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME} has no config"))
+            continue
+        odd = [key for key in CONFIG_SECTIONS if not isinstance(record["config"].get(key, {}), dict)]
+        if odd:
+            problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME}: config.{odd[0]} is not a mapping"))
             continue
         runs.append(Run(str(path.parent), record))
     for job_dir in job_dirs(root):
@@ -323,8 +334,9 @@ def not_run_reason(claim: Claim, ablation: str, found: dict) -> str:
     if found["ablated"]:
         return f"{runs_text(found['ablated'])} with {ablated}, but none with {paper} in the same set-up to pair them with"
     if found["paper"]:
-        recorded = (f"; nor did these record it ({', '.join(claim.recorded_as.values())}), as this version's "
-                    "runs do" if claim.recorded_as else "")
+        recorded = (f"; its ablated side is read from paper runs (every other claim's factor at the paper's value, "
+                    f"or launched for this claim) that recorded {', '.join(claim.recorded_as.values())}, as this "
+                    "version's runs do, and none of these is one" if claim.recorded_as else "")
         return f"no runs with {ablated} beside the {runs_text(found['paper'])} with {paper}{recorded}"
     return f"no runs with {ablated}, nor with {paper}"
 
@@ -353,7 +365,7 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
             chosen[side] = {r.seed: r for r in completed}
             if value:
                 tuned.append(f"{ablation if side == 'ablated' else 'paper'}: {value}")
-        for seed in sorted({r.seed for r in context["paper"] + context["ablated"]}):
+        for seed in sorted({r.seed for r in context["paper"] + context["ablated"]}, key=seed_order):
             if seed in chosen["paper"] and seed in chosen["ablated"]:
                 pairs.append({"seed": seed, "paper": chosen["paper"][seed], "ablated": chosen["ablated"][seed]})
             else:
@@ -368,6 +380,10 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
            "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
+    unlearned = [p["seed"] for p in pairs if at_chance(p["paper"]) and at_chance(p["ablated"])]
+    if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
+        for stats in row["metrics"].values():
+            stats["verdict"], stats["reason"] = "inconclusive", "no pair in which either side learned (all at chance level)"
     if not relevant:
         row["verdict"], row["reason"] = "not run", not_run
     elif not pairs:
@@ -377,6 +393,12 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
     if row["at_chance"]:
         row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
     return row
+
+
+def seed_order(seed) -> tuple:
+    """Numbers in order, then anything else a failed run was given (seed=abc) by its text."""
+    number = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+    return (0, seed, "") if number else (1, 0, str(seed))
 
 
 # ---------------------------------------------------------------- statistics and verdicts
@@ -399,7 +421,8 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
         ci = (mean - half, mean + half)
     verdict, reason, seeds_needed = judge(metric, effect, n, mean, sd, ci)
     if censored:
-        reason += f"; {len(censored)} of {len(pairs)} pairs censored (threshold never reached, seeds {censored})"
+        why = "still improving at its last epoch" if metric == "steps_to_converge" else "threshold never reached"
+        reason += f"; {len(censored)} of {len(pairs)} pairs censored ({why}, seeds {censored})"
     show = math.exp if ratio else float
     return {"metric": metric, "paper_effect": effect, "n": n, "censored_seeds": censored,
             "mean": None if mean is None else show(mean),
@@ -414,6 +437,8 @@ def judge(metric: str, effect, n: int, mean, sd, ci) -> tuple[str, str, int | No
         return "inconclusive", "no usable pair", None
     if ci is None:
         return "inconclusive", "need at least 2 seeds", None
+    if sd == 0:  # every seed gave the same difference (runs that all predict one class): a CI of no width
+        return "inconclusive", "every pair differs by the same amount (sd 0): the CI says nothing", None
     direction = paper_direction(metric, effect)
     target = None if effect is None else (math.log(effect) if is_ratio(metric) else effect)
     no_effect = "1" if is_ratio(metric) else "0"
@@ -450,10 +475,13 @@ def measured_text(stats: dict) -> str:
 # ---------------------------------------------------------------- cost
 
 def device_seconds(run: Run) -> tuple[float, float]:
-    """(GPU-seconds, CPU-seconds): wall time of runs on cuda, CPU time of runs on the CPU."""
+    """(GPU-seconds, CPU-seconds): wall time of runs on cuda, CPU time of runs on the CPU, each times
+    the run's data-parallel processes (rank 0 writes the record; every rank runs as long)."""
+    processes = run.record.get("processes")
+    processes = processes if isinstance(processes, int) and processes > 0 else 1
     if str(run.record.get("device") or "").startswith("cuda"):
-        return run.record.get("wall_time_s") or 0.0, 0.0
-    return 0.0, run.record.get("cpu_time_s") or 0.0
+        return (run.record.get("wall_time_s") or 0.0) * processes, 0.0
+    return 0.0, (run.record.get("cpu_time_s") or 0.0) * processes
 
 
 def cost_row(label: str, runs: list[Run], shared: int) -> dict:
@@ -595,11 +623,14 @@ def main_table(rows: list[dict]) -> list[str]:
 
 
 def setups(runs: list[Run]) -> list[tuple[str, int]]:
-    """What the runs trained on: each distinct set-up, in order, with its count of runs."""
+    """What the completed runs trained on: each distinct set-up, in order, with its count of runs."""
     counts = Counter()
     for run in runs:
+        if run.status != "completed":
+            continue
         data, model, trainer = (run.config.get(key) or {} for key in ("data", "model", "trainer"))
-        images = data.get("train_subset") or data.get("train_size")  # a subset of a real set; a synthetic set's size
+        # as the run counted them; runs before it recorded that: a subset's size, or a synthetic set's
+        images = run.record.get("train_images") or data.get("train_subset") or data.get("train_size")
         counts[f"{data.get('name', '?')} ({f'{images:,} training images' if images else 'all training images'}), "
                f"model `{model.get('name', '?')}` at {model.get('input_size', '?')} px, "
                f"{trainer.get('epochs', '?')} epochs"] += 1
@@ -646,7 +677,9 @@ def markdown(rows, table, problems, missing, costs, plots, sources, n_runs, trai
               "## Cost", "",
               "Runs a claim used: every run in its paired set-ups, tuning grid and failed runs included. "
               "Baseline runs shared between claims (the `all` sweep) count in each claim that uses them; "
-              "`shared` says how many. Device-seconds: wall time of cuda runs (GPU-s), CPU time of CPU runs.",
+              "`shared` says how many. Device-seconds: wall time of cuda runs (GPU-s), CPU time of CPU runs, each "
+              "times the run's data-parallel processes. `CPU s`: the training process's own CPU time (rank 0; "
+              "DataLoader workers not included).",
               "", "| claim | runs | shared | wall s | CPU s | GPU-s | CPU-s (CPU runs) | images |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['claim']} | {c['runs']} | {c['shared']} | {c['wall_time_s']:.0f} | {c['cpu_time_s']:.0f} "
@@ -686,6 +719,10 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> dict:
         if not run_dir.is_dir():
             raise ReportError(f"{run_dir} is not a directory")
         found, trouble = load_runs(run_dir)
+        unreadable = [p for p in trouble if p["status"] == "unreadable"]
+        if not found and unreadable:
+            raise ReportError(f"no readable {RESULTS_NAME} under {run_dir}: {len(unreadable)} unreadable, "
+                              f"the first {unreadable[0]['run']} ({unreadable[0]['error']})")
         if not found:
             raise ReportError(f"no {RESULTS_NAME} under {run_dir}")
         runs.update((Path(r.name).resolve(), r) for r in found)
@@ -705,8 +742,13 @@ def load_wandb_runs(path: str, group: str) -> list[Run]:
         import wandb
     except ImportError as err:
         raise ReportError(f"--wandb needs the wandb package ({err})") from err
+    try:
+        found = list(wandb.Api().runs(path, filters={"group": group}))
+    except Exception as err:  # noqa: BLE001 - no API key, no network, no such project: one line, not a traceback
+        raise ReportError(f"--wandb {path}: W&B could not list the runs: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     runs = []
-    for wb_run in wandb.Api().runs(path, filters={"group": group}):
+    for wb_run in found:
         history = [m for m in wb_run.history(pandas=False) if m.get("val_top1_err") is not None]
         summary = wb_run.summary_metrics or {}
         record = {"status": summary.get("status") or WANDB_STATES.get(wb_run.state, wb_run.state),

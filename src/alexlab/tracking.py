@@ -140,8 +140,11 @@ class Tracker:
         log.info(text)
         self.record["notes"].append(text)
 
-    def dataset(self, num_classes: int, skipped_files: list[dict]) -> None:
-        self.record["num_classes"] = num_classes  # the report's chance level: 100 * (1 - 1/num_classes)
+    def dataset(self, num_classes: int, skipped_files: list[dict], train_images: int | None = None,
+                val_majority_err: float | None = None) -> None:
+        self.record["num_classes"] = num_classes  # the report's chance level: 100 * (1 - 1/num_classes),
+        self.record["val_majority_err"] = val_majority_err  # or, where lower, the error of always guessing one class
+        self.record["train_images"] = train_images
         self.record["skipped_files"] = list(skipped_files)
         if skipped_files:
             self.note(f"{len(skipped_files)} unreadable file(s) left out (data.on_bad_file=skip); "
@@ -222,7 +225,8 @@ class NullTracker:
     def note(self, text: str) -> None:
         pass
 
-    def dataset(self, num_classes: int, skipped_files: list[dict]) -> None:
+    def dataset(self, num_classes: int, skipped_files: list[dict], train_images: int | None = None,
+                val_majority_err: float | None = None) -> None:
         pass
 
     def start(self, resumed_history: list, device: str | None = None) -> None:

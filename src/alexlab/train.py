@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from alexlab.data import build_data
+from alexlab.data import build_data, majority_error
 from alexlab.data.augment import batch_generator
 from alexlab.distributed import World
 from alexlab.errors import ConfigError, require_integer, require_number
@@ -287,7 +287,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     data = build_data(cfg.data, int(cfg.model.input_size), device, cfg.data.cache_dir)
-    tracker.dataset(data.num_classes, data.skipped_files)
+    tracker.dataset(data.num_classes, data.skipped_files, len(data.train), majority_error(data.val))
     model = build_model(cfg.model, data.num_classes).to(device)
     step_model = setup_model(model, device, bool(cfg.trainer.channels_last), cfg.trainer.compile, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,

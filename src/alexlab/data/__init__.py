@@ -28,6 +28,13 @@ class Data:
     skipped_files: list = field(default_factory=list)  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
 
 
+def majority_error(split) -> float:
+    """The error, in percent, of always guessing a split's most frequent class: chance level where the
+    classes are unbalanced (a validation subset), for the report's check of runs that did not learn."""
+    counts = torch.bincount(torch.as_tensor(split.labels).flatten().cpu())
+    return 100.0 * (1.0 - counts.max().item() / max(1, counts.sum().item()))
+
+
 def build_data(data_cfg, input_size: int, device: torch.device, cache_dir: str | os.PathLike | None = None) -> Data:
     if data_cfg.name not in DATASETS:
         raise ConfigError(f"data.name must be one of {DATASETS}, got {data_cfg.name!r}")

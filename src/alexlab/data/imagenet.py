@@ -146,6 +146,10 @@ class ImageFolderSource(torch.utils.data.Dataset, BatchSource):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
