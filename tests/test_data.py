@@ -1,6 +1,7 @@
 """Data: the IDX reader against torchvision's, the paper's transforms against direct numpy slicing,
 PCA lighting against numpy's covariance, on real images."""
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -200,3 +201,25 @@ def test_a_cache_dir_that_cannot_be_a_directory_is_bad_input_before_the_statisti
     with pytest.raises(ConfigError, match=f"data.cache_dir={cache_dir} cannot hold the pixel statistics"):
         build_data(cfg.data, 27, torch.device("cpu"), cache_dir)
     assert build_data(cfg.data, 27, torch.device("cpu"), None).stats_path is None  # null: nothing cached
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path, umask):
+    """mkstemp makes its file 0600, and the rename kept that: results, checkpoints and a shared prepared
+    ImageNet folder's index, statistics and resized copies were unreadable to the group whatever the umask."""
+    import stat
+    from alexlab.data.imagenet import write_jpeg
+    from alexlab.io import atomic_torch_save, atomic_write_json
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        atomic_write_json({"a": 1}, tmp_path / "results.json")
+        atomic_torch_save({"a": 1}, tmp_path / "checkpoint.pt")
+        write_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8), tmp_path / "copy.JPEG", 95)
+    finally:
+        os.umask(previous)
+    wanted = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert wanted == 0o666 & ~umask
+    for name in ("results.json", "checkpoint.pt", "copy.JPEG"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == wanted, name

@@ -428,7 +428,7 @@ def prepare(cfg, cache_dir=None) -> Path:
                       [label in chosen for _, label in files["train"] + files["val"]])
         state = scan(root, paths, resize, size, workers, out / "prepare-index.partial", "scanning", copies)
         index = _make_index(root, files, state, time.perf_counter() - tic)
-        _save(index, out / INDEX_NAME)
+        atomic_torch_save(index, out / INDEX_NAME)
         (out / "prepare-index.partial").unlink(missing_ok=True)
         _save_stats(out / stats_name(cfg), state["accumulator"], cfg)
         log.info("wrote %s and %s in %.1f s (%.1f ms per file)", out / INDEX_NAME, stats_name(cfg),
@@ -473,15 +473,6 @@ def find_prepared(cfg, cache_dir) -> Path | None:
     return next((d for d in prepared_dirs(cfg, cache_dir) if (d / INDEX_NAME).is_file()), None)
 
 
-def _save(obj, path: Path) -> None:
-    """atomic_torch_save, readable by others as the umask allows: a shared dataset's prepared files
-    are read by every user of it (mkstemp alone leaves them 0600)."""
-    atomic_torch_save(obj, path)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _make_index(root: Path, files: dict, state: dict, seconds: float) -> dict:
     n_train = len(files["train"])
     index = {"version": INDEX_VERSION, "root": str(root), "classes": files["classes"],
@@ -495,7 +486,7 @@ def _make_index(root: Path, files: dict, state: dict, seconds: float) -> dict:
 
 def _save_stats(path: Path, acc: StatsAccumulator, cfg) -> None:
     stats = acc.result()
-    _save({"mean_image": stats.mean_image, "eigval": stats.eigval, "eigvec": stats.eigvec,
+    atomic_torch_save({"mean_image": stats.mean_image, "eigval": stats.eigval, "eigvec": stats.eigvec,
                        "images": acc.count, "image_size": int(cfg.image_size), "classes": cfg.get("classes"),
                        "stats_images": cfg.get("stats_images")}, path)
 
