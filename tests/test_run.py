@@ -1,5 +1,6 @@
 """The command line as a user types it: runs, multiruns, resume after a signal, bad input, W&B offline."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -212,6 +213,45 @@ def test_a_checkpoint_from_another_config_is_refused_and_its_run_left_as_it_was(
     assert not any("resumed" in n for n in restarted["notes"])
     assert restarted["wandb"]["id"] != record["wandb"]["id"]
     assert restarted["started_at"] > record["started_at"]
+
+
+def test_a_rerun_with_bad_input_leaves_the_finished_run_as_it_was(tmp_path):
+    """The same command again in a finished run's directory, with a typo: a bad value (caught before
+    anything is written) or a data folder that is not there (found while the data loads, after the
+    rerun took the directory over to continue it). Either way the finished record stays."""
+    first = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "run" / "results.json").read_text()
+    for typo, message in (("trainer.epochs=-1", "trainer.epochs must be a positive integer, got -1"),
+                          (f"data.root={tmp_path / 'nowhere'}", "nowhere")):
+        again = run_cli("scale=tiny", "trainer.epochs=1", typo, "data.download=false", "hydra.run.dir=run", cwd=tmp_path)
+        assert again.returncode == 2, again.stderr
+        assert message in again.stderr.strip().splitlines()[-1] and "Traceback" not in again.stderr
+        assert (tmp_path / "run" / "results.json").read_text() == before, typo
+    # in a new directory the same typo leaves a record that says why the run failed
+    fresh = run_cli("scale=tiny", "trainer.epochs=-1", "hydra.run.dir=fresh", cwd=tmp_path)
+    assert fresh.returncode == 2
+    assert results(tmp_path / "fresh")["status"] == "failed"
+    assert results(tmp_path / "fresh")["error"] == "bad input: trainer.epochs must be a positive integer, got -1"
+
+
+def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
+    """SIGTERM after results.json is written but before the first step (the data loading, here slowed
+    by a stats cache that must be computed over 60,000 images): status interrupted and exit 3, as
+    during training, not a run left 'running' for good by the default handler's exit 143."""
+    args = ["scale=tiny", "data.train_subset=null", "data.stats_images=null", "hydra.run.dir=run", "logger=none"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "results.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    record = results(tmp_path / "run")
+    assert proc.returncode == 3, err
+    assert record["status"] == "interrupted" and record["history"] == []
+    assert record["error"] == "stopped by signal SIGTERM; before training began; resume=auto starts it (again)"
 
 
 def test_a_second_process_in_a_busy_run_directory_is_refused(tmp_path):

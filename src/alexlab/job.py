@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from alexlab import distributed
 from alexlab.errors import ConfigError
 from alexlab.io import lock_directory
-from alexlab.tracking import NullTracker, Tracker
-from alexlab.train import Interrupted, check_resume, fit
+from alexlab.tracking import RESULTS_NAME, NullTracker, Tracker
+from alexlab.train import Interrupted, StopFlag, check_config, check_resume, fit
 
 log = logging.getLogger("alexlab")
 EXIT_BAD_INPUT = 2
@@ -65,9 +65,9 @@ def requeue_under_submitit(signum: int) -> None:
 
 def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     run_dir = Path(run_dir)
-    tracker, lock = None, None
+    tracker, lock, config = None, None, None
     world = distributed.World()
-    completed = False
+    completed, may_write = False, False
     try:
         config = resolved_config(cfg)
         cuda = config["device"] != "cpu" and _cuda_available()
@@ -78,13 +78,15 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         if world.max_int(int(holder != 0), torch_device(cuda, world)):  # every rank stops, not rank 0 alone
             raise ConfigError(f"another process{f' (pid {holder})' if holder > 0 else ''} is training in {run_dir}: "
                               "wait for it to end, or run in another directory")
-        resuming = check_resume(run_dir, config)  # before anything is written: a refused run leaves the old one
-        if world.is_main:
-            tracker = Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")),
-                              processes=world.size, continues=resuming is not None)
-        else:
-            tracker = NullTracker(run_dir)
-        state = fit(cfg, run_dir, tracker, world, resuming)
+        may_write = True
+        # Before anything is written, the values, then the checkpoint to resume from: a rerun refused for
+        # either (a typo, another experiment) leaves the directory's record as it was.
+        check_config(cfg)
+        resuming = check_resume(run_dir, config)
+        # From here a stop signal is a stop (status interrupted, exit 3), also while the data loads.
+        with StopFlag() as stop:
+            tracker = make_tracker(run_dir, config, overrides, world, resuming is not None)
+            state = fit(cfg, run_dir, tracker, world, resuming, stop)
         record = tracker.finish("completed", state=state)
         completed = True
         if not world.is_main:
@@ -95,7 +97,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
                  record["wall_time_s"], tracker.results_path)
         return record
     except ConfigError as err:
-        if tracker is not None:
+        if tracker is None and may_write and not (run_dir / RESULTS_NAME).exists():
+            tracker = make_tracker(run_dir, config, overrides, world, False)  # a new run's record says why it failed
+        if tracker is not None and not (isinstance(tracker, Tracker) and tracker.keep_previous()):
             tracker.finish("failed", error=f"bad input: {err}")
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise BadInput(str(err)) from None
@@ -112,6 +116,13 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         world.close(completed)
         if lock is not None:
             os.close(lock)
+
+
+def make_tracker(run_dir: Path, config: dict, overrides: list[str], world: distributed.World, continues: bool):
+    if world.is_main:  # rank 0 writes results.json and W&B
+        return Tracker(run_dir, config, overrides, config["logger"], str(config.get("experiment")),
+                       processes=world.size, continues=continues)
+    return NullTracker(run_dir)
 
 
 def _cuda_available() -> bool:

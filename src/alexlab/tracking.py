@@ -92,8 +92,9 @@ class Tracker:
         self.wandb_id = None
         self.t0 = time.perf_counter()
         self.cpu0 = time.process_time()
-        self.continues = continues
+        self.continues, self.started = continues, False
         previous = self._previous() if continues else {}
+        self._kept = previous  # what the directory said before this process: put back by keep_previous
         self.record = {
             "status": "running",
             "error": None,
@@ -150,7 +151,17 @@ class Tracker:
             self.note(f"{len(skipped_files)} unreadable file(s) left out (data.on_bad_file=skip); "
                       "listed in skipped_files")
 
+    def keep_previous(self) -> bool:
+        """Where this process continues a run and stopped on bad input (data.root mistyped) before it
+        started training: put back the record it found, so that a completed or interrupted run is not
+        marked failed by a rerun that never trained. False where there is nothing to put back."""
+        if not (self.continues and self._kept and not self.started):
+            return False
+        atomic_write_json(self._kept, self.results_path)
+        return True
+
     def start(self, resumed_history: list, device: str | None = None) -> None:
+        self.started = True
         self.record["history"] = list(resumed_history)
         if device:
             self.record["device"], self.record["device_name"] = device, device_name(device)

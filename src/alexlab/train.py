@@ -40,10 +40,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 class Interrupted(Exception):
-    """Raised after a checkpoint was written because SIGTERM/SIGUSR2/SIGINT arrived."""
+    """Raised after a checkpoint was written because SIGTERM/SIGUSR2/SIGINT arrived; or, where the signal
+    came while the run was setting up, before its first step (nothing new to save)."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written, resume=auto continues")
+    def __init__(self, signum: int, before_training: bool = False):
+        done = ("before training began; resume=auto starts it (again)" if before_training
+                else "checkpoint written, resume=auto continues")
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; {done}")
         self.signum = signum
 
 
@@ -271,10 +274,12 @@ def _to_model(x: torch.Tensor, model) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
 
 
-def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str] | None = None) -> dict:
+def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str] | None = None,
+        stop: StopFlag | None = None) -> dict:
     """Train `cfg` in `run_dir`, reporting to `tracker`; returns the training state (history, steps, ...).
     resuming: check_resume's answer: None starts afresh, a list continues from the checkpoint (with the
-    config changes it lists).
+    config changes it lists). stop: a StopFlag the caller installed before it wrote anything (a signal
+    during the set-up then stops the run before its first step); None: fit installs its own.
 
     With world.size > 1 this is one rank of data parallel training (see alexlab.distributed): each
     rank trains on its slice of every global batch and only rank 0 writes the checkpoint.
@@ -315,7 +320,10 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     train_step.choose_layers_on_noise(len(range(batch_size)[world.part(batch_size)]), int(cfg.model.in_channels),
                                       int(cfg.model.input_size))
     first_epoch = state["epoch"]
-    with StopFlag() as stop:
+    with contextlib.nullcontext(stop) if stop is not None else StopFlag() as stop:
+        early = world.max_int(stop.signum or 0, device)  # came while loading the data or building the model
+        if early:
+            raise Interrupted(early, before_training=True)
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
             model.train()
             train_step.sums = state["sums"].to(device)
