@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
         log.warning("sweeps=%s is a sweep (%s) and runs as one only with -m; this is one run, at %s",
                     choices.get("sweeps"), "; ".join(f"{key}: {value}" for key, value in params.items()),
                     ", ".join(f"{key}={value}" for key, value in here.items()))
-    overrides = list(hydra_cfg.overrides.task)
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: `x=${nope}` too
     in_this_process = (hydra_cfg.mode == RunMode.MULTIRUN
                        and str(hydra_cfg.launcher.get("_target_", "")).endswith(".BasicLauncher"))
     if not in_this_process:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import ROOT, requires_fashion, run_cli
+from conftest import FASHION_DIR, ROOT, requires_fashion, run_cli
 
 pytestmark = [requires_fashion, pytest.mark.slow]
 
@@ -45,15 +46,17 @@ def test_tiny_run_leaves_a_complete_record(tmp_path):
 
 
 def test_multirun_over_lrn_leaves_two_results(tmp_path):
+    # data.root as every ImageNet sweep gives it: its slashes once nested the job directories in folders
     proc = run_cli("-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none",
-                   "hydra.sweep.dir=sweep", cwd=tmp_path)
+                   f"data.root={FASHION_DIR}", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
-    assert len(records) == 2
+    assert len(records) == 2 and len(list((tmp_path / "sweep").glob("*/"))) == 2
     assert {r["config"]["model"]["lrn"] for r in records} == {True, False}
     assert all(r["status"] == "completed" for r in records)
     for r in records:  # the variant names what the run changes, not the seed or the logger
-        assert r["variant"].lower() == f"model.lrn={str(r['config']['model']['lrn']).lower()},scale=tiny,trainer.epochs=1"
+        assert r["variant"].lower() == (f"data.root={FASHION_DIR},model.lrn={str(r['config']['model']['lrn']).lower()},"
+                                        "scale=tiny,trainer.epochs=1").lower()
 
 
 def by_job_number(sweep) -> dict:
@@ -168,6 +171,9 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert cut.returncode == 3, err
     stopped = results(tmp_path / "cut")
     assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["error"]
+    # the images and steps up to the step it stopped after, not those of its last whole epoch
+    saved = torch.load(checkpoint, weights_only=False)["state"]
+    assert stopped["images_seen"] == saved["images_seen"] and stopped["steps"] == saved["steps"]
     assert len(stopped["history"]) < 3
 
     again = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
@@ -317,6 +323,15 @@ def test_bad_input_is_one_clear_line_and_never_completed(tmp_path, override, mes
     assert "Traceback" not in proc.stderr
     record = results(tmp_path / "run")
     assert record["status"] == "failed" and message in record["error"]
+
+
+def test_an_interpolation_that_does_not_resolve_is_one_clear_line(tmp_path):
+    """Hydra keeps the override as typed; reading it resolved (`${nope}`) crashed before the job began."""
+    proc = run_cli("scale=tiny", "logger=none", "data.val_subset=${nope}", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: config does not resolve: Interpolation key 'nope' not found (at data.val_subset)"]
+    assert not (tmp_path / "run" / "results.json").exists()  # no resolved config to record
 
 
 def test_unknown_key_is_refused_by_hydra(tmp_path):

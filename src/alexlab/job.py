@@ -43,7 +43,9 @@ def resolved_config(cfg: DictConfig) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # noqa: BLE001 - interpolation errors are user input errors
-        raise ConfigError(f"config does not resolve: {err}") from err
+        where = getattr(err, "full_key", None)  # OmegaConf's message goes on with full_key and object_type lines
+        raise ConfigError(f"config does not resolve: {str(err).strip().splitlines()[0]}"
+                          + (f" (at {where})" if where else "")) from err
 
 
 def requeue_under_submitit(signum: int) -> None:
@@ -104,7 +106,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise BadInput(str(err)) from None
     except Interrupted as err:
-        tracker.finish("interrupted", error=str(err))
+        tracker.finish("interrupted", error=str(err), state=err.state)
         print(f"interrupted: {err}", file=sys.stderr, flush=True)
         requeue_under_submitit(err.signum)
         sys.exit(EXIT_INTERRUPTED)

@@ -43,11 +43,11 @@ class Interrupted(Exception):
     """Raised after a checkpoint was written because SIGTERM/SIGUSR2/SIGINT arrived; or, where the signal
     came while the run was setting up, before its first step (nothing new to save)."""
 
-    def __init__(self, signum: int, before_training: bool = False):
+    def __init__(self, signum: int, before_training: bool = False, state: dict | None = None):
         done = ("before training began; resume=auto starts it (again)" if before_training
                 else "checkpoint written, resume=auto continues")
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; {done}")
-        self.signum = signum
+        self.signum, self.state = signum, state  # state: where it stopped, for results.json
 
 
 class StopFlag:
@@ -367,7 +367,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
                     progress.close()
                     if world.is_main:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, state, config)
-                    raise Interrupted(signum)
+                    raise Interrupted(signum, state=state)
             progress.close()
             if epoch == first_epoch and train_step.layer_impls:
                 tracker.note(f"layers timed before the first step, fastest kept: {train_step.layer_impls} "
