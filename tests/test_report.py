@@ -447,7 +447,7 @@ def test_log_to_wandb_writes_a_report_run_with_the_table_the_set_ups_and_the_plo
         assert_png(image)
 
 
-def test_the_deltas_plot_labels_do_not_overlap_with_ten_differences_and_one_ratio(tmp_path):
+def test_the_deltas_plot_labels_do_not_overlap_with_ten_differences_one_ratio_and_two_set_ups(tmp_path):
     """The `all` sweep's shape: ten claims measured in points and relu's ratio on its own panel (with the
     panels half and half, the ten labels overlapped)."""
     def row(claim, ablation, metric, mean):
@@ -455,10 +455,14 @@ def test_the_deltas_plot_labels_do_not_overlap_with_ten_differences_and_one_rati
                 "metrics": {metric: {"mean": mean, "ci_low": mean / 2, "ci_high": mean * 2, "paper_effect": 2.0}}}
     rows = [row("depth", f"no_overlap_pool_{i}", "val_top1_err", 1.0) for i in range(10)]
     rows.append(row("relu", "tanh", "steps_to_25_train_err", 3.0))
+    # and runs from two set-ups, each bar named by what sets its set-up apart (setup_labels' text)
+    for name in ("synthetic", "fashion_mnist"):
+        rows.append(row("lrn", "no_lrn", "val_top1_err", 1.0) | {
+            "setup": f'data.name="{name}", data.train_size=512, trainer.epochs=2, model.input_size=27, +3 more'})
     fig = plot_deltas(rows, tmp_path / "deltas.png")
     renderer = FigureCanvasAgg(fig).get_renderer()
     boxes = [label.get_window_extent(renderer) for ax in fig.axes for label in ax.get_xticklabels()]
-    assert len(boxes) == 11
+    assert len(boxes) == 13
     assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
     assert_png(tmp_path / "deltas.png")
 

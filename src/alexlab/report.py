@@ -530,12 +530,25 @@ def plot_curves(claim: str, variants: dict[str, list[Run]], path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+SETUP_LABEL_WIDTH = 16  # characters a line under a bar of the deltas plot (7 pt; a bar is 1.6 inches)
+
+
+def setup_label_lines(setup: str | None) -> list[str]:
+    """A row's set-up ("data.name=\"fashion_mnist\", trainer.epochs=2") as lines as narrow as the bars:
+    a line per value, a long one split after its "=" (beside each other, long labels overlapped)."""
+    lines = []
+    for item in (setup or "").split(", ") if setup else []:
+        key, sep, value = item.partition("=")
+        lines += [key + sep, value] if len(item) > SETUP_LABEL_WIDTH and sep else [item]
+    return lines
+
+
 def plot_deltas(rows: list[dict], path: Path) -> Figure:
     """Measured primary effect with its CI beside the paper's number; ratios on their own log panel."""
     measured = [r for r in rows if r["metrics"][r["metric"]]["mean"] is not None]
     panels = [p for p in ([r for r in measured if not is_ratio(r["metric"])],
                           [r for r in measured if is_ratio(r["metric"])]) if p]
-    fig = Figure(figsize=(4 + 1.2 * len(measured), 4))
+    fig = Figure(figsize=(4 + 1.6 * len(measured), 4))
     # each panel as wide as its bars need: with equal halves, ten labels crowded into one half and overlapped
     widths = [max(len(panel), 2) for panel in panels]
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0], panels):
@@ -553,8 +566,9 @@ def plot_deltas(rows: list[dict], path: Path) -> Figure:
         ax.axhline(base, color="black", linewidth=0.8)
         if ratio:
             ax.set_yscale("log")
-        ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" + (f"\n{r['setup']}" if r.get("setup") else "")
-                          for r in panel], fontsize=7)  # the set-up on its own line: labels stay narrow
+        ax.set_xticks(x, [f"{r['claim']}\n{r['ablation']}\n{r['metric']}" + "".join(f"\n{line}" for line in
+                                                                               setup_label_lines(r.get("setup")))
+                          for r in panel], fontsize=7)
         ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
