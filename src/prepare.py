@@ -40,6 +40,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except OSError as err:  # a full disk, a folder it may not write
+        print(f"error: cannot write the prepared files: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr, flush=True)
+        return 130
     print(f"prepared: {out}", file=sys.stderr, flush=True)
     return 0
 

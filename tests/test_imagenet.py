@@ -126,20 +126,32 @@ def test_prepare_then_train_tiny_through_the_command_line(tmp_path):
     assert copies["status"] == "completed" and copies["images_seen"] == record["images_seen"]
 
 
-@pytest.mark.parametrize("argument,error", [("/data/imagenet", "Error parsing override '/data/imagenet'"),
-                                             ("data.rot=/data", "Could not override 'data.rot'.")])
+@pytest.mark.parametrize("argument,error", [
+    ("/data/imagenet", "Error parsing override '/data/imagenet'"),
+    ("data.rot=/data", "Could not override 'data.rot'."),
+    # values run.py refuses: prepare.py once took them to a traceback, or silently (stats of all but five images)
+    ("data.image_size=abc", "data.image_size must be a positive integer, got 'abc'"),
+    ("data.stats_images=-5", "data.stats_images must be a positive integer or null (all), got -5"),
+    ("data.classes=1.5", "data.classes must be a positive integer or null (all), got 1.5"),
+    ("data.workers=-1", "data.workers must be an integer >= 0, got -1")])
 def test_prepare_refuses_an_argument_it_cannot_read_with_its_usage(tmp_path, argument, error):
     """A path without data.root= (the likeliest slip) or a misspelt key: the error and the usage, no traceback."""
-    proc = run_prepare(argument, cwd=tmp_path)
+    proc = run_prepare(*([argument] if "=/" in argument or argument.startswith("/") else
+                         [f"data.root={tmp_path}", argument]), cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {error}",
-                                                "usage: python src/prepare.py data.root=DIR [data.* overrides]"]
+    usage = ["usage: python src/prepare.py data.root=DIR [data.* overrides]"] if "override" in error else []
+    assert proc.stderr.strip().splitlines() == [f"error: {error}", *usage]
 
 
 def test_an_unprepared_root_is_one_clear_error_with_the_command(tmp_path):
     root = write_dataset(tmp_path, per_class=1, odd=False, truncated=False)
     with pytest.raises(ConfigError, match=r"not prepared: run `python src/prepare.py data.root=.* data.image_size=32`"):
         build_data(data_cfg(root), 27, torch.device("cpu"), tmp_path / "cache")
+    # the command carries what decides where the files go and whether bad files stop it
+    with pytest.raises(ConfigError, match=r"`python src/prepare.py data.root=\S+ data.image_size=32 "
+                                          r"data.cache_dir=/elsewhere data.on_bad_file=skip`"):
+        build_data(data_cfg(root, "data.cache_dir=/elsewhere", "data.on_bad_file=skip"), 27, torch.device("cpu"),
+                   "/elsewhere")
     with pytest.raises(ConfigError, match="data.root is not set"):  # not the parent preset's root
         imagenet.prepare(compose_cfg("scale=imagenet").data)
 
@@ -304,6 +316,14 @@ def test_flat_official_validation_with_kaggle_csv_or_devkit(tmp_path):
     files = imagenet.list_files(root, val_labels=devkit)
     assert files["val_layout"].startswith("devkit")
     assert [label for _, label in files["val"]] == [wnids.index(w) for w in truth]
+    # a mistyped data.val_labels is named as such, not as labels not found
+    with pytest.raises(ConfigError, match=r"data.val_labels=.*typo.csv: no such file or folder"):
+        imagenet.list_files(root, val_labels=tmp_path / "typo.csv")
+    # a CSV row without its label: the row named, not an IndexError
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + rows[0] + "\nILSVRC2012_val_00000002,\n")
+    with pytest.raises(ConfigError, match=r"LOC_val_solution.csv, line 3: 'ILSVRC2012_val_00000002' has an empty "
+                                          r"PredictionString"):
+        imagenet.list_files(root)
 
 
 def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp_path, monkeypatch):
@@ -489,3 +509,47 @@ def test_a_first_preparation_writes_the_copies_of_the_chosen_classes_from_its_ow
         again = tmp_path / "again.JPEG"
         imagenet.write_resized_copy(root / rel, again, SIZE, 95)
         assert (folder / rel).read_bytes() == again.read_bytes(), rel
+
+
+def read_only_view(source: Path, view: Path) -> bool:
+    """`view` as a read-only mount of `source` (as root: a bind mount, since permissions do not stop
+    root), or `source` made read-only by permissions (as another user); False where neither works."""
+    view.mkdir()
+    if os.geteuid() != 0:
+        view.rmdir()
+        view.symlink_to(source)
+        for path in [source, *source.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        return True
+    done = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True)
+    if done.returncode != 0:
+        return False
+    if subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", str(view)])
+        return False
+    return True
+
+
+def test_a_read_only_root_prepared_in_place_gets_a_new_size_in_the_cache(tmp_path):
+    """The shared-dataset case: someone prepared the root in place (root/.alexlab), and a user who
+    cannot write there asks for another image size: the index is reused, the new statistics go to the
+    cache folder (writing them beside the index once failed with a traceback after a whole scan), and
+    training finds each size's statistics where they are."""
+    root = write_dataset(tmp_path / "imagenet", per_class=1, odd=False, truncated=False)
+    imagenet.prepare(data_cfg(root))
+    view = tmp_path / "read-only"
+    if not read_only_view(root, view):
+        pytest.skip("no read-only mount here (not permitted)")
+    try:
+        assert not imagenet._writable(view / ".alexlab")
+        cache = tmp_path / "cache"
+        out = imagenet.prepare(data_cfg(view, "data.image_size=24"), cache)
+        assert out.parent == cache and (out / imagenet.INDEX_NAME).is_file()
+        assert sorted(p.name for p in (view / ".alexlab").glob("stats-*")) == ["stats-32px-classesall-imagesall.pt"]
+        for size in (24, SIZE):
+            data = build_data(data_cfg(view, f"data.image_size={size}"), 20, torch.device("cpu"), cache)
+            assert data.stats_path.parent == (out if size == 24 else view / ".alexlab")
+            assert next(iter(data.train.batches(torch.arange(2), 2)))[0].shape[-1] == size
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(view)])

@@ -39,6 +39,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -181,6 +182,9 @@ def find_val_labels(root: Path, given) -> tuple[str, dict[str, str]]:
     """(how, {file stem: wnid}) for the flat validation layout."""
     candidates = [Path(os.path.expanduser(str(given)))] if given else \
         [d / "LOC_val_solution.csv" for d in (root, *list(root.parents)[:3])] + [root / "ILSVRC2012_devkit_t12"]
+    if given and not candidates[0].exists():
+        raise ConfigError(f"data.val_labels={given}: no such file or folder (LOC_val_solution.csv or the unpacked "
+                          "ILSVRC2012_devkit_t12/)")
     for path in candidates:
         if path.is_file() and path.suffix == ".csv":
             return f"csv {path}", read_loc_csv(path)
@@ -198,7 +202,14 @@ def read_loc_csv(path: Path) -> dict[str, str]:
         rows = list(csv.DictReader(f))
     if not rows or "ImageId" not in rows[0] or "PredictionString" not in rows[0]:
         raise ConfigError(f"{path}: expected the columns ImageId,PredictionString")
-    return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    labels = {}
+    for line, row in enumerate(rows, 2):  # line 1 is the header
+        tokens = (row.get("PredictionString") or "").split()
+        if not tokens:
+            raise ConfigError(f"{path}, line {line}: {row.get('ImageId')!r} has an empty PredictionString "
+                              "(its first word is the label's wnid)")
+        labels[row["ImageId"]] = tokens[0]
+    return labels
 
 
 def read_devkit(devkit: Path) -> dict[str, str]:
@@ -268,13 +279,16 @@ def _root(cfg) -> Path:
     return Path(os.path.expanduser(str(cfg.root))).resolve()
 
 
+DEFAULT_CACHE_DIR = "~/.cache/alexlab"
+
+
 def prepared_dirs(cfg, cache_dir) -> list[Path]:
     """Where the prepared files may be, in the order looked at: data.prepared_dir if set, else
     <root>/.alexlab, then <cache_dir>/imagenet-<hash of the resolved root>."""
     root = _root(cfg)
     if cfg.get("prepared_dir"):
         return [Path(os.path.expanduser(str(cfg.prepared_dir)))]
-    cache = Path(os.path.expanduser(str(cache_dir or "~/.cache/alexlab")))
+    cache = Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
     return [root / ".alexlab", cache / f"imagenet-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"]
 
 
@@ -288,6 +302,10 @@ def prepare_command(cfg) -> str:
     parts = ["python src/prepare.py", f"data.root={cfg.root}"]
     parts += [f"data.{k}={cfg.get(k)}" for k in ("image_size", "classes", "stats_images", "prepared_dir", "val_labels")
               if cfg.get(k) is not None and not (k == "image_size" and int(cfg.get(k)) == 256)]
+    if cfg.get("cache_dir") and str(cfg.cache_dir) != DEFAULT_CACHE_DIR:  # where the prepared files may be
+        parts.append(f"data.cache_dir={cfg.cache_dir}")
+    if cfg.get("on_bad_file") == "skip":  # else it would stop at the unreadable files again
+        parts.append("data.on_bad_file=skip")
     if cfg.get("resized_jpegs"):
         parts.append("data.resized_jpegs=true")
         if int(cfg.resized_quality) != 95:
@@ -410,6 +428,15 @@ def prepare(cfg, cache_dir=None) -> Path:
     size, workers = int(cfg.image_size), int(cfg.workers)
     existing = find_prepared(cfg, cache_dir)
     out = existing or _writable_dir(cfg, cache_dir)
+    more = existing is not None and (not (existing / stats_name(cfg)).is_file()
+                                     or (cfg.get("resized_jpegs") and not resized_dir(existing, cfg).is_dir()))
+    if more and not _writable(existing):  # prepared by someone else, read-only: what is new goes to the cache
+        out = _writable_dir(cfg, cache_dir)
+        if out != existing:
+            log.info("%s is not writable: its index is copied to %s, and what this config adds goes there", existing, out)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(torch.load(existing / INDEX_NAME, weights_only=True), out / INDEX_NAME)
+            existing = out
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     index = torch.load(out / INDEX_NAME, weights_only=True) if existing else None
@@ -455,11 +482,20 @@ def prepare(cfg, cache_dir=None) -> Path:
     return out
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in `folder`: tried, since os.access says yes to root on a read-only mount."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _writable_dir(cfg, cache_dir) -> Path:
     first, *rest = prepared_dirs(cfg, cache_dir)
     try:
         first.mkdir(parents=True, exist_ok=True)
-        if os.access(first, os.W_OK):
+        if _writable(first):
             return first
     except OSError:
         pass
@@ -470,7 +506,13 @@ def _writable_dir(cfg, cache_dir) -> Path:
 
 
 def find_prepared(cfg, cache_dir) -> Path | None:
-    return next((d for d in prepared_dirs(cfg, cache_dir) if (d / INDEX_NAME).is_file()), None)
+    """The first prepared folder (one with an index) that holds this config's statistics (and resized
+    copies, where asked for); else the first with an index; None where there is none. (A read-only root
+    prepared in place gets the statistics of another image size in the cache folder.)"""
+    found = [d for d in prepared_dirs(cfg, cache_dir) if (d / INDEX_NAME).is_file()]
+    complete = [d for d in found if (d / stats_name(cfg)).is_file()
+                and (not cfg.get("resized_jpegs") or resized_dir(d, cfg).is_dir())]
+    return (complete or found or [None])[0]
 
 
 def _make_index(root: Path, files: dict, state: dict, seconds: float) -> dict:
@@ -509,6 +551,11 @@ def _listing(bad: dict, limit: int = 10) -> str:
 
 
 def check_options(cfg) -> None:
+    """The data values preparation and loading use: prepare.py runs no training config check."""
+    require_integer("data.image_size", cfg.get("image_size"), 1)
+    require_integer("data.workers", cfg.get("workers"), 0)
+    for key in ("classes", "train_subset", "val_subset", "stats_images"):
+        require_integer(f"data.{key}", cfg.get(key), 1, null_means="all")
     if cfg.get("on_bad_file", "error") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
     check_resized_options(cfg)
