@@ -260,6 +260,28 @@ def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
     assert record["error"] == "stopped by signal SIGTERM; before training began; resume=auto starts it (again)"
 
 
+def test_a_signal_during_the_last_validation_completes_the_run_and_stops_the_sweep(tmp_path):
+    """One training step, then a validation of 10,000 images x 10 patches (about 25 s here): SIGTERM 8 s
+    after the start lands in it. The run is complete (all its training done), so it says so; but the
+    sweep stops there with exit 3, as for any stop signal, instead of running its next job."""
+    args = ["-m", "seed=0,1", "scale=tiny", "data.train_subset=64", "data.val_subset=null", "eval.ten_crop=true",
+            "trainer.epochs=1", "logger=none", "hydra.sweep.dir=sweep"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("sweep/0_*/results.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    first = next(tmp_path.glob("sweep/0_*"))
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert "came after the last training step; this run completed, and nothing more runs" in err
+    assert results(first)["status"] == "completed"
+    assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 1  # seed 1 never started
+
+
 def test_a_second_process_in_a_busy_run_directory_is_refused(tmp_path):
     """The same command launched twice into one directory would write one checkpoint, results.json and
     W&B run in turns; the second stops at once. The lock goes with its process, however that ends."""
@@ -339,6 +361,27 @@ def test_unknown_key_is_refused_by_hydra(tmp_path):
     assert proc.returncode != 0
     assert "Key 'lrm' is not in struct" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_wandb_online_without_a_key_is_one_clear_line(tmp_path):
+    proc = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path,
+                   env_extra={"WANDB_MODE": "online", "WANDB_API_KEY": None})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: W&B (online) could not start the run: UsageError: "), proc.stderr
+    assert results(tmp_path / "run")["status"] == "failed"
+
+
+def test_a_finished_run_run_again_opens_no_second_wandb_run(tmp_path):
+    """Continuing a sweep runs its finished jobs again; they end at once, and once each left a second,
+    empty offline W&B run under the same id, which results.json then pointed to."""
+    for _ in range(2):
+        proc = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        if _ == 0:
+            first = results(tmp_path / "run")["wandb"]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+    assert results(tmp_path / "run")["wandb"] == first and results(tmp_path / "run")["status"] == "completed"
 
 
 def test_wandb_offline_record_has_config_history_and_summary(tmp_path):

@@ -91,6 +91,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
             state = fit(cfg, run_dir, tracker, world, resuming, stop)
         record = tracker.finish("completed", state=state)
         completed = True
+        if stop.signum:  # came during the last validation: the run is complete, but the sweep stops here
+            print(f"interrupted: {signal.Signals(stop.signum).name} came after the last training step; this run "
+                  "completed, and nothing more runs", file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
         if not world.is_main:
             return record
         final = record["final"] or {}
@@ -111,7 +115,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         requeue_under_submitit(err.signum)
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as err:
-        if tracker is not None:
+        if tracker is not None and not completed:
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:

@@ -18,6 +18,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alexlab.errors import ConfigError
 from alexlab.io import atomic_write_json
 
 RESULTS_NAME = "results.json"
@@ -121,7 +122,7 @@ class Tracker:
             "started_at": previous.get("started_at") or datetime.now(timezone.utc).isoformat(),
             "finished_at": None,
             "run_dir": str(self.run_dir),
-            "wandb": None,
+            "wandb": previous.get("wandb"),  # a continued run that trains no more keeps its W&B run's
         }
         self._base_wall, self._base_cpu = self.record["wall_time_s"], self.record["cpu_time_s"]
         self._write()
@@ -160,12 +161,14 @@ class Tracker:
         atomic_write_json(self._kept, self.results_path)
         return True
 
-    def start(self, resumed_history: list, device: str | None = None) -> None:
+    def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
+        """trains=False: a continued run with nothing left to train (a finished sweep job run again)
+        opens no W&B run, which would be an empty second one under the same id."""
         self.started = True
         self.record["history"] = list(resumed_history)
         if device:
             self.record["device"], self.record["device_name"] = device, device_name(device)
-        if self.logger_cfg.get("name") == "wandb":
+        if self.logger_cfg.get("name") == "wandb" and trains:
             self._start_wandb()
         self._write()
 
@@ -176,12 +179,17 @@ class Tracker:
         id_file.write_text(self.wandb_id)
         mode = wandb_mode()
         tags = list(self.logger_cfg.get("tags") or [])
-        self.wandb_run = wandb.init(
-            project=self.logger_cfg.get("project"), entity=self.logger_cfg.get("entity"),
-            group=self.record["experiment"], job_type=self.record["variant"],
-            name=" ".join(self.overrides) or "default", config=self.record["config"], tags=tags,
-            dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
-            settings=wandb.Settings(x_disable_stats=not self.logger_cfg.get("system_stats", True)))
+        try:
+            self.wandb_run = wandb.init(
+                project=self.logger_cfg.get("project"), entity=self.logger_cfg.get("entity"),
+                group=self.record["experiment"], job_type=self.record["variant"],
+                name=" ".join(self.overrides) or "default", config=self.record["config"], tags=tags,
+                dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
+                settings=wandb.Settings(x_disable_stats=not self.logger_cfg.get("system_stats", True)))
+        except Exception as err:  # noqa: BLE001 - online without a key or a network: one line, not wandb's traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigError(f"W&B ({mode}) could not start the run: {type(err).__name__}: {first}; `wandb login`, "
+                              "WANDB_MODE=offline (the default without a key) or logger=none") from err
         self.record["wandb"] = {"id": self.wandb_id, "mode": mode, "dir": str(Path(self.wandb_run.dir).parent),
                                 "url": getattr(self.wandb_run, "url", None)}
 
@@ -240,7 +248,7 @@ class NullTracker:
                 val_majority_err: float | None = None) -> None:
         pass
 
-    def start(self, resumed_history: list, device: str | None = None) -> None:
+    def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
         pass
 
     def progress(self, total: int, initial: int, desc: str):

@@ -311,7 +311,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
             state["window"].zero_()
         tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}"
                      + (f", with {'; '.join(resuming)}" if resuming else ""))
-    tracker.start(state["history"], str(device))
+    tracker.start(state["history"], str(device), trains=state["epoch"] < int(cfg.trainer.epochs))
 
     batch_size = int(cfg.trainer.batch_size)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
