@@ -79,3 +79,27 @@ def test_a_failing_job_ends_the_sweep_in_one_line_and_the_others_finish(tmp_path
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert sorted((r["config"]["model"]["towers"], r["status"]) for r in records) == [(1, "completed"),
                                                                                       (3, "failed")]
+
+
+@pytest.mark.parametrize("text,why", [
+    # submitit's error texts as they came from jobs on the test cluster and under the local launcher
+    ("Job 12_0 (task: 0) with path /s/.submitit/12_0/12_0_0_result.pkl\nhas not produced any output (state: FAILED)\n"
+     "Error stream produced:\n----------------------------------------\nerror: trainer.batch_size must be a positive "
+     "integer, got 0\nsrun: error: vm: task 0: Exited with exit code 2\n",
+     "trainer.batch_size must be a positive integer, got 0"),
+    ("Error stream produced:\n----\nsrun: error: vm: task 0: Exited with exit code 3\n",
+     "interrupted (exit status 3: a stop signal, scancel say); the same command with hydra.sweep.dir= resumes it"),
+    ("Error stream produced:\ninterrupted: stopped by signal SIGTERM; checkpoint written, resume=auto continues\n"
+     "srun: error: vm: task 0: Exited with exit code 3\n",
+     "interrupted: stopped by signal SIGTERM; checkpoint written, resume=auto continues"),
+    ("Job 13_1 (task: 0) with path /s/13_1_0_result.pkl\nhas not produced any output (state: CANCELLED)\n"
+     "No output/error stream produced ! Check: /s/13_1_0_log.out\n",
+     "it left no output: cancelled before it started?"),
+    ("Error stream produced:\n[2026-11-28 04:01:02][alexlab][INFO] - epoch 1  train loss 2.2345 err 80.00%\n",
+     "it ended without an error line (killed? cancelled?); its last line: [2026-11-28 04:01:02][alexlab][INFO] - "
+     "epoch 1  train loss 2.2345 err 80.00%"),
+])
+def test_a_failed_jobs_line_says_how_it_ended(text, why):
+    """A cancelled, killed or stopped job once read as `srun: error: ... exit code 3` or its last log line."""
+    from hydra_plugins.alexlab_launchers import _why
+    assert _why(text) == why

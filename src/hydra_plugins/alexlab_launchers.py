@@ -14,10 +14,20 @@ from submitit.core.utils import UncompletedJobError
 
 
 def _why(text: str) -> str:
-    """The job's own `error: ...` line if it wrote one (srun adds lines after it), else the last line."""
+    """The job's own `error: ...` or `interrupted: ...` line if it wrote one (srun adds lines after it);
+    else what its end says: stopped by a signal (exit status 3), never started, or ended without a word."""
     lines = [line.strip() for line in text.splitlines() if line.strip(" -\n")]
     ours = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    return (ours or lines or ["(no message)"])[-1]
+    stopped = [line for line in lines if line.startswith("interrupted: ")]
+    if ours or stopped:
+        return (ours or stopped)[-1]
+    if re.search(r"[Ee]xit(ed with exit)? code 3\b", text):
+        return "interrupted (exit status 3: a stop signal, scancel say); the same command with hydra.sweep.dir= resumes it"
+    if "No output/error stream produced" in text:
+        return "it left no output: cancelled before it started?"
+    if lines:
+        return f"it ended without an error line (killed? cancelled?); its last line: {lines[-1]}"
+    return "(no message)"
 
 
 class _SaysWhy:
