@@ -13,14 +13,15 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from submitit.core.utils import UncompletedJobError
 
 
-def _why(text: str) -> str:
+def _why(text: str, job: bool = True) -> str:
     """The job's own `error: ...` or `interrupted: ...` line if it wrote one (srun adds lines after it);
-    else what its end says: stopped by a signal (exit status 3), never started, or ended without a word."""
+    else what its end says: stopped by a signal (exit status 3), never started, or ended without a word.
+    job=False (sbatch's own error): its last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip(" -\n")]
     ours = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     stopped = [line for line in lines if line.startswith("interrupted: ")]
-    if ours or stopped:
-        return (ours or stopped)[-1]
+    if ours or stopped or not job:
+        return (ours or stopped or lines or ["(no message)"])[-1]
     if re.search(r"[Ee]xit(ed with exit)? code 3\b", text):
         return "interrupted (exit status 3: a stop signal, scancel say); the same command with hydra.sweep.dir= resumes it"
     if "No output/error stream produced" in text:
@@ -37,7 +38,7 @@ class _SaysWhy:
         except UncompletedJobError as err:
             sweep_dir = self.config.hydra.sweep.dir
             if isinstance(err.__cause__, subprocess.CalledProcessError):  # sbatch itself failed
-                print(f"error: the sweep could not be submitted: {_why(str(err))} "
+                print(f"error: the sweep could not be submitted: {_why(str(err), job=False)} "
                       f"(sbatch's script: {sweep_dir}/.submitit/)", file=sys.stderr)
                 raise SystemExit(2) from None
             # "Job 123_0 (task: 0) with path DIR/123_0_result.pkl ... error stream": its logs are in DIR.
