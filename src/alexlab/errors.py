@@ -16,6 +16,13 @@ def require_integer(key: str, value, least: int, most: int | None = None, null_m
         raise ConfigError(f"{key} must be {wanted}{f' or null ({null_means})' if null_means else ''}, got {value!r}")
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message ("" for none): libraries' messages (OmegaConf's, W&B's)
+    go on with lines of detail that would break an `error: ...` line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def require_number(key: str, value, wanted: str, ok) -> None:
     """value is an int or float (not a bool) for which ok(value) holds; `wanted` says which, for the message."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from alexlab import distributed
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, first_line
 from alexlab.io import lock_directory
 from alexlab.tracking import RESULTS_NAME, NullTracker, Tracker
 from alexlab.train import Interrupted, StopFlag, check_config, check_resume, fit
@@ -44,7 +44,7 @@ def resolved_config(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # noqa: BLE001 - interpolation errors are user input errors
         where = getattr(err, "full_key", None)  # OmegaConf's message goes on with full_key and object_type lines
-        raise ConfigError(f"config does not resolve: {str(err).strip().splitlines()[0]}"
+        raise ConfigError(f"config does not resolve: {first_line(err)}"
                           + (f" (at {where})" if where else "")) from err
 
 

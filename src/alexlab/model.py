@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from alexlab.errors import ConfigError, require_integer, require_number
+from alexlab.errors import ConfigError, first_line, require_integer, require_number
 from alexlab.lrn import ALPHA_MODES, IMPLEMENTATIONS as LRN_IMPLEMENTATIONS, LocalResponseNorm
 from alexlab.timing import seconds_per_call, synchronize
 
@@ -501,7 +501,7 @@ def _time_ways(ways, call_for_way, device: torch.device, steps: int, rounds: int
     calls, failed = {}, {}
 
     def failure(way, error):
-        failed[way] = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:300]
+        failed[way] = f"{type(error).__name__}: {first_line(error)}"[:300]
     for way in ways:
         try:
             calls[way] = call_for_way(way)

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
+from alexlab.errors import first_line
 from alexlab.tracking import RESULTS_NAME
 
 JOB_DIR_NAME = re.compile(r"^\d+_")  # Hydra multirun job dirs: <job number>_<overrides>
@@ -537,7 +538,7 @@ def setup_label_lines(setup: str | None) -> list[str]:
     """A row's set-up ("data.name=\"fashion_mnist\", trainer.epochs=2") as lines as narrow as the bars:
     a line per value, a long one split after its "=" (beside each other, long labels overlapped)."""
     lines = []
-    for item in (setup or "").split(", ") if setup else []:
+    for item in setup.split(", ") if setup else []:
         key, sep, value = item.partition("=")
         lines += [key + sep, value] if len(item) > SETUP_LABEL_WIDTH and sep else [item]
     return lines
@@ -759,8 +760,8 @@ def load_wandb_runs(path: str, group: str) -> list[Run]:
     try:
         found = list(wandb.Api().runs(path, filters={"group": group}))
     except Exception as err:  # noqa: BLE001 - no API key, no network, no such project: one line, not a traceback
-        raise ReportError(f"--wandb {path}: W&B could not list the runs: {type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        raise ReportError(f"--wandb {path}: W&B could not list the runs: "
+                          f"{type(err).__name__}: {first_line(err)}") from err
     runs = []
     for wb_run in found:
         history = [m for m in wb_run.history(pandas=False) if m.get("val_top1_err") is not None]

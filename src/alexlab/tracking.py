@@ -18,7 +18,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, first_line
 from alexlab.io import atomic_write_json
 
 RESULTS_NAME = "results.json"
@@ -187,9 +187,8 @@ class Tracker:
                 dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
                 settings=wandb.Settings(x_disable_stats=not self.logger_cfg.get("system_stats", True)))
         except Exception as err:  # noqa: BLE001 - online without a key or a network: one line, not wandb's traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ConfigError(f"W&B ({mode}) could not start the run: {type(err).__name__}: {first}; `wandb login`, "
-                              "WANDB_MODE=offline (the default without a key) or logger=none") from err
+            raise ConfigError(f"W&B ({mode}) could not start the run: {type(err).__name__}: {first_line(err)}; "
+                              "`wandb login`, WANDB_MODE=offline (the default without a key) or logger=none") from err
         self.record["wandb"] = {"id": self.wandb_id, "mode": mode, "dir": str(Path(self.wandb_run.dir).parent),
                                 "url": getattr(self.wandb_run, "url", None)}
 

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from alexlab.data import build_data, majority_error
 from alexlab.data.augment import batch_generator
+from alexlab.data.datasets import check_data_sizes
 from alexlab.distributed import World
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
@@ -82,17 +83,10 @@ def check_config(cfg) -> None:
     for key in ("threads", "log_every_steps"):  # 0: torch's default, per epoch only
         require_integer(f"trainer.{key}", cfg.trainer.get(key) or 0, 0)
     require_integer("model.input_size", cfg.model.get("input_size"), 1)
-    for key in ("image_size", "channels"):
-        require_integer(f"data.{key}", cfg.data.get(key), 1)
+    check_data_sizes(cfg.data)
     if cfg.model.get("in_channels") != cfg.data.channels:  # conv1 would fail at the first step
         raise ConfigError(f"model.in_channels={cfg.model.get('in_channels')}, but data.channels={cfg.data.channels}: "
                           "leave model.in_channels at ${data.channels}, or set data.channels")
-    # A typo such as train_subset=-5 would otherwise slice off five images and train on the rest.
-    for key in ("train_subset", "val_subset", "stats_images"):
-        require_integer(f"data.{key}", cfg.data.get(key), 1, null_means="all")
-    for key, least in (("train_size", 1), ("val_size", 1), ("num_classes", 2)):  # data=synthetic's
-        if key in cfg.data:
-            require_integer(f"data.{key}", cfg.data[key], least)
     optim = cfg.optim
     require_number("optim.lr", optim.lr, "a positive number", lambda v: v > 0)
     require_number("optim.momentum", optim.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -118,7 +112,6 @@ def check_config(cfg) -> None:
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
-    require_integer("data.workers", cfg.data.get("workers", 0), 0)
     tags = cfg.logger.get("tags") or []
     if not OmegaConf.is_list(tags) and not isinstance(tags, list):  # 'abc' became the tags a, b and c
         raise ConfigError(f"logger.tags must be a list such as [lrn,seed0], got {tags!r}")

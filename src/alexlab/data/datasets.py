@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from alexlab.errors import ConfigError
+from alexlab.errors import ConfigError, require_integer
 
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -39,6 +39,20 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def check_data_sizes(data) -> None:
+    """The data config's sizes and counts, for training (train.check_config) and for ImageNet's
+    preparation (imagenet.check_options, which prepare.py runs without the training check) alike. A
+    typo such as train_subset=-5 would otherwise slice off five images and train on the rest."""
+    for key in ("image_size", "channels"):
+        require_integer(f"data.{key}", data.get(key), 1)
+    for key in ("classes", "train_subset", "val_subset", "stats_images"):
+        require_integer(f"data.{key}", data.get(key), 1, null_means="all")
+    for key, least in (("train_size", 1), ("val_size", 1), ("num_classes", 2)):  # data=synthetic's
+        if key in data:
+            require_integer(f"data.{key}", data[key], least)
+    require_integer("data.workers", data.get("workers", 0), 0)
 
 
 class BatchSource:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from alexlab.data.augment import PixelStats, StatsAccumulator
-from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, resize_square, subset_positions,
+from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, check_data_sizes, resize_square, subset_positions,
                                    use_file_system_sharing)
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.io import atomic_torch_save, atomic_write_bytes
@@ -435,7 +435,7 @@ def prepare(cfg, cache_dir=None) -> Path:
         if out != existing:
             log.info("%s is not writable: its index is copied to %s, and what this config adds goes there", existing, out)
             out.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(torch.load(existing / INDEX_NAME, weights_only=True), out / INDEX_NAME)
+            atomic_write_bytes((existing / INDEX_NAME).read_bytes(), out / INDEX_NAME)  # as it is: read below
             existing = out
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
@@ -552,10 +552,7 @@ def _listing(bad: dict, limit: int = 10) -> str:
 
 def check_options(cfg) -> None:
     """The data values preparation and loading use: prepare.py runs no training config check."""
-    require_integer("data.image_size", cfg.get("image_size"), 1)
-    require_integer("data.workers", cfg.get("workers"), 0)
-    for key in ("classes", "train_subset", "val_subset", "stats_images"):
-        require_integer(f"data.{key}", cfg.get(key), 1, null_means="all")
+    check_data_sizes(cfg)
     if cfg.get("on_bad_file", "error") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file must be error or skip, got {cfg.get('on_bad_file')!r}")
     check_resized_options(cfg)
