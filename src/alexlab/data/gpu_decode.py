@@ -19,6 +19,7 @@ cores the two decoders add up. The CPU-decoded images go to the GPU whole and ar
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import itertools
@@ -26,6 +27,7 @@ import math
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
@@ -384,6 +386,13 @@ class GpuJpegSource(BatchSource):
             thread.join(timeout=30)
 
 
+# Closed at exit, before multiprocessing's own exit handler (atexit runs the later-registered first):
+# that one ends daemonic children with SIGTERM, which a decoder child ignores, and then waits for it
+# forever (a test process once hung so after its last test, where a source was not yet collected).
+_LIVE_DECODERS: "weakref.WeakSet[DecoderProcess]" = weakref.WeakSet()
+atexit.register(lambda: [decoder.close() for decoder in list(_LIVE_DECODERS)])
+
+
 def _in_turn(generators: list[Iterator], count: int) -> Iterator:
     """`count` items, item i from generators[i % len(generators)], then each generator run to its end
     (a DecoderProcess's epoch ends when its child says so); stopped early or failed, every generator
@@ -420,6 +429,7 @@ class DecoderProcess:
         self.process = context.Process(target=_decoder_main, args=(state, self.commands, self.results, self.cancel),
                                        daemon=True, name="gpu-jpeg-decoder")
         self.process.start()
+        _LIVE_DECODERS.add(self)
         self.epochs = itertools.count()
 
     def _get(self):
@@ -469,8 +479,9 @@ class DecoderProcess:
         if self.process.is_alive():
             self.commands.put(None)
             self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.terminate()
+        if self.process.is_alive():  # it ignores SIGTERM (terminate()): see the class's docstring
+            self.process.kill()
+            self.process.join(timeout=10)
 
     def __del__(self):
         try:
