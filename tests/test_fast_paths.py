@@ -866,6 +866,51 @@ def test_decoder_processes_serve_what_the_in_process_source_serves(tmp_path, pro
     assert not any(process.is_alive() for process in children)
 
 
+_LEFT_MID_EPOCH = """
+import sys, time, torch
+from alexlab.data.gpu_decode import GpuJpegSource
+from alexlab.data.imagenet import decode_bytes
+if __name__ == "__main__":
+    paths = sys.argv[1:]
+    source = GpuJpegSource(paths, range(len(paths)), 32, 1, torch.device(DEVICE), decode_bytes, prefetch=1,
+                           in_process=False, processes=2)
+    epoch = source.batches(torch.arange(len(paths)).repeat(4), 1)
+    next(epoch)
+    deadline = time.monotonic() + 120
+    while not all(d.results.full() for d in source._decoders) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(*[d.process.pid for d in source._decoders], flush=True)
+"""
+
+
+def test_a_process_that_leaves_its_decoder_children_mid_epoch_exits_and_the_children_end_when_told(tmp_path):
+    """A script that exits holding an epoch whose batches it no longer takes, each child waiting on a
+    full queue: the exit hook closes the children. Once it waited for ever (multiprocessing's own
+    hook sends SIGTERM, which a decoder child ignores), then 10 s per child until close() killed it:
+    such a child reads no command, and Process.join waited on a pipe that torch_shm_manager, the
+    child's own child, keeps open. Under 10 s (close()'s wait before it kills), every child was told."""
+    import subprocess
+    import sys
+    import time
+    from PIL import Image
+    paths = []
+    for name, pixels in _photos().items():
+        paths.append(str(tmp_path / f"{name}.JPEG"))
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    script = tmp_path / "left_mid_epoch.py"
+    script.write_text(f"DEVICE = {DEVICE!r}\n" + _LEFT_MID_EPOCH)
+    process = subprocess.Popen([sys.executable, str(script), *paths], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in process.stdout.readline().split()]
+        left = time.monotonic()
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    assert len(children) == 2
+    assert time.monotonic() - left < 10
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
 def test_fit_races_the_auto_layers_on_noise_before_it_asks_the_data_for_a_batch(tmp_path, monkeypatch):
     """On an H100 (2026-11-28) end to end ran at 4.5k img/s against 6.7k the day before, while the step
     alone got faster. The auto layers' ways were raced in the first training step, while the pipeline

@@ -27,6 +27,7 @@ import math
 import os
 import queue
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
@@ -425,8 +426,9 @@ class DecoderProcess:
                  "prefetch": 0, "cpu_files": source.cpu_files, "cpu_share": source.cpu_share,
                  "jpeg_decoder": source.jpeg_decoder, "hw_decoder_load": source.hw_decoder_load}
         self.commands, self.results = context.Queue(), context.Queue(max(1, source.prefetch))
-        self.cancel = context.Event()
-        self.process = context.Process(target=_decoder_main, args=(state, self.commands, self.results, self.cancel),
+        self.cancel, self.stop = context.Event(), context.Event()
+        self.process = context.Process(target=_decoder_main,
+                                       args=(state, self.commands, self.results, self.cancel, self.stop),
                                        daemon=True, name="gpu-jpeg-decoder")
         self.process.start()
         _LIVE_DECODERS.add(self)
@@ -477,11 +479,14 @@ class DecoderProcess:
 
     def close(self) -> None:
         if self.process.is_alive():
+            # The event, not only the command: a child in an epoch whose batches the parent no longer
+            # takes waits on a full queue and reads no command (a source kept alive to exit did so).
+            self.stop.set()
             self.commands.put(None)
-            self.process.join(timeout=10)
+            _wait_for_exit(self.process, 10)
         if self.process.is_alive():  # it ignores SIGTERM (terminate()): see the class's docstring
             self.process.kill()
-            self.process.join(timeout=10)
+            _wait_for_exit(self.process, 10)
 
     def __del__(self):
         try:
@@ -490,7 +495,16 @@ class DecoderProcess:
             pass
 
 
-def _decoder_main(state, commands, results, cancel) -> None:
+def _wait_for_exit(process, seconds: float) -> None:
+    """Not Process.join(timeout): that waits for the child's end of a pipe to close, and the
+    torch_shm_manager the child starts for file_system sharing holds it open after the child has
+    exited (join then waited its whole timeout: 10 s of a 12 s exit)."""
+    deadline = time.monotonic() + seconds
+    while process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _decoder_main(state, commands, results, cancel, stop) -> None:
     """The child of DecoderProcess."""
     import signal
     import traceback
@@ -501,7 +515,7 @@ def _decoder_main(state, commands, results, cancel) -> None:
     parent = os.getppid()
 
     def send(item) -> bool:
-        while os.getppid() == parent:
+        while os.getppid() == parent and not stop.is_set():
             try:
                 results.put(item, timeout=1.0)
                 return True
@@ -509,7 +523,9 @@ def _decoder_main(state, commands, results, cancel) -> None:
                 pass
         return False
 
-    while os.getppid() == parent:
+    # What it sent and the parent never took must not hold up its exit (the queue's feeder joins).
+    results.cancel_join_thread()
+    while os.getppid() == parent and not stop.is_set():
         try:
             command = commands.get(timeout=1.0)
         except queue.Empty:
