@@ -4,6 +4,7 @@ the layouts, the preparation's statistics against numpy, the decoding of each od
 bad-file policy, resuming an interrupted preparation, and worker-count determinism."""
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -376,12 +377,18 @@ def test_gpu_decode_serves_the_cpu_paths_images_odd_files_included(prepared, dec
     cpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu"), 27, torch.device("cpu"), None)
     gpu = build_data(data_cfg(prepared, "data.on_bad_file=skip", f"data.decode={decode}",
                               f"data.cpu_decode_share={share}", f"data.jpeg_decoder={decoder}"), 27, device, None)
-    assert type(gpu.train).__name__ == "GpuJpegSource" and len(gpu.train) == len(cpu.train)
-    assert gpu.train.in_process == (decode == "gpu") and gpu.train.cpu_share == share
-    assert gpu.train.jpeg_decoder == decoder and gpu.train.processes == 1
-    assert len(gpu.train.cpu_files) == 3  # the CMYK, greyscale and progressive files
+    source = gpu.train.whole
+    assert type(source).__name__ == "GpuJpegSource" and gpu.val.whole is source
+    assert (len(gpu.train), len(gpu.val)) == (len(cpu.train), len(cpu.val))
+    assert source.in_process == (decode == "gpu") and source.cpu_share == share
+    assert source.jpeg_decoder == decoder and source.processes == 1
+    assert len(source.cpu_files) == 3  # the CMYK, greyscale and progressive files
     order = torch.randperm(len(cpu.train), generator=batch_generator(0, 0, -1))
-    for (a, a_labels), (b, b_labels) in zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)):
+    # the validation split's batches come from the same source, after the training split's files
+    pairs = [*zip(cpu.train.batches(order, 4), gpu.train.batches(order, 4)),
+             *zip(cpu.val.batches(torch.arange(len(cpu.val)), 4), gpu.val.batches(torch.arange(len(gpu.val)), 4))]
+    assert len(pairs) == math.ceil(len(cpu.train) / 4) + math.ceil(len(cpu.val) / 4)
+    for (a, a_labels), (b, b_labels) in pairs:
         assert torch.equal(a_labels, b_labels.cpu())
         diff = (a.int() - b.cpu().int()).abs()
         if device.type == "cpu":
@@ -409,7 +416,8 @@ def test_decode_processes_reach_the_gpu_source_and_are_said_idle_elsewhere(prepa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=gpu_process",
                                "data.decode_processes=4"), 27, device, None)
-    assert data.train.processes == 4 and data.val.processes == 4 and not data.train.in_process
+    assert data.train.whole is data.val.whole  # one set of decoder processes serves both splits
+    assert data.train.whole.processes == 4 and not data.train.whole.in_process
     with caplog.at_level("WARNING", logger="alexlab"):
         data = build_data(data_cfg(prepared, "data.on_bad_file=skip", "data.decode=cpu", "data.decode_processes=4"),
                           27, torch.device("cpu"), None)
@@ -484,7 +492,8 @@ def test_gpu_decode_takes_every_resized_copy(prepared):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = build_data(data_cfg(prepared, *cfg, "data.decode=cpu"), 27, torch.device("cpu"), None)
     gpu = build_data(data_cfg(prepared, *cfg, "data.decode=gpu"), 27, device, None)
-    assert gpu.train.cpu_files == set() and gpu.train.paths == [p for p, _ in cpu.train.samples]
+    assert gpu.train.whole.cpu_files == set()
+    assert gpu.train.whole.paths == [p for p, _ in cpu.train.samples + cpu.val.samples]
     order = torch.arange(len(cpu.train))
     for (a, _), (b, _) in zip(cpu.train.batches(order, 8), gpu.train.batches(order, 8)):
         diff = (a.int() - b.cpu().int()).abs()

@@ -67,6 +67,22 @@ class BatchSource:
         raise NotImplementedError
 
 
+class SplitOf(BatchSource):
+    """Items start .. start + length of a source that holds several splits: with data.decode=gpu_process
+    the training and validation splits share one source, so its decoder processes (a CUDA context
+    and an nvJPEG each) serve both instead of the validation split's own idling while training runs."""
+
+    def __init__(self, whole: BatchSource, start: int, length: int):
+        self.whole, self.start, self.length = whole, start, length
+        self.labels = whole.labels[start:start + length]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def batches_of(self, index_batches) -> Iterator:
+        return self.whole.batches_of([torch.as_tensor(idx) + self.start for idx in index_batches])
+
+
 class TensorSource(BatchSource):
     """A whole split in memory: images (N, C, S, S) uint8, labels (N,) int64."""
 

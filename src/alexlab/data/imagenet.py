@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from alexlab.data.augment import PixelStats, StatsAccumulator
-from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, check_data_sizes, resize_square, subset_positions,
-                                   use_file_system_sharing)
+from alexlab.data.datasets import (IMAGE_EXTENSIONS, BatchSource, SplitOf, check_data_sizes, resize_square,
+                                   subset_positions, use_file_system_sharing)
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.io import atomic_torch_save, atomic_write_bytes
 
@@ -671,7 +671,7 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
     base, odd = root, {p for kind in GPU_DECODER_SKIPS for p in index["notes"].get(kind, [])}
     if cfg.get("resized_jpegs"):  # every copy is a baseline RGB JPEG, so nvJPEG takes them all
         base, odd = resized_dir(out, cfg), set()
-    splits = []
+    splits = {}
     for split in ("train", "val"):
         samples = split_samples(index, cfg, split)
         if cfg.get("resized_jpegs"):
@@ -679,16 +679,18 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
             if missing:
                 raise ConfigError(f"data.resized_jpegs=true: {len(missing)} of the {len(samples)} {split} copies are "
                                   f"missing from {base} (first: {missing[0]}): run `{prepare_command(cfg)}`")
+        splits[split] = [(str(base / rel), label) for rel, label in samples]
+    if decode == "cpu":
+        train, val = (ImageFolderSource(samples, size, workers, names) for samples in splits.values())
+    else:  # one source for both splits: see SplitOf
+        from alexlab.data.gpu_decode import GpuJpegSource
+        samples = splits["train"] + splits["val"]
+        paths, labels = [p for p, _ in samples], [c for _, c in samples]
         to_cpu = {str(base / p) for p in odd}
-        samples = [(str(base / rel), label) for rel, label in samples]
-        if decode in ("gpu", "gpu_process"):
-            from alexlab.data.gpu_decode import GpuJpegSource
-            paths = [p for p, _ in samples]
-            splits.append(GpuJpegSource(paths, [c for _, c in samples], size, workers, device, decode_bytes,
-                                        cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
-                                        in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0),
-                                        jpeg_decoder=jpeg_decoder, hw_decoder_load=cfg.get("hw_decoder_load", 1.0),
-                                        processes=cfg.get("decode_processes", 1)))
-        else:
-            splits.append(ImageFolderSource(samples, size, workers, names))
-    return splits[0], splits[1], len(picked), stats, stats_path, skipped
+        both = GpuJpegSource(paths, labels, size, workers, device, decode_bytes,
+                             cpu_files={i for i, p in enumerate(paths) if p in to_cpu},
+                             in_process=decode == "gpu", cpu_share=cfg.get("cpu_decode_share", 0.0),
+                             jpeg_decoder=jpeg_decoder, hw_decoder_load=cfg.get("hw_decoder_load", 1.0),
+                             processes=cfg.get("decode_processes", 1))
+        train, val = SplitOf(both, 0, len(splits["train"])), SplitOf(both, len(splits["train"]), len(splits["val"]))
+    return train, val, len(picked), stats, stats_path, skipped
