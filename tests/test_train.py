@@ -62,3 +62,22 @@ def test_the_presets_pass_the_config_check():
     for overrides in [(), ("scale=tiny",), ("scale=proxy",), ("scale=imagenet",), ("model=alexnet_tv", "data=imagenet"),
                       ("data=synthetic",), ("optim.schedule=step",), ("sweeps=relu",), ("sweeps=all",)]:
         check_config(compose_cfg(*overrides))
+
+
+def test_a_runs_cpu_time_counts_the_work_of_its_child_processes(tmp_path):
+    """The results' cpu_time_s counts the child processes that have ended (DataLoader workers, where
+    most of the CPU work of reading image files happens); it once counted the training process alone. A child that spins for 1 s of CPU time while this process waits."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from alexlab.tracking import Tracker
+    tracker = Tracker(tmp_path, {"device": "cpu"}, [], {"mode": "disabled"}, "check")
+    own = time.process_time()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 1.0\n"
+                    "while time.process_time() < end: pass"], check=True)
+    own = time.process_time() - own
+    tracker.note("spun")
+    tracker.finish("completed")
+    recorded = json.loads((tmp_path / "results.json").read_text())["cpu_time_s"]
+    assert own < 0.5 and recorded >= 1.0

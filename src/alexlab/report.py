@@ -693,8 +693,8 @@ def markdown(rows, table, problems, missing, costs, plots, sources, n_runs, trai
               "Runs a claim used: every run in its paired set-ups, tuning grid and failed runs included. "
               "Baseline runs shared between claims (the `all` sweep) count in each claim that uses them; "
               "`shared` says how many. Device-seconds: wall time of cuda runs (GPU-s), CPU time of CPU runs, each "
-              "times the run's data-parallel processes. `CPU s`: the training process's own CPU time (rank 0; "
-              "DataLoader workers not included).",
+              "times the run's data-parallel processes. `CPU s`: the training process's CPU time (rank 0) "
+              "with that of its DataLoader workers (not of data.decode=gpu_process's decoder processes).",
               "", "| claim | runs | shared | wall s | CPU s | GPU-s | CPU-s (CPU runs) | images |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['claim']} | {c['runs']} | {c['shared']} | {c['wall_time_s']:.0f} | {c['cpu_time_s']:.0f} "
