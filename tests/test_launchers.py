@@ -103,3 +103,49 @@ def test_a_failed_jobs_line_says_how_it_ended(text, why):
     """A cancelled, killed or stopped job once read as `srun: error: ... exit code 3` or its last log line."""
     from hydra_plugins.alexlab_launchers import _why
     assert _why(text) == why
+
+
+@requires_fashion
+@pytest.mark.slow
+def test_sigterm_to_a_local_sweep_stops_its_jobs_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path):
+    """SIGTERM to the sweep's command alone (`kill`, a container stopping) once ended it with exit
+    143 and left both jobs training on, unwatched. Now the jobs get it, checkpoint and stop, and
+    the command says so in one line, exit status 3; run again, it finishes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    args = ["-m", "hydra/launcher=local", "model.lrn=true,false", "scale=tiny", "trainer.epochs=4", "logger=none",
+            "hydra.sweep.dir=sweep"]
+    env = dict(os.environ, WANDB_MODE="offline", HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(list((tmp_path / "sweep").glob("*/checkpoint.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=240)
+    assert sweep.returncode == 3, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the sweep got SIGTERM") and "hydra.sweep.dir=sweep" in last, last
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [r["status"] for r in records] == ["interrupted", "interrupted"]
+    assert all(len(r["history"]) < 4 for r in records)
+    left = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(tmp_path / "sweep"))]
+    assert not left  # no job of the sweep runs on
+
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [(r["status"], len(r["history"])) for r in records] == [("completed", 4), ("completed", 4)]
+    assert all(any("resumed from" in note for note in r["notes"]) for r in records)
+
+
+def _cmdline_has(proc: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False

@@ -2,11 +2,15 @@
 or one of whose jobs fails, ends with one `error: ...` line instead of a traceback through Hydra and
 submitit. Exit status 2 when nothing could be submitted (bad site settings, no SLURM controller),
 1 when a job failed (the sweep's other jobs run on, each writing its own results.json).
+The local launcher also hands a SIGTERM sent to the sweep's command to its jobs (LocalLauncher).
 (Hydra takes launchers only from the hydra_plugins namespace, hence this file's place.)
 """
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -32,11 +36,17 @@ def _why(text: str, job: bool = True) -> str:
 
 
 class _SaysWhy:
+    stopped_by: str | None = None  # the signal the launcher handed to its jobs
+
     def launch(self, job_overrides, initial_job_idx):
         try:
             return super().launch(job_overrides, initial_job_idx)
         except UncompletedJobError as err:
             sweep_dir = self.config.hydra.sweep.dir
+            if self.stopped_by:
+                print(f"interrupted: the sweep got {self.stopped_by} and handed it to its jobs, which stopped at a "
+                      f"checkpoint; the same command with hydra.sweep.dir={sweep_dir} resumes them", file=sys.stderr)
+                raise SystemExit(3) from None
             if isinstance(err.__cause__, subprocess.CalledProcessError):  # sbatch itself failed
                 print(f"error: the sweep could not be submitted: {_why(str(err), job=False)} "
                       f"(sbatch's script: {sweep_dir}/.submitit/)", file=sys.stderr)
@@ -53,5 +63,58 @@ class SlurmLauncher(_SaysWhy, submitit_launcher.SlurmLauncher):
     pass
 
 
+def _local_job_controllers() -> list[int]:
+    """The process ids of the submitit controllers this process started, one per local job (each
+    hands a SIGTERM on to its job's tasks)."""
+    children = []
+    for listing in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        try:
+            children += [int(pid) for pid in listing.read_text().split()]
+        except OSError:  # the thread ended
+            pass
+    controllers = []
+    for pid in children:
+        try:
+            if b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                controllers.append(pid)
+        except OSError:  # the child ended
+            pass
+    return controllers
+
+
 class LocalLauncher(_SaysWhy, submitit_launcher.LocalLauncher):
-    pass
+    """The jobs run as this process's children. A SIGTERM to this process alone (`kill`, a container
+    stopping) used to end it and leave the jobs running on, unwatched: it is handed to the jobs now
+    (as SIGTERM), which checkpoint and stop (`interrupted`), and the sweep ends with exit status 3
+    once they have; the same for Ctrl-C (SIGINT), which reaches the jobs from the terminal too. It is
+    handed on again every few seconds while they run, for a job still starting up, which has not yet
+    installed the handler that checkpoints (alexlab.train.StopFlag). (On Ctrl-C, submitit's own
+    controller of each job also ends its job with SIGKILL a second after SIGINT.)"""
+
+    RESEND_S = 5.0
+
+    def launch(self, job_overrides, initial_job_idx):
+        ended = threading.Event()
+
+        def hand_on():
+            while not ended.is_set():
+                for pid in _local_job_controllers():
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except OSError:
+                        pass
+                ended.wait(self.RESEND_S)
+
+        def stop(signum, frame):
+            if not self.stopped_by:
+                self.stopped_by = signal.Signals(signum).name
+                print(f"{self.stopped_by}: handing it to the sweep's jobs and waiting for them to stop", file=sys.stderr)
+                threading.Thread(target=hand_on, daemon=True, name="hand-on-sigterm").start()
+
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        finally:
+            ended.set()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
