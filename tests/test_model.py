@@ -224,6 +224,18 @@ def test_paper_init():
     assert abs(named["classifier.fc6"].weight.std().item() - 0.01) < 1e-4
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_tanh_net_starts_from_the_relu_nets_weights(preset):
+    """The relu claim switches the activation and nothing else: with model.init=kaiming the tanh net
+    once took tanh's gain (5/3 against the square root of 2), so its weights started smaller too."""
+    state = {}
+    for activation in ("relu", "tanh"):
+        torch.manual_seed(0)
+        state[activation] = build_model(model_cfg(preset, activation=activation), 10).state_dict()
+    assert state["relu"].keys() == state["tanh"].keys()
+    assert all(torch.equal(state["relu"][k], state["tanh"][k]) for k in state["relu"])
+
+
 @pytest.mark.parametrize("channels, size, beta", [(9, 5, 0.75), (2, 5, 0.75), (1, 3, 0.75), (6, 4, 0.5), (3, 7, 0.6)])
 def test_lrn_output_and_gradient_match_pytorch_lrn(channels, size, beta):
     """Windows wider than the channels and even windows too (2 before, 1 after for size 4)."""
