@@ -153,6 +153,21 @@ def test_reverse_effect_is_contradicted(tmp_path):
     assert lrn["verdict"] == "contradicted" and "other side" in lrn["reason"]
 
 
+def test_a_metric_that_is_not_a_finite_number_leaves_its_pair_out_and_says_so(tmp_path):
+    """A NaN in one record (edited by hand, or read from W&B) once made the whole row NaN, with "about
+    2 seeds needed" as its reason; the pair is left out now, and the reason names its seed."""
+    root = lrn_sweep(tmp_path / "multirun", [1.4, 1.6, 1.5, 1.45])
+    path = root / "3_ablation=no_lrn,seed=1" / "results.json"
+    record = json.loads(path.read_text())
+    record["final"]["val_top1_err"] = float("nan")
+    path.write_text(json.dumps(record))
+    lrn = row(build_report([root], tmp_path / "out"), "lrn", "no_lrn")
+    stats = lrn["metrics"]["val_top1_err"]
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(np.mean([1.4, 1.5, 1.45]))
+    assert lrn["verdict"] == "reproduced"
+    assert "1 of 4 pairs left out (a val_top1_err that is not a finite number, seeds [1])" in lrn["reason"]
+
+
 def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):
     diffs = [3.0, -2.0, 1.0, -4.0, 2.5]  # CI about [-3.6, 3.8]: neither 0 nor the paper's +1.4 is ruled out
     lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")
@@ -384,6 +399,34 @@ def test_runs_from_two_set_ups_are_judged_apart_not_averaged_together(tmp_path):
     assert "| lrn: no_lrn (trainer.epochs=2) |" in table and "| lrn: no_lrn (trainer.epochs=5) |" in table
     # a claim whose runs are all from one set-up keeps its plain name
     assert all(r["setup"] is None for r in result["rows"] if r["claim"] != "lrn")
+
+
+def test_a_claims_ablations_from_different_set_ups_are_named_and_their_paper_curves_kept_apart(tmp_path, monkeypatch):
+    """The depth claim from two launches of `sweeps=all`: no_conv2 at 2 epochs, no_conv3 at 5, each
+    beside its own paper runs. Each ablation had runs of one set-up, so neither row was named and the
+    curves drew one "paper" line over the six paper runs of both (found by a review helper)."""
+    import alexlab.report as report
+    curves = {}
+
+    def recorded(claim, variants, path):
+        curves[claim] = {label: sorted(r.name for r in runs) for label, runs in variants.items()}
+        return plot_curves(claim, variants, path)
+    plot_curves = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", recorded)
+    for launch, (epochs, ablation) in enumerate(((2, "no_conv2"), (5, "no_conv3"))):
+        root = tmp_path / f"launch{launch}"
+        for seed in range(3):
+            configs = [make_config("all", name, seed) for name in ("paper", ablation)]
+            for config in configs:
+                config["trainer"]["epochs"] = epochs
+            write_run(root, f"{2 * seed}_ablation=paper,seed={seed}", configs[0], 30.0 + seed)
+            write_run(root, f"{2 * seed + 1}_ablation={ablation},seed={seed}", configs[1], 32.0 + seed)
+    result = build_report([tmp_path / "launch0", tmp_path / "launch1"], tmp_path / "out")
+    depth = {r["ablation"]: r for r in result["rows"] if r["claim"] == "depth" and r["n"]}
+    assert {a: r["setup"] for a, r in depth.items()} == {"no_conv2": "trainer.epochs=2", "no_conv3": "trainer.epochs=5"}
+    assert {label: len(names) for label, names in curves["depth"].items()} == {
+        "paper (trainer.epochs=2)": 3, "no_conv2 (trainer.epochs=2)": 3,
+        "paper (trainer.epochs=5)": 3, "no_conv3 (trainer.epochs=5)": 3}
 
 
 def test_cli_writes_the_report_and_fails_clearly(tmp_path):

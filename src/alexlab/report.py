@@ -299,11 +299,11 @@ def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
     return twins
 
 
-def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
-    """The claim's ablation against the paper's runs, paired per seed: one row, or one per set-up where
-    the runs come from several (configs that differ in more than the seed, the claim's factor and what
-    it tunes: another dataset, more epochs), so that differences from different set-ups are never
-    averaged together. Each such row names its set-up by the config values that set it apart."""
+def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[tuple[dict, dict | None]]:
+    """The claim's ablation against the paper's runs, paired per seed: one row per set-up the runs
+    come from (configs that differ in more than the seed, the claim's factor and what it tunes:
+    another dataset, more epochs), so that differences from different set-ups are never averaged
+    together; each with its set-up's config (None for a row with no runs), for claim_rows to name."""
     sides = {"paper": claim.paper_value, "ablated": claim.ablations[ablation]}
     contexts = defaultdict(lambda: {"paper": [], "ablated": []})
     for run in runs:
@@ -317,12 +317,25 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[dict]:
                 if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
     if not relevant:
         found = {side: sum(len(c[side]) for c in contexts.values()) for side in sides}
-        return [judge_pairs(claim, ablation, [], not_run=not_run_reason(claim, ablation, found))]
-    if len(relevant) == 1:
-        return [judge_pairs(claim, ablation, relevant)]
-    labels = setup_labels([experiment_config((c["paper"] + c["ablated"])[0].config, claim, ignore=("seed",))
-                           for c in relevant])
-    return [judge_pairs(claim, ablation, [context], label) for context, label in zip(relevant, labels)]
+        return [(judge_pairs(claim, ablation, [], not_run=not_run_reason(claim, ablation, found)), None)]
+    return [(judge_pairs(claim, ablation, [context]),
+             experiment_config((context["paper"] + context["ablated"])[0].config, claim, ignore=("seed",)))
+            for context in relevant]
+
+
+def claim_rows(claim: Claim, runs: list[Run]) -> list[dict]:
+    """Every ablation of the claim compared (compare). Where the claim's rows come from more than one
+    set-up (one ablation's runs from several, or its ablations' from different ones: the depth claim
+    from two launches of `sweeps=all` with different epochs), each row names its set-up by the config
+    values that set it apart, and the curves keep each set-up's paper runs apart."""
+    judged = [pair for ablation in claim.ablations for pair in compare(claim, ablation, runs)]
+    configs = {json.dumps(c, sort_keys=True, default=str): c for _, c in judged if c is not None}
+    if len(configs) > 1:
+        labels = dict(zip(configs, setup_labels(list(configs.values()))))
+        for row, config in judged:
+            if config is not None:
+                row["setup"] = labels[json.dumps(config, sort_keys=True, default=str)]
+    return [row for row, _ in judged]
 
 
 def not_run_reason(claim: Claim, ablation: str, found: dict) -> str:
@@ -351,8 +364,7 @@ def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
     return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
 
 
-def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | None = None,
-                not_run: str = "") -> dict:
+def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str = "") -> dict:
     """One row: the paper's and the ablated runs of one set-up (or of none: not run, for the reason
     `not_run`), paired per seed, and the verdict."""
     primary = next(iter(claim.effects))
@@ -375,7 +387,7 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], setup: str | 
                               if claim.recorded_as and lacking != "paper" else "")
                 missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} "
                                f"(no completed {lacking} run{unrecorded})")
-    row = {"claim": claim.id, "ablation": ablation, "setup": setup, "paper_says": claim.paper_says, "metric": primary,
+    row = {"claim": claim.id, "ablation": ablation, "setup": None, "paper_says": claim.paper_says, "metric": primary,
            "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
            "tuned": tuned, "used_runs": [r.name for r in used if "tested_in" not in r.record],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
@@ -406,11 +418,13 @@ def seed_order(seed) -> tuple:
 
 def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     ratio = is_ratio(metric)
-    diffs, censored = [], []
+    diffs, censored, not_numbers = [], [], []
     for pair in pairs:
         paper, ablated = pair["paper"].metrics[metric], pair["ablated"].metrics[metric]
         if paper is None or ablated is None:
             censored.append(pair["seed"])
+        elif not (math.isfinite(paper) and math.isfinite(ablated)):  # a record edited by hand, or from W&B
+            not_numbers.append(pair["seed"])
         else:
             diffs.append(math.log(ablated / paper) if ratio else ablated - paper)
     n = len(diffs)
@@ -424,6 +438,8 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     if censored:
         why = "still improving at its last epoch" if metric == "steps_to_converge" else "threshold never reached"
         reason += f"; {len(censored)} of {len(pairs)} pairs censored ({why}, seeds {censored})"
+    if not_numbers:
+        reason += f"; {len(not_numbers)} of {len(pairs)} pairs left out (a {metric} that is not a finite number, seeds {not_numbers})"
     show = math.exp if ratio else float
     return {"metric": metric, "paper_effect": effect, "n": n, "censored_seeds": censored,
             "mean": None if mean is None else show(mean),
@@ -710,8 +726,7 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     analysed, repeats = drop_repeats(runs)
     problems += repeats
     twins = {claim.id: tested_twins(claim, analysed) for claim in CLAIMS.values()}
-    rows = [row for claim in CLAIMS.values() for ablation in claim.ablations
-            for row in compare(claim, ablation, analysed + twins[claim.id])]
+    rows = [row for claim in CLAIMS.values() for row in claim_rows(claim, analysed + twins[claim.id])]
     missing = [m for row in rows for m in row["missing"]]
     costs = cost_table(rows, runs)  # repeats cost time too: they count in the total
     out_dir.mkdir(parents=True, exist_ok=True)
