@@ -168,6 +168,19 @@ def test_a_metric_that_is_not_a_finite_number_leaves_its_pair_out_and_says_so(tm
     assert "1 of 4 pairs left out (a val_top1_err that is not a finite number, seeds [1])" in lrn["reason"]
 
 
+@pytest.mark.parametrize("diffs,size", [
+    ([0.2, 0.25, 0.15, 0.22], "; smaller than the paper's +1.40 (the CI lies short of it)"),
+    ([3.0, 3.2, 2.9, 3.1], "; larger than the paper's +1.40 (the CI lies beyond it)"),
+    ([1.2, 1.6, 1.4, 1.5], "")])
+def test_a_reproduced_direction_says_where_the_ci_lies_against_the_papers_size(tmp_path, diffs, size):
+    """A CI of [0.1, 0.3] against the paper's +1.4 reproduces the direction, but not the size: the
+    reason says so (a review helper noted the jump: [-0.1, 0.3] is contradicted, [0.1, 0.3] was
+    plainly reproduced). A CI that holds +1.4 says nothing more."""
+    lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")
+    assert lrn["verdict"] == "reproduced"
+    assert lrn["reason"] == "the CI excludes 0 on the paper's side" + size
+
+
 def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):
     diffs = [3.0, -2.0, 1.0, -4.0, 2.5]  # CI about [-3.6, 3.8]: neither 0 nor the paper's +1.4 is ruled out
     lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")

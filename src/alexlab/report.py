@@ -52,7 +52,9 @@ paper: they are averaged as log ratios and reported as exp of the mean and of th
 either run never reached the threshold is censored, left out of the mean, and named in the verdict.
 The 95% CI is mean ± t(0.975, n-1) · sd / sqrt(n) over the n paired differences (sample sd).
 
-- **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side.
+- **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side: the direction is
+  reproduced. Where the paper gives an effect size and the whole CI lies short of it (or beyond it), the
+  reason says so: the effect is then smaller (larger) than the paper's.
 - **contradicted**: not reproduced, and the CI excludes 0 (ratios: 1) on the other side, or the paper
   gives an effect size E and the whole CI lies on the near side of E (below E when the paper's effect is
   an increase, above it when a decrease), so the paper's effect size is ruled out.
@@ -461,7 +463,12 @@ def judge(metric: str, effect, n: int, mean, sd, ci) -> tuple[str, str, int | No
     no_effect = "1" if is_ratio(metric) else "0"
     low, high = ci
     if (direction > 0 and low > 0) or (direction < 0 and high < 0):
-        return "reproduced", f"the CI excludes {no_effect} on the paper's side", None
+        size = ""
+        if target is not None and (high < target if direction > 0 else low > target):
+            size = f"; smaller than the paper's {fmt(metric, effect)} (the CI lies short of it)"
+        elif target is not None and (low > target if direction > 0 else high < target):
+            size = f"; larger than the paper's {fmt(metric, effect)} (the CI lies beyond it)"
+        return "reproduced", f"the CI excludes {no_effect} on the paper's side{size}", None
     if (direction > 0 and high < 0) or (direction < 0 and low > 0):
         return "contradicted", f"the CI excludes {no_effect} on the other side", None
     if target is not None and ((direction > 0 and high < target) or (direction < 0 and low > target)):
