@@ -81,9 +81,9 @@ def test_the_same_sweep_again_in_its_directory_trains_nothing_twice(tmp_path):
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = by_job_number(tmp_path / "sweep")
-    for job in (0, 1):
-        assert again[job]["status"] == "completed" and again[job]["history"] == first[job]["history"]
-        assert again[job]["notes"][-1].startswith("resumed from ") and again[job]["notes"][-1].endswith(" at epoch 1 step 0")
+    for job in (0, 1):  # each finished job's record as it was: not even its clocks moved
+        assert again[job]["status"] == "completed" and again[job] == first[job]
+    assert (proc.stdout + proc.stderr).count("completed: val top-1 error") == 2  # each job said so
 
 
 def test_a_job_that_crashes_fails_alone_with_its_traceback_in_its_log(tmp_path):
@@ -201,10 +201,12 @@ def test_a_checkpoint_from_another_config_is_refused_and_its_run_left_as_it_was(
         "in another directory, repeat the same command to resume that one, or resume=never to start over here")
     assert "Traceback" not in other.stderr
     assert (checkpoint.read_bytes(), (tmp_path / "run" / "results.json").read_text()) == before
-    # where it ran, how it logs, how many threads: not what it trains, so resuming goes on
-    again = run_cli("scale=tiny", "trainer.epochs=1", "trainer.threads=1", "hydra.run.dir=run", cwd=tmp_path)
+    # where it ran, how it logs, how many threads: not what it trains, so resuming goes on (with an
+    # epoch more to train: a finished run run again keeps its record as it was)
+    again = run_cli("scale=tiny", "trainer.epochs=2", "trainer.threads=1", "hydra.run.dir=run", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert any(n.endswith("with trainer.threads: 0 -> 1") for n in results(tmp_path / "run")["notes"])
+    notes = results(tmp_path / "run")["notes"]
+    assert any(n.endswith("with trainer.epochs: 1 -> 2; trainer.threads: 0 -> 1") for n in notes), notes
     # a checkpoint past trainer.epochs is refused too (the record would say 1 epoch and hold 2)
     longer = run_cli("scale=tiny", "trainer.epochs=2", "logger=none", "hydra.run.dir=two", cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr
@@ -234,6 +236,15 @@ def test_a_rerun_with_bad_input_leaves_the_finished_run_as_it_was(tmp_path):
         assert again.returncode == 2, again.stderr
         assert message in again.stderr.strip().splitlines()[-1] and "Traceback" not in again.stderr
         assert (tmp_path / "run" / "results.json").read_text() == before, typo
+    # W&B that cannot start, where the rerun has an epoch more to train: the record stays too (it was
+    # marked failed), and the same command again changes nothing (its clocks once grew at each rerun)
+    again = run_cli("scale=tiny", "trainer.epochs=2", "hydra.run.dir=run", cwd=tmp_path,
+                    env_extra={"WANDB_MODE": "onlin"})
+    assert again.returncode == 2 and "W&B (onlin) could not start the run" in again.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "results.json").read_text() == before
+    same = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert (tmp_path / "run" / "results.json").read_text() == before
     # in a new directory the same typo leaves a record that says why the run failed
     fresh = run_cli("scale=tiny", "trainer.epochs=-1", "hydra.run.dir=fresh", cwd=tmp_path)
     assert fresh.returncode == 2
@@ -258,6 +269,69 @@ def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
     assert proc.returncode == 3, err
     assert record["status"] == "interrupted" and record["history"] == []
     assert record["error"] == "stopped by signal SIGTERM; before training began; resume=auto starts it (again)"
+
+
+def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp_path):
+    """A finished run's directory run again (a sweep continued with hydra.sweep.dir=) and stopped
+    while it sets up: it was marked interrupted, and the report left the finished run out."""
+    first = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", "logger=none", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "run" / "results.json").read_text()
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "trainer.epochs=1",
+                             "hydra.run.dir=run", "logger=none"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:  # the rerun's record says running from when it takes the directory over
+            if results(tmp_path / "run")["status"] == "running":
+                break
+        except ValueError:
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_a_run_whose_wandb_process_dies_completes_with_a_note(tmp_path):
+    """W&B's service process (wandb-core) killed mid-run (SLURM's SIGTERM reaches every process of a
+    job; once it died on this machine for no known reason): the next epoch's W&B log raised, the run
+    failed, and its checkpoint was an epoch behind its record. Now the run goes on without W&B."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "trainer.epochs=4",
+                             "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    cores = [p for p in _descendants(proc.pid) if b"wandb-core" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert cores, "no wandb-core under the run"
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    record = results(tmp_path / "run")
+    assert record["status"] == "completed" and len(record["history"]) == 4
+    assert any(note.startswith("W&B stopped at epoch") for note in record["notes"]), record["notes"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["epoch"] == 4
 
 
 def test_a_signal_during_the_last_validation_completes_the_run_and_stops_the_sweep(tmp_path):

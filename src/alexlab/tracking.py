@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alexlab.errors import ConfigError, first_line
-from alexlab.io import atomic_write_json
+from alexlab.io import atomic_write_bytes, atomic_write_json
 
 RESULTS_NAME = "results.json"
 WANDB_ID_NAME = "wandb_id.txt"
@@ -103,7 +103,7 @@ class Tracker:
         self.wandb_id = None
         self.t0 = time.perf_counter()
         self.cpu0 = cpu_seconds()
-        self.continues, self.started = continues, False
+        self.continues, self.started, self.trains = continues, False, False
         previous = self._previous() if continues else {}
         self._kept = previous  # what the directory said before this process: put back by keep_previous
         self.record = {
@@ -117,7 +117,7 @@ class Tracker:
             "steps": [],
             "final": None,
             "best": None,
-            "notes": [],
+            "notes": list(previous.get("notes") or []),  # a continued run keeps what was noted before
             "num_classes": None,
             "skipped_files": [],  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
             "images_seen": 0,
@@ -163,9 +163,10 @@ class Tracker:
                       "listed in skipped_files")
 
     def keep_previous(self) -> bool:
-        """Where this process continues a run and stopped on bad input (data.root mistyped) before it
-        started training: put back the record it found, so that a completed or interrupted run is not
-        marked failed by a rerun that never trained. False where there is nothing to put back."""
+        """Where this process continues a run and stopped on bad input (data.root mistyped) or a signal
+        before it started training: put back the record it found, so that a completed or interrupted
+        run is not marked failed (or a completed one interrupted) by a rerun that never trained. False
+        where there is nothing to put back."""
         if not (self.continues and self._kept and not self.started):
             return False
         atomic_write_json(self._kept, self.results_path)
@@ -174,19 +175,19 @@ class Tracker:
     def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
         """trains=False: a continued run with nothing left to train (a finished sweep job run again)
         opens no W&B run, which would be an empty second one under the same id."""
-        self.started = True
+        if self.logger_cfg.get("name") == "wandb" and trains:
+            self._start_wandb()  # bad input (W&B online without a key) before the record is changed: keep_previous
+        self.started, self.trains = True, trains
         self.record["history"] = list(resumed_history)
         if device:
             self.record["device"], self.record["device_name"] = device, device_name(device)
-        if self.logger_cfg.get("name") == "wandb" and trains:
-            self._start_wandb()
         self._write()
 
     def _start_wandb(self) -> None:
         import wandb
         id_file = self.run_dir / WANDB_ID_NAME
         self.wandb_id = id_file.read_text().strip() if self.continues and id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(self.wandb_id)
+        atomic_write_bytes(self.wandb_id.encode(), id_file)
         mode = wandb_mode()
         tags = list(self.logger_cfg.get("tags") or [])
         try:
@@ -216,10 +217,18 @@ class Tracker:
                  metrics["epoch"], metrics["train_loss"], metrics["train_top1_err"], metrics["val_top1_err"],
                  metrics["val_top5_err"], metrics["lr"], metrics["epoch_time_s"], metrics["images_per_s"])
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=metrics["steps"])
+            try:
+                self.wandb_run.log(metrics, step=metrics["steps"])
+            except Exception as err:  # noqa: BLE001 - W&B's service process died (SLURM's SIGTERM reaches it too)
+                self.note(f"W&B stopped at epoch {metrics['epoch']} ({type(err).__name__}: {first_line(err)}); "
+                          "results.json goes on")
+                self.wandb_run = None
         self._write()
 
     def finish(self, status: str, error: str | None = None, state: dict | None = None) -> dict:
+        if status == "completed" and not self.trains and self._kept.get("status") == "completed":
+            atomic_write_json(self._kept, self.results_path)  # a finished run run again: its record as it was
+            return self._kept
         self.record["status"] = status
         self.record["error"] = error
         history = self.record["history"]

@@ -304,6 +304,11 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
             state["window"].zero_()
         tracker.note(f"resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}"
                      + (f", with {'; '.join(resuming)}" if resuming else ""))
+    # A signal while the data loaded or the model was built: stopped before the record is taken over,
+    # so that a finished run run again keeps its record (alexlab.tracking.Tracker.keep_previous).
+    early = world.max_int(stop.signum or 0, device) if stop is not None else 0
+    if early:
+        raise Interrupted(early, before_training=True)
     tracker.start(state["history"], str(device), trains=state["epoch"] < int(cfg.trainer.epochs))
 
     batch_size = int(cfg.trainer.batch_size)
@@ -314,9 +319,6 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
                                       int(cfg.model.input_size))
     first_epoch = state["epoch"]
     with contextlib.nullcontext(stop) if stop is not None else StopFlag() as stop:
-        early = world.max_int(stop.signum or 0, device)  # came while loading the data or building the model
-        if early:
-            raise Interrupted(early, before_training=True)
         for epoch in range(state["epoch"], int(cfg.trainer.epochs)):
             model.train()
             train_step.sums = state["sums"].to(device)
@@ -384,9 +386,9 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
             state["history"].append(metrics)
             state.update(epoch=epoch + 1, step=0, sums=torch.zeros(3, dtype=torch.float64),
                          window=world.sum(train_step.window.clone()).cpu(), train_time_s=state["train_time_s"] + epoch_time)
-            tracker.log_epoch(metrics, state["steps"])
-            if world.is_main:
+            if world.is_main:  # first: whatever fails in the record or in W&B, the epoch is saved
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, state, config)
+            tracker.log_epoch(metrics, state["steps"])
     return state
 
 
