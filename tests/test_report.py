@@ -153,13 +153,18 @@ def test_reverse_effect_is_contradicted(tmp_path):
     assert lrn["verdict"] == "contradicted" and "other side" in lrn["reason"]
 
 
-def test_a_metric_that_is_not_a_finite_number_leaves_its_pair_out_and_says_so(tmp_path):
+@pytest.mark.parametrize("edit", ["nan", "null", "text", "no final"])
+def test_a_metric_that_is_not_a_finite_number_leaves_its_pair_out_and_says_so(tmp_path, edit):
     """A NaN in one record (edited by hand, or read from W&B) once made the whole row NaN, with "about
-    2 seeds needed" as its reason; the pair is left out now, and the reason names its seed."""
+    2 seeds needed" as its reason; a null crashed the report (TypeError), and a completed run without
+    `final` counted as "threshold never reached". The pair is left out now, and the reason names its seed."""
     root = lrn_sweep(tmp_path / "multirun", [1.4, 1.6, 1.5, 1.45])
     path = root / "3_ablation=no_lrn,seed=1" / "results.json"
     record = json.loads(path.read_text())
-    record["final"]["val_top1_err"] = float("nan")
+    if edit == "no final":
+        del record["final"]
+    else:
+        record["final"]["val_top1_err"] = {"nan": float("nan"), "null": None, "text": "31.2%"}[edit]
     path.write_text(json.dumps(record))
     lrn = row(build_report([root], tmp_path / "out"), "lrn", "no_lrn")
     stats = lrn["metrics"]["val_top1_err"]

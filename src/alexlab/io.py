@@ -68,3 +68,8 @@ def atomic_write_json(obj, path) -> None:
 def atomic_torch_save(obj, path) -> None:
     import torch  # here, so that reading and writing JSON does not import torch
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_savefig(fig, path, **kwargs) -> None:
+    """A matplotlib figure, as PNG (the format by the name would be taken from the temporary file's)."""
+    _atomic(path, lambda f: fig.savefig(f, format="png", **kwargs))

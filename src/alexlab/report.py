@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.errors import first_line
+from alexlab.io import atomic_savefig, atomic_write_bytes
 from alexlab.tracking import RESULTS_NAME
 
 JOB_DIR_NAME = re.compile(r"^\d+_")  # Hydra multirun job dirs: <job number>_<overrides>
@@ -149,13 +150,20 @@ def at_chance(run: Run) -> bool:
     return bool(guesses) and err is not None and err >= min(guesses) - CHANCE_MARGIN
 
 
+def recorded_number(value) -> float:
+    """A recorded error as a float; one that is missing or not a number (a record edited by hand, or
+    read from W&B) as NaN, which the analysis leaves out and names (paired_stats)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def run_metrics(record: dict) -> dict:
-    final = record.get("final") or {}
+    final = record.get("final") if isinstance(record.get("final"), dict) else {}
     history = record.get("history") or []
+    val, train = recorded_number(final.get("val_top1_err")), recorded_number(final.get("train_top1_err"))
     return {
-        "val_top1_err": final.get("val_top1_err"),
-        "val_top5_err": final.get("val_top5_err"),
-        "overfit_gap": final["val_top1_err"] - final["train_top1_err"] if final else None,
+        "val_top1_err": val,
+        "val_top5_err": recorded_number(final.get("val_top5_err")),
+        "overfit_gap": val - train,
         "steps_to_25_train_err": steps_to_train_err(record, TRAIN_ERR_THRESHOLD),
         "steps_to_converge": steps_to_converge(history),
     }
@@ -253,9 +261,9 @@ def factor_value(run: Run, claim: Claim):
 
 
 def metric_score(runs: list[Run], metric: str) -> tuple:
-    """Lower is better; a metric never reached (None) is worse than any number."""
+    """Lower is better; a metric never reached (None), or not a number, is worse than any number."""
     values = [r.metrics[metric] for r in runs]
-    reached = [v for v in values if v is not None]
+    reached = [v for v in values if v is not None and math.isfinite(v)]
     return (1 - len(reached) / len(values), float(np.mean(reached)) if reached else math.inf)
 
 
@@ -551,7 +559,7 @@ def plot_curves(claim: str, variants: dict[str, list[Run]], path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="validation top-1 error (%)", title=f"{claim}: mean over seeds, min-max band")
     ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
 SETUP_LABEL_WIDTH = 16  # characters a line under a bar of the deltas plot (7 pt; a bar is 1.6 inches)
@@ -595,7 +603,7 @@ def plot_deltas(rows: list[dict], path: Path) -> Figure:
                           for r in panel], fontsize=7)
         ax.set_ylabel("ratio ablated / paper" if ratio else "ablated - paper (points)")
         ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
     return fig
 
 
@@ -611,7 +619,7 @@ def plot_relu_fig1(variants: dict[str, list[Run]], path: Path) -> None:
     ax.axhline(TRAIN_ERR_THRESHOLD, color="black", linewidth=0.8)
     ax.set(xlabel="iterations (optimizer steps)", ylabel="training error (%)", title="relu vs tanh (figure 1)")
     ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
 def write_plots(rows: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
@@ -740,7 +748,8 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     plots = write_plots(rows, analysed + [twin for claim_twins in twins.values() for twin in claim_twins], out_dir)
     report_path = out_dir / "report.md"
     trained_on, table = setups(runs), main_table(rows)
-    report_path.write_text(markdown(rows, table, problems, missing, costs, plots, sources, len(runs), trained_on))
+    atomic_write_bytes(markdown(rows, table, problems, missing, costs, plots, sources, len(runs), trained_on).encode(),
+                       report_path)
     # where --log-to-wandb puts the report run: the runs' own project, in their most common group
     logger = next((r.config["logger"] for r in runs if isinstance(r.config.get("logger"), dict)), {})
     experiments = Counter(str(r.record.get("experiment")) for r in runs)
