@@ -43,6 +43,20 @@ def test_a_damaged_idx_file_is_bad_input_naming_the_file(tmp_path, damage):
 
 
 @requires_fashion
+def test_fashion_mnist_files_that_do_not_match_are_bad_input_naming_them(tmp_path):
+    """The test split's labels file swapped for the training split's (60,000 labels for 10,000 images):
+    it once failed later with an IndexError, or, where the counts allowed, trained on wrong labels."""
+    import shutil
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.copy(FASHION_DIR / name, tmp_path / name)
+    shutil.copy(FASHION_DIR / "train-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
+    cfg = compose_cfg("scale=tiny", f"data.root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"t10k-images-idx3-ubyte.gz holds 10000 images but .*"
+                                          r"t10k-labels-idx1-ubyte.gz 60000 labels"):
+        build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), tmp_path / "cache")
+
+
+@requires_fashion
 def test_colour_channels_asked_of_grey_data_is_bad_input(tmp_path):
     cfg = compose_cfg("scale=tiny", "data.channels=3")  # conv1 would be built for 3 channels and fail at the first step
     with pytest.raises(ConfigError, match=r"data.channels=3, but fashion_mnist's images have 1 channel\(s\)"):

@@ -188,6 +188,7 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"towers": 3}, "model.towers must be 1 or 2"),
     ({"remove": ["conv1"]}, "conv1 cannot be removed"),
     ({"remove": ["fc8"]}, "fc8 cannot be removed"),
+    ({"remove": ["conv3", "fc7", "conv3"]}, "model.remove names conv3 more than once"),
     ({"remove": ["conv9"]}, "unknown layer 'conv9'"),
     ({"activation": "sigmoid"}, "model.activation"),
     ({"lrn_alpha": "half"}, "model.lrn_alpha"),

@@ -116,6 +116,9 @@ def _check(cfg: dict) -> None:
                               f"conv layer and its classifier); removable: {removable}")
         if name not in removable:
             raise ConfigError(f"model.remove: unknown layer {name!r}; removable: {removable}")
+    twice = sorted({name for name in remove if list(remove).count(name) > 1})
+    if twice:  # the same net as naming it once, but a config the report would not pair with the claim's
+        raise ConfigError(f"model.remove names {', '.join(twice)} more than once")
 
 
 def layer_plan(model_cfg: Any) -> list[dict]:

@@ -132,6 +132,12 @@ def load_fashion_mnist(cfg) -> tuple[dict, int]:
     root = Path(os.path.expanduser(str(cfg.root)))
     if all((root / f).is_file() for files in FASHION_FILES.values() for f in files):
         arrays = {split: (read_idx(root / img), read_idx(root / lab)) for split, (img, lab) in FASHION_FILES.items()}
+        for split, (img, lab) in FASHION_FILES.items():  # a file swapped or cut short would mislabel, or fail later
+            images, labels = arrays[split]
+            if len(images) != len(labels) or labels.size and labels.max() > 9:
+                raise ConfigError(f"{root / img} holds {len(images)} images but {root / lab} {len(labels)} labels "
+                                  f"(from 0 to {labels.max() if labels.size else '-'}; Fashion-MNIST has 10 classes): "
+                                  "mismatched files? Fetch them again")
     else:
         arrays = _download_torchvision("FashionMNIST", cfg, root,
                                        "apt-get install dataset-fashion-mnist (Debian/Ubuntu), which puts the "
@@ -162,7 +168,9 @@ def _download_torchvision(name: str, cfg, root: Path, how: str) -> dict:
                 out[split] = (data, np.asarray(ds.targets))
             return out
         except Exception as err:  # noqa: BLE001 - any failure ends in the one message below
-            errors.append(f"download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            # torchvision's message is several lines ("Error downloading x.gz:", "Tried ..., got:", the cause)
+            said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            errors.append(f"download failed: {type(err).__name__}: {said[:300]}")
     else:
         errors.append("data.download=false")
     raise ConfigError(f"no {name} data in {root} ({'; '.join(errors)}). To get it: {how}.")
