@@ -368,6 +368,8 @@ def test_repeated_runs_are_not_extra_seeds(tmp_path):
     assert row(result, "lrn", "no_lrn")["n"] == 3
     assert [p["status"] for p in result["problems"]] == ["repeat"] * 6
     assert result["cost"][-1]["runs"] == 12  # the total still counts what the repeats cost
+    # what the analysis rests on: 6 runs, not 12 (the repeats were once counted there too)
+    assert "2 epochs: 6 runs" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_report_says_what_the_runs_trained_on(tmp_path):

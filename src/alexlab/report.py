@@ -669,7 +669,8 @@ def main_table(rows: list[dict]) -> list[str]:
 
 
 def setups(runs: list[Run]) -> list[tuple[str, int]]:
-    """What the completed runs trained on: each distinct set-up, in order, with its count of runs."""
+    """What the completed runs trained on: each distinct set-up, in order, with its count of runs
+    (repeats not counted: give the runs without them, drop_repeats)."""
     counts = Counter()
     for run in runs:
         if run.status != "completed":
@@ -747,7 +748,7 @@ def report_runs(runs: list[Run], problems: list[dict], out_dir: Path, sources: l
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rows, analysed + [twin for claim_twins in twins.values() for twin in claim_twins], out_dir)
     report_path = out_dir / "report.md"
-    trained_on, table = setups(runs), main_table(rows)
+    trained_on, table = setups(analysed), main_table(rows)
     atomic_write_bytes(markdown(rows, table, problems, missing, costs, plots, sources, len(runs), trained_on).encode(),
                        report_path)
     # where --log-to-wandb puts the report run: the runs' own project, in their most common group
