@@ -293,6 +293,24 @@ def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     assert (tmp_path / "run" / "results.json").read_text() == before
+    # a record left `running` (a process killed by SIGKILL) is not kept: the stopped rerun says interrupted
+    left = json.loads(before) | {"status": "running"}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(left))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "trainer.epochs=2",
+                             "hydra.run.dir=run", "logger=none"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:  # the rerun's own record, which it writes when it takes the directory over
+            if results(tmp_path / "run")["wall_time_s"] != left["wall_time_s"]:
+                break
+        except ValueError:
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert results(tmp_path / "run")["status"] == "interrupted"
 
 
 def _descendants(pid: int) -> list[int]:

@@ -110,7 +110,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise BadInput(str(err)) from None
     except Interrupted as err:
-        if not (isinstance(tracker, Tracker) and tracker.keep_previous()):  # a finished run stays completed
+        finished = isinstance(tracker, Tracker) and tracker.previous_status == "completed"
+        if not (finished and tracker.keep_previous()):  # a finished run stays completed; any other is interrupted
             tracker.finish("interrupted", error=str(err), state=err.state)
         print(f"interrupted: {err}", file=sys.stderr, flush=True)
         requeue_under_submitit(err.signum)

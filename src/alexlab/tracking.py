@@ -162,6 +162,11 @@ class Tracker:
             self.note(f"{len(skipped_files)} unreadable file(s) left out (data.on_bad_file=skip); "
                       "listed in skipped_files")
 
+    @property
+    def previous_status(self) -> str | None:
+        """The status of the record this process found, where it continues a run."""
+        return self._kept.get("status") if self.continues else None
+
     def keep_previous(self) -> bool:
         """Where this process continues a run and stopped on bad input (data.root mistyped) or a signal
         before it started training: put back the record it found, so that a completed or interrupted

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -36,17 +37,15 @@ def _why(text: str, job: bool = True) -> str:
 
 
 class _SaysWhy:
-    stopped_by: str | None = None  # the signal the launcher handed to its jobs
+    stopped_by: str | None = None  # the signal the launcher handed to its jobs (LocalLauncher)
 
     def launch(self, job_overrides, initial_job_idx):
         try:
-            return super().launch(job_overrides, initial_job_idx)
+            returns = super().launch(job_overrides, initial_job_idx)
         except UncompletedJobError as err:
             sweep_dir = self.config.hydra.sweep.dir
             if self.stopped_by:
-                print(f"interrupted: the sweep got {self.stopped_by} and handed it to its jobs, which stopped at a "
-                      f"checkpoint; the same command with hydra.sweep.dir={sweep_dir} resumes them", file=sys.stderr)
-                raise SystemExit(3) from None
+                self._stopped()
             if isinstance(err.__cause__, subprocess.CalledProcessError):  # sbatch itself failed
                 print(f"error: the sweep could not be submitted: {_why(str(err), job=False)} "
                       f"(sbatch's script: {sweep_dir}/.submitit/)", file=sys.stderr)
@@ -57,6 +56,19 @@ class _SaysWhy:
             print(f"error: a job of the sweep failed: {_why(str(err))} (its logs: {logs}); the other jobs run on, "
                   f"`python src/report.py {sweep_dir}` shows how each ended", file=sys.stderr)
             raise SystemExit(1) from None
+        if self.stopped_by:  # every job completed (the signal came during their last validations): no next batch
+            self._stopped()
+        return returns
+
+    def _wait_for_stopped_jobs(self) -> None:
+        pass
+
+    def _stopped(self):
+        """After a stop signal: once every job has ended, one line and exit status 3."""
+        self._wait_for_stopped_jobs()
+        print(f"interrupted: the sweep got {self.stopped_by} and handed it to its jobs, which stopped at a checkpoint; "
+              f"the same command with hydra.sweep.dir={self.config.hydra.sweep.dir} resumes them", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 class SlurmLauncher(_SaysWhy, submitit_launcher.SlurmLauncher):
@@ -65,19 +77,15 @@ class SlurmLauncher(_SaysWhy, submitit_launcher.SlurmLauncher):
 
 def _local_job_controllers() -> list[int]:
     """The process ids of the submitit controllers this process started, one per local job (each
-    hands a SIGTERM on to its job's tasks)."""
-    children = []
-    for listing in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+    hands a SIGTERM on to its job's tasks): its children (from /proc/*/stat, which every Linux kernel
+    has) that run submitit.local._local."""
+    me, controllers = os.getpid(), []
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            children += [int(pid) for pid in listing.read_text().split()]
-        except OSError:  # the thread ended
-            pass
-    controllers = []
-    for pid in children:
-        try:
-            if b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                controllers.append(pid)
-        except OSError:  # the child ended
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == me and b"submitit.local._local" in (proc / "cmdline").read_bytes():
+                controllers.append(int(proc.name))
+        except (OSError, IndexError, ValueError):  # ended meanwhile
             pass
     return controllers
 
@@ -108,9 +116,11 @@ class LocalLauncher(_SaysWhy, submitit_launcher.LocalLauncher):
         def stop(signum, frame):
             if not self.stopped_by:
                 self.stopped_by = signal.Signals(signum).name
-                print(f"{self.stopped_by}: handing it to the sweep's jobs and waiting for them to stop", file=sys.stderr)
+                # os.write, not print: the main thread may be inside a print to stderr
+                os.write(2, f"{self.stopped_by}: handing it to the sweep's jobs and waiting for them to stop\n".encode())
                 threading.Thread(target=hand_on, daemon=True, name="hand-on-sigterm").start()
 
+        self.stopped_by = None
         previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             return super().launch(job_overrides, initial_job_idx)
@@ -118,3 +128,9 @@ class LocalLauncher(_SaysWhy, submitit_launcher.LocalLauncher):
             ended.set()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _wait_for_stopped_jobs(self) -> None:
+        # Hydra's launcher stops at the first job that did not complete; the others (one still
+        # starting up, say) are waited for here, while they are told again every RESEND_S.
+        while _local_job_controllers():
+            time.sleep(0.5)
