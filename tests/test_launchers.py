@@ -107,10 +107,14 @@ def test_a_failed_jobs_line_says_how_it_ended(text, why):
 
 @requires_fashion
 @pytest.mark.slow
-def test_sigterm_to_a_local_sweep_stops_its_jobs_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to the command", "Ctrl-C"])
+def test_a_stopped_local_sweep_stops_its_jobs_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path, how):
     """SIGTERM to the sweep's command alone (`kill`, a container stopping) once ended it with exit
-    143 and left both jobs training on, unwatched. Now the jobs get it, checkpoint and stop, and
-    the command says so in one line, exit status 3; run again, it finishes them."""
+    143 and left both jobs training on, unwatched. Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it) reached submitit's controller of each job, which printed a traceback and
+    killed its job a second later: one job was left `running`. Now the jobs get SIGTERM from the
+    command, checkpoint and stop, and the command says so in one line, exit status 3; run again,
+    it finishes them."""
     import os
     import signal
     import subprocess
@@ -121,21 +125,27 @@ def test_sigterm_to_a_local_sweep_stops_its_jobs_at_a_checkpoint_and_the_same_co
             "hydra.sweep.dir=sweep"]
     env = dict(os.environ, WANDB_MODE="offline", HOME=str(tmp_path), PYTHONUNBUFFERED="1")
     sweep = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while len(list((tmp_path / "sweep").glob("*/checkpoint.pt"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    sweep.send_signal(signal.SIGTERM)
+    if how == "Ctrl-C":
+        os.killpg(sweep.pid, signal.SIGINT)
+    else:
+        sweep.send_signal(signal.SIGTERM)
     _, err = sweep.communicate(timeout=240)
     assert sweep.returncode == 3, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted: the sweep got SIGTERM") and "hydra.sweep.dir=sweep" in last, last
+    name = "SIGINT" if how == "Ctrl-C" else "SIGTERM"
+    assert last.startswith(f"interrupted: the sweep got {name}") and "hydra.sweep.dir=sweep" in last, last
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert [r["status"] for r in records] == ["interrupted", "interrupted"]
     assert all(len(r["history"]) < 4 for r in records)
     left = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(tmp_path / "sweep"))]
     assert not left  # no job of the sweep runs on
+    if how == "Ctrl-C":
+        return  # the resume is the same as after SIGTERM
 
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]

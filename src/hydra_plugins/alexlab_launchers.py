@@ -94,10 +94,14 @@ class LocalLauncher(_SaysWhy, submitit_launcher.LocalLauncher):
     """The jobs run as this process's children. A SIGTERM to this process alone (`kill`, a container
     stopping) used to end it and leave the jobs running on, unwatched: it is handed to the jobs now
     (as SIGTERM), which checkpoint and stop (`interrupted`), and the sweep ends with exit status 3
-    once they have; the same for Ctrl-C (SIGINT), which reaches the jobs from the terminal too. It is
-    handed on again every few seconds while they run, for a job still starting up, which has not yet
-    installed the handler that checkpoints (alexlab.train.StopFlag). (On Ctrl-C, submitit's own
-    controller of each job also ends its job with SIGKILL a second after SIGINT.)"""
+    once they have; the same for Ctrl-C (SIGINT). It is handed on again every few seconds while they
+    run, for a job still starting up, which has not yet installed the handler that checkpoints
+    (alexlab.train.StopFlag).
+    SIGINT is blocked in this thread while the jobs start, and the blocked mask is inherited: a
+    terminal's Ctrl-C, which goes to every process of the foreground group, reaches this process
+    alone (through a thread that does not block it), not submitit's controller of each job, which
+    otherwise printed a KeyboardInterrupt traceback and killed its job a second later (SIGKILL), and
+    not the jobs, which get the SIGTERM handed on instead."""
 
     RESEND_S = 5.0
 
@@ -122,10 +126,14 @@ class LocalLauncher(_SaysWhy, submitit_launcher.LocalLauncher):
 
         self.stopped_by = None
         previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        # the thread a process-wide SIGINT is delivered to: made before the block, so it does not block it
+        threading.Thread(target=ended.wait, daemon=True, name="takes-sigint").start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             return super().launch(job_overrides, initial_job_idx)
         finally:
             ended.set()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
