@@ -277,40 +277,36 @@ def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp
     first = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", "logger=none", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     before = (tmp_path / "run" / "results.json").read_text()
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "trainer.epochs=1",
-                             "hydra.run.dir=run", "logger=none"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        try:  # the rerun's record says running from when it takes the directory over
-            if results(tmp_path / "run")["status"] == "running":
-                break
-        except ValueError:
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
+    # the rerun's record says running from when it takes the directory over
+    returncode, err = _stopped_while_it_sets_up(tmp_path, "1", lambda record: record["status"] == "running")
+    assert returncode == 3, err
     assert (tmp_path / "run" / "results.json").read_text() == before
     # a record left `running` (a process killed by SIGKILL) is not kept: the stopped rerun says interrupted
     left = json.loads(before) | {"status": "running"}
     (tmp_path / "run" / "results.json").write_text(json.dumps(left))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "trainer.epochs=2",
+    returncode, err = _stopped_while_it_sets_up(tmp_path, "2",
+                                                lambda record: record["wall_time_s"] != left["wall_time_s"])
+    assert returncode == 3, err
+    assert results(tmp_path / "run")["status"] == "interrupted"
+
+
+def _stopped_while_it_sets_up(tmp_path: Path, epochs: str, taken_over) -> tuple[int, str]:
+    """`scale=tiny` run again in tmp_path/run, SIGTERM as soon as taken_over(its results.json) holds."""
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", f"trainer.epochs={epochs}",
                              "hydra.run.dir=run", "logger=none"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        try:  # the rerun's own record, which it writes when it takes the directory over
-            if results(tmp_path / "run")["wall_time_s"] != left["wall_time_s"]:
+        try:
+            if taken_over(results(tmp_path / "run")):
                 break
         except ValueError:
             pass
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
-    assert results(tmp_path / "run")["status"] == "interrupted"
+    return proc.returncode, err
 
 
 def _descendants(pid: int) -> list[int]:
