@@ -147,7 +147,7 @@ def at_chance(run: Run) -> bool:
     if isinstance(run.record.get("val_majority_err"), (int, float)):
         guesses.append(run.record["val_majority_err"])
     err = run.metrics["val_top1_err"]
-    return bool(guesses) and err is not None and err >= min(guesses) - CHANCE_MARGIN
+    return bool(guesses) and err >= min(guesses) - CHANCE_MARGIN  # False for NaN (not a recorded number)
 
 
 def recorded_number(value) -> float:
@@ -309,11 +309,11 @@ def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
     return twins
 
 
-def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[tuple[dict, dict | None]]:
+def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[tuple[dict, str | None]]:
     """The claim's ablation against the paper's runs, paired per seed: one row per set-up the runs
     come from (configs that differ in more than the seed, the claim's factor and what it tunes:
     another dataset, more epochs), so that differences from different set-ups are never averaged
-    together; each with its set-up's config (None for a row with no runs), for claim_rows to name."""
+    together; each with its set-up's comparable_key (None for a row with no runs), for claim_rows to name."""
     sides = {"paper": claim.paper_value, "ablated": claim.ablations[ablation]}
     contexts = defaultdict(lambda: {"paper": [], "ablated": []})
     for run in runs:
@@ -323,14 +323,12 @@ def compare(claim: Claim, ablation: str, runs: list[Run]) -> list[tuple[dict, di
     # A set-up counts for this claim when it holds both sides, or when it was launched for this claim;
     # otherwise a run that only happens to share a factor value (relu's sweep has no dropout) would
     # show up as a missing pair.
-    relevant = [c for c in contexts.values()
+    relevant = [(key, c) for key, c in contexts.items()
                 if (c["paper"] and c["ablated"]) or any(r.record.get("experiment") == claim.id for r in c["paper"] + c["ablated"])]
     if not relevant:
         found = {side: sum(len(c[side]) for c in contexts.values()) for side in sides}
         return [(judge_pairs(claim, ablation, [], not_run=not_run_reason(claim, ablation, found)), None)]
-    return [(judge_pairs(claim, ablation, [context]),
-             experiment_config((context["paper"] + context["ablated"])[0].config, claim, ignore=("seed",)))
-            for context in relevant]
+    return [(judge_pairs(claim, ablation, [context]), key) for key, context in relevant]
 
 
 def claim_rows(claim: Claim, runs: list[Run]) -> list[dict]:
@@ -339,12 +337,12 @@ def claim_rows(claim: Claim, runs: list[Run]) -> list[dict]:
     from two launches of `sweeps=all` with different epochs), each row names its set-up by the config
     values that set it apart, and the curves keep each set-up's paper runs apart."""
     judged = [pair for ablation in claim.ablations for pair in compare(claim, ablation, runs)]
-    configs = {json.dumps(c, sort_keys=True, default=str): c for _, c in judged if c is not None}
-    if len(configs) > 1:
-        labels = dict(zip(configs, setup_labels(list(configs.values()))))
-        for row, config in judged:
-            if config is not None:
-                row["setup"] = labels[json.dumps(config, sort_keys=True, default=str)]
+    keys = list(dict.fromkeys(key for _, key in judged if key is not None))
+    if len(keys) > 1:  # a key is its set-up's config as canonical JSON (comparable_key)
+        labels = dict(zip(keys, setup_labels([json.loads(key) for key in keys])))
+        for row, key in judged:
+            if key is not None:
+                row["setup"] = labels[key]
     return [row for row, _ in judged]
 
 
