@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from alexlab.data.augment import batch_generator
 from alexlab.errors import ConfigError
 from alexlab.train import check_config, dropout_seed
 from conftest import compose_cfg
@@ -18,6 +19,21 @@ def test_dropout_masks_follow_the_position_and_differ_by_rank():
     assert torch.equal(mask(0, 1, 2, 0), reference)
     for other in ((0, 1, 2, 1), (0, 1, 3, 0), (0, 2, 2, 0), (1, 1, 2, 0)):
         assert not torch.equal(mask(*other), reference), other
+
+
+def test_large_seeds_draw_their_own_batches():
+    """A date as the seed (20251128) overflowed torch's seed range at the first epoch, after the data had loaded."""
+    def order(seed, epoch=1, step=2):
+        return torch.randperm(1000, generator=batch_generator(seed, epoch, step))
+
+    for seed in (20251128, 2**62, -2**63, 2**63 - 1):
+        assert torch.equal(order(seed), order(seed))
+        assert not torch.equal(order(seed), order(seed - 1)), seed
+        assert not torch.equal(order(seed), order(seed, step=3)), seed
+    assert torch.equal(order(0), torch.randperm(1000, generator=torch.Generator().manual_seed(1_000_003 + 2)))
+    for seed in (2**63, -2**63 - 1):
+        with pytest.raises(ConfigError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"):
+            check_config(compose_cfg("scale=tiny", f"seed={seed}"))
 
 
 @pytest.mark.parametrize("override,message", [

@@ -77,6 +77,8 @@ def check_config(cfg) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if not -2**63 <= seed < 2**63:  # torch.manual_seed's range
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {seed}")
     for key in ("batch_size", "epochs"):
         require_integer(f"trainer.{key}", cfg.trainer[key], 1)
     require_integer("eval.batch_size", cfg.eval.get("batch_size"), 1)  # else found wrong after the first epoch

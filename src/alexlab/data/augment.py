@@ -26,7 +26,9 @@ from alexlab.data.datasets import to_device
 
 
 def batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+    # modulo 2**64, torch's seed range: a seed such as 20251128 overflowed it (distinct 64-bit seeds stay distinct:
+    # 1_000_003 is odd, so multiplying by it is invertible modulo 2**64)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**64)
 
 
 @dataclass
