@@ -498,3 +498,22 @@ def test_wandb_offline_record_has_config_history_and_summary(tmp_path):
             summary.update(r["summary"]["update"])
     assert summary["final/val_top1_err"] == record["final"]["val_top1_err"]
     assert summary["status"] == "completed"
+
+
+@requires_fashion
+@pytest.mark.slow
+def test_two_processes_leave_out_a_last_batch_too_small_to_share(tmp_path):
+    """129 images in batches of 64 leave a last global batch of one image: one of two data parallel
+    processes had nothing to crop and the run failed (IndexError) at the end of every epoch. The
+    full ILSVRC-2012 at batch 128 on 16 GPUs leaves 15."""
+    env = dict(os.environ, WANDB_MODE="offline", HOME=str(tmp_path), TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={29900 + os.getpid() % 90}", str(ROOT / "src" / "run.py"), "scale=tiny",
+                           "trainer.threads=1", "logger=none", "trainer.epochs=1", "data.train_subset=129",
+                           "data.val_subset=64", "hydra.run.dir=run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "completed" and record["processes"] == 2
+    assert record["images_seen"] == 128 and record["history"][0]["steps"] == 2
+    assert any("the last 1 image(s) of each epoch's order are left out" in note for note in record["notes"])

@@ -7,7 +7,8 @@
 Every rank loads only its contiguous part of each global batch (trainer.batch_size images, same
 order), augments it with the draws a one-process run makes for the whole batch (same (seed, epoch,
 step) generator), and trains on it; DistributedDataParallel averages the gradients. So 1 and N processes see the same samples
-with the same crops, and only the float summation order differs. Rank 0 alone writes results.json,
+with the same crops, and only the float summation order differs (except that N processes leave out an epoch's last
+batch when it has fewer than N images: some rank would have none). Rank 0 alone writes results.json,
 checkpoints and W&B.
 """
 from __future__ import annotations

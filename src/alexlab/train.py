@@ -314,7 +314,13 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
     tracker.start(state["history"], str(device), trains=state["epoch"] < int(cfg.trainer.epochs))
 
     batch_size = int(cfg.trainer.batch_size)
-    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    steps_per_epoch = len(data.train) // batch_size
+    leftover = len(data.train) % batch_size
+    if leftover >= world.size:
+        steps_per_epoch += 1
+    elif leftover and resuming is None:  # a rank's part would be empty (ILSVRC-2012, batch 128, 16 ranks: 15 left)
+        tracker.note(f"the last {leftover} image(s) of each epoch's order are left out: fewer than the "
+                     f"{world.size} data parallel processes")
     log_every = int(cfg.trainer.log_every_steps or 0)
     train_step.window = state["window"].to(device)
     train_step.choose_layers_on_noise(len(range(batch_size)[world.part(batch_size)]), int(cfg.model.in_channels),
@@ -331,7 +337,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
             progress = tracker.progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
             # Each rank loads (and decodes) only its part of every global batch; the augmentation
             # draws are made for the whole global batch, so any number of ranks sees the same crops.
-            global_batches = order[start_step * batch_size:].split(batch_size)
+            global_batches = order[start_step * batch_size:steps_per_epoch * batch_size].split(batch_size)
             parts = [world.part(len(b)) for b in global_batches]
             local_batches = [b[part] for b, part in zip(global_batches, parts)]
             for step, (images, labels) in enumerate(data.train.batches_of(local_batches), start_step):
