@@ -82,6 +82,23 @@ def test_missing_data_says_how_to_get_it(tmp_path):
         build_data(cfg.data, 27, torch.device("cpu"), None)
 
 
+@requires_fashion
+def test_data_already_in_torchvisions_folders_loads_without_downloading(tmp_path):
+    """data.download=false once refused torchvision's own folder layout (root/FashionMNIST/raw, as a
+    download leaves it; CIFAR-10's cifar-10-batches-py the same way) without looking into it: the
+    offline user, who sets it, could not use the files they had copied."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(FASHION_DIR / f"{name}.gz") as packed, open(raw / name, "wb") as out:
+            shutil.copyfileobj(packed, out)
+    cfg = compose_cfg("scale=tiny", f"data.root={tmp_path}", "data.download=false")
+    data = build_data(cfg.data, 27, torch.device("cpu"), None)
+    expected = compose_cfg("scale=tiny")  # the Debian package's files
+    reference = build_data(expected.data, 27, torch.device("cpu"), None)
+    assert torch.equal(data.train.images, reference.train.images) and torch.equal(data.val.labels, reference.val.labels)
+
+
 def real_photos(size=40):
     """Real colour photographs shipped inside scikit-image, resized to a common square."""
     skdata = pytest.importorskip("skimage.data")

@@ -156,24 +156,24 @@ def load_cifar10(cfg) -> tuple[dict, int]:
 
 
 def _download_torchvision(name: str, cfg, root: Path, how: str) -> dict:
+    """torchvision's dataset in `root`: read where its files are there (checked by their md5), else
+    downloaded when data.download is true."""
     import torchvision
-    errors = []
-    if cfg.get("download", True):
-        try:
-            cls = getattr(torchvision.datasets, name)
-            out = {}
-            for split, train in (("train", True), ("val", False)):
-                ds = cls(str(root), train=train, download=True)
-                data = ds.data.numpy() if torch.is_tensor(ds.data) else ds.data
-                out[split] = (data, np.asarray(ds.targets))
-            return out
-        except Exception as err:  # noqa: BLE001 - any failure ends in the one message below
-            # torchvision's message is several lines ("Error downloading x.gz:", "Tried ..., got:", the cause)
-            said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-            errors.append(f"download failed: {type(err).__name__}: {said[:300]}")
-    else:
-        errors.append("data.download=false")
-    raise ConfigError(f"no {name} data in {root} ({'; '.join(errors)}). To get it: {how}.")
+    download = bool(cfg.get("download", True))
+    try:
+        cls = getattr(torchvision.datasets, name)
+        out = {}
+        for split, train in (("train", True), ("val", False)):
+            ds = cls(str(root), train=train, download=download)
+            data = ds.data.numpy() if torch.is_tensor(ds.data) else ds.data
+            out[split] = (data, np.asarray(ds.targets))
+        return out
+    except Exception as err:  # noqa: BLE001 - any failure ends in the one message below
+        # torchvision's message is several lines ("Error downloading x.gz:", "Tried ..., got:", the cause)
+        said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        failed = f"download failed: {type(err).__name__}: {said[:300]}" if download else \
+            "data.download=false, and torchvision found no complete copy there"
+    raise ConfigError(f"no {name} data in {root} ({failed}). To get it: {how}.")
 
 
 def load_synthetic(cfg) -> tuple[dict, int]:
