@@ -327,6 +327,47 @@ def test_flat_official_validation_with_kaggle_csv_or_devkit(tmp_path):
         imagenet.list_files(root)
 
 
+def test_a_corrected_val_labels_file_takes_effect_without_preparing_again(tmp_path):
+    """The labels of flat validation files once stayed those the dataset was prepared with: a run
+    given a corrected data.val_labels validated against the old ones, and prepare said nothing to do."""
+    root = write_dataset(tmp_path / "imagenet", per_class=1, odd=False, truncated=False)
+    truth = ["n03000684", "n01440764", "n02102040"]
+    for i, wnid in enumerate(truth, 1):
+        (root / "val" / wnid / f"{wnid}_0.JPEG").rename(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+        (root / "val" / wnid).rmdir()
+
+    def labels_file(name, wnids):
+        rows = "".join(f"ILSVRC2012_val_{i:08d},{w} 1 2 30 40\n" for i, w in enumerate(wnids, 1))
+        (tmp_path / name).write_text("ImageId,PredictionString\n" + rows)
+        return tmp_path / name
+    wrong, right = labels_file("wrong.csv", ["n03000684"] * 3), labels_file("right.csv", truth)
+    imagenet.prepare(data_cfg(root, f"data.val_labels={wrong}"))
+    wnids = sorted(PHOTOS)
+    for given, expected in ((wrong, ["n03000684"] * 3), (right, truth)):
+        data = build_data(data_cfg(root, f"data.val_labels={given}"), 27, torch.device("cpu"), None)
+        assert data.val.labels.tolist() == [wnids.index(w) for w in expected], given
+    (tmp_path / "right.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n03000684 1 2 3 4\n")
+    with pytest.raises(ConfigError, match="2 validation files have no label in csv .*right.csv"):
+        build_data(data_cfg(root, f"data.val_labels={right}"), 27, torch.device("cpu"), None)
+
+
+def test_a_class_without_images_is_one_clear_error(tmp_path):
+    """An empty class folder became a class no image has, and every later class's label one more;
+    a class whose every file is unreadable (left out by on_bad_file=skip), the same at training."""
+    root = write_dataset(tmp_path / "imagenet", per_class=1, odd=False, truncated=False)
+    (root / "train" / "n00000001").mkdir()
+    with pytest.raises(ConfigError, match=r"1 class folder\(s\) in .*train hold no images: \['n00000001'\]"):
+        imagenet.prepare(data_cfg(root))
+    (root / "train" / "n00000001").rmdir()
+    lost = root / "train" / "n02102040"
+    (lost / "n02102040_0.JPEG").unlink()
+    write_truncated(lost / "truncated.JPEG")
+    cfg = data_cfg(root, "data.on_bad_file=skip")
+    imagenet.prepare(cfg)
+    with pytest.raises(ConfigError, match=r"every training file of 1 class\(es\) is unreadable .*\['n02102040'\]"):
+        build_data(cfg, 27, torch.device("cpu"), None)
+
+
 def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "a", odd=False, truncated=False)
     monkeypatch.setattr(imagenet, "SCAN_BATCH", 2)

@@ -236,28 +236,62 @@ def list_files(root: Path, val_labels=None) -> dict:
     for d in (train_dir, val_dir):
         if not d.is_dir():
             raise ConfigError(f"no {d}: expected {root}/train/<wnid>/*.JPEG and {root}/val/ (see README, ImageNet)")
-    classes = [d.name for d in _class_dirs(train_dir)]
-    if not classes:
+    class_dirs = _class_dirs(train_dir)
+    if not class_dirs:
         raise ConfigError(f"no class folders in {train_dir} (expected {train_dir}/<wnid>/*.JPEG)")
+    images = {d.name: _images_in(d) for d in class_dirs}
+    empty = [name for name, files in images.items() if not files]
+    if empty:  # it would be a class no image has, and every later class's label one more
+        raise ConfigError(f"{len(empty)} class folder(s) in {train_dir} hold no images: {empty[:5]}"
+                          f"{' ...' if len(empty) > 5 else ''}; remove them or put their images in")
+    classes = list(images)
     index_of = {c: i for i, c in enumerate(classes)}
-    train = [(str(p.relative_to(root)), index_of[d.name]) for d in _class_dirs(train_dir) for p in _images_in(d)]
+    train = [(str(p.relative_to(root)), index_of[name]) for name, files in images.items() for p in files]
     flat = _images_in(val_dir)
     if flat:
         how, labels = find_val_labels(root, val_labels)
-        unlabelled = [p.name for p in flat if p.stem not in labels]
-        if unlabelled:
-            raise ConfigError(f"{len(unlabelled)} validation files have no label in {how} (first: {unlabelled[0]})")
-        val_pairs = [(p, labels[p.stem]) for p in flat]
+        val = [(str(p.relative_to(root)), c) for p, c in zip(flat, flat_val_labels(flat, labels, how, index_of))]
     else:
         how = "folders"
         val_pairs = [(p, d.name) for d in _class_dirs(val_dir) for p in _images_in(d)]
-    unknown = sorted({w for _, w in val_pairs if w not in index_of})
-    if unknown:
-        raise ConfigError(f"validation classes not in {train_dir}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    val = [(str(p.relative_to(root)), index_of[w]) for p, w in val_pairs]
-    if not train or not val:
-        raise ConfigError(f"no images found under {train_dir if not train else val_dir}")
+        _check_known(sorted({w for _, w in val_pairs}), index_of, "folders")
+        val = [(str(p.relative_to(root)), index_of[w]) for p, w in val_pairs]
+    if not val:
+        raise ConfigError(f"no images found under {val_dir}")
     return {"classes": classes, "val_layout": how, "train": train, "val": val}
+
+
+def flat_val_labels(files: list[Path], labels: dict[str, str], how: str, index_of: dict[str, int]) -> list[int]:
+    """The class index of each flat validation file, by its stem in `labels` (a csv's or the devkit's)."""
+    unlabelled = [p.name for p in files if p.stem not in labels]
+    if unlabelled:
+        raise ConfigError(f"{len(unlabelled)} validation files have no label in {how} (first: {unlabelled[0]})")
+    _check_known(sorted({labels[p.stem] for p in files}), index_of, how)
+    return [index_of[labels[p.stem]] for p in files]
+
+
+def _check_known(wnids: list[str], index_of: dict[str, int], how: str) -> None:
+    unknown = [w for w in wnids if w not in index_of]
+    if unknown:
+        raise ConfigError(f"validation classes ({how}) with no folder in train/: {unknown[:5]}"
+                          f"{' ...' if len(unknown) > 5 else ''}")
+
+
+def reread_val_labels(index: dict, root: Path, given) -> None:
+    """With data.val_labels set and flat validation files, their labels come from that file at each
+    load (cheap: no image is read), not from the preparation: a corrected file takes effect at once,
+    where the index once kept the labels it was prepared with."""
+    if not given or index["val_layout"] == "folders":
+        return
+    how, labels = find_val_labels(root, given)
+    files = [Path(p) for p in index["val"]["paths"]]
+    new = torch.tensor(flat_val_labels(files, labels, how, {c: i for i, c in enumerate(index["classes"])}),
+                       dtype=torch.int64)
+    changed = int((new != index["val"]["labels"]).sum())
+    if changed:
+        log.info("validation labels read from %s: %d of %d differ from those at preparation (%s)",
+                 how, changed, len(new), index["val_layout"])
+    index["val"]["labels"], index["val_layout"] = new, how
 
 
 def pick_classes(num_classes: int, wanted) -> list[int]:
@@ -657,6 +691,7 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
         raise ConfigError(f"{out / INDEX_NAME} is from another version of alexlab: delete {out} and prepare again")
     root = _root(cfg)  # paths in the index are relative: a copied or moved dataset keeps its <root>/.alexlab
     index["root"] = str(root)
+    reread_val_labels(index, root, cfg.get("val_labels"))
     skipped = check_bad_files(index, cfg)
     stats_path = out / stats_name(cfg)
     if not stats_path.is_file():
@@ -666,6 +701,11 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
     saved = torch.load(stats_path, weights_only=True)
     stats = PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"])
     picked = pick_classes(len(index["classes"]), cfg.get("classes"))
+    readable = {c for p, c in zip(index["train"]["paths"], index["train"]["labels"].tolist()) if p not in index["bad"]}
+    lost = [index["classes"][i] for i in picked if i not in readable]
+    if lost:  # a class with no image to learn from, which validation would still ask for
+        raise ConfigError(f"every training file of {len(lost)} class(es) is unreadable (left out by "
+                          f"data.on_bad_file=skip): {lost[:5]}{' ...' if len(lost) > 5 else ''}")
     size, workers = int(cfg.image_size), int(cfg.workers)
     names = [index["classes"][i] for i in picked]
     base, odd = root, {p for kind in GPU_DECODER_SKIPS for p in index["notes"].get(kind, [])}
