@@ -48,6 +48,7 @@ def write_run(root: Path, name: str, config: dict, val_top1: float, train_top1: 
                 "val_top1_err": val_top1 + 5 * (EPOCHS - e), "val_top5_err": val_top1 / 2 + 5 * (EPOCHS - e),
                 "lr": config["optim"]["lr"], "epoch_time_s": 3.0, "images_per_s": 300.0,
                 "images_seen": 1024 * e, "steps": STEPS_PER_EPOCH * e} for e in range(1, EPOCHS + 1)]
+    history[-1]["train_eval_top1_err"] = train_top1  # the final net on training images, tested as validation is
     record = {"status": status, "error": error, "experiment": config["experiment"], "variant": name,
               "overrides": name.split("_", 1)[1].split(","), "config": config, "history": history,
               "steps": steps or [], "final": history[-1], "best": min(history, key=lambda m: m["val_top1_err"]),
@@ -100,9 +101,14 @@ def test_seeds_to_detect_an_effect_match_gpower():
 def test_metrics_of_one_run():
     history = [{"epoch": e, "train_top1_err": tr, "val_top1_err": va, "steps": 10 * e}
                for e, tr, va in [(1, 60, 50), (2, 40, 40), (3, 24, 35.5), (4, 20, 35), (5, 19, 36)]]
-    final = {"val_top1_err": 36, "val_top5_err": 12, "train_top1_err": 19}
+    final = {"val_top1_err": 36, "val_top5_err": 12, "train_top1_err": 19, "train_eval_top1_err": 15}
     metrics = run_metrics({"history": history, "steps": [], "final": final})
-    assert metrics["overfit_gap"] == 17
+    # against the training error tested as validation is, not the running one (dropout, random crops)
+    assert metrics["overfit_gap"] == 21
+    ten_crop = dict(final, val_centre_top1_err=37)  # one patch on both sides
+    assert run_metrics({"history": history, "steps": [], "final": ten_crop})["overfit_gap"] == 22
+    older = {k: v for k, v in final.items() if k != "train_eval_top1_err"}  # recorded before it was
+    assert math.isnan(run_metrics({"history": history, "steps": [], "final": older})["overfit_gap"])
     assert metrics["steps_to_25_train_err"] == 30  # per-epoch fallback: epoch 3 is the first at <= 25%
     assert metrics["steps_to_converge"] == 30      # best 35; 35.5 is within 1 point
     step_errors = [{"step": 5, "train_top1_err": 50.0}, {"step": 10, "train_top1_err": 25.0}]

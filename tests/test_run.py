@@ -43,6 +43,23 @@ def test_tiny_run_leaves_a_complete_record(tmp_path):
     counts = np.bincount(val.labels.numpy(), minlength=10)
     assert record["train_images"] == 1024
     assert record["val_majority_err"] == pytest.approx(100 * (1 - counts.max() / 512))
+    # The final net tested on 512 of its training images as validation is (eval mode: no dropout; the
+    # centre crop), for the report's overfit_gap; recomputed here from the checkpoint's weights.
+    assert "train_eval_top1_err" in record["final"] and "train_eval_top1_err" not in record["history"][0]
+    from alexlab.data import build_data
+    from alexlab.data.datasets import subset_positions
+    from alexlab.model import build_model
+    cfg = compose_cfg("scale=tiny")
+    data = build_data(cfg.data, int(cfg.model.input_size), torch.device("cpu"), None)
+    model = build_model(cfg.model, 10)
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"])
+    model.eval()
+    chosen = subset_positions(1024, 512)
+    assert len(set(chosen.tolist())) == 512
+    with torch.no_grad():
+        logits = model(data.augmenter.eval(data.train.images[chosen]))
+    wrong = (logits.argmax(1) != data.train.labels[chosen]).double().mean().item()
+    assert record["final"]["train_eval_top1_err"] == pytest.approx(100 * wrong, abs=0.2)  # one image: float order
 
 
 def test_multirun_over_lrn_leaves_two_results(tmp_path):

@@ -32,7 +32,8 @@ CONVERGED_WITHIN = 1.0             # points above a run's best validation error 
 METRICS = {
     "val_top1_err": "final validation top-1 error (%)",
     "val_top5_err": "final validation top-5 error (%)",
-    "overfit_gap": "final validation top-1 error minus final training top-1 error (points)",
+    "overfit_gap": "final validation top-1 error minus the final net's top-1 error on as many training images, "
+                   "tested as validation is (eval mode, centre crop; points)",
     "steps_to_25_train_err": "optimizer steps until the running training error first reaches 25% (censored if never)",
     "steps_to_converge": "optimizer steps until validation top-1 error first comes within 1 point of the run's best "
                          "(censored if that is only at the last epoch: the run was still improving)",
@@ -159,11 +160,15 @@ def recorded_number(value) -> float:
 def run_metrics(record: dict) -> dict:
     final = record.get("final") if isinstance(record.get("final"), dict) else {}
     history = record.get("history") or []
-    val, train = recorded_number(final.get("val_top1_err")), recorded_number(final.get("train_top1_err"))
+    val = recorded_number(final.get("val_top1_err"))
+    # Both tested alike: one centre patch, eval mode. The running training error (train_top1_err) is of
+    # crops and mirrors under dropout, the very regularisers whose overfitting the gap measures; runs
+    # from before train_eval_top1_err was recorded get NaN, left out and named.
+    single_val = recorded_number(final.get("val_centre_top1_err", final.get("val_top1_err")))
     return {
         "val_top1_err": val,
         "val_top5_err": recorded_number(final.get("val_top5_err")),
-        "overfit_gap": val - train,
+        "overfit_gap": single_val - recorded_number(final.get("train_eval_top1_err")),
         "steps_to_25_train_err": steps_to_train_err(record, TRAIN_ERR_THRESHOLD),
         "steps_to_converge": steps_to_converge(history),
     }

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from alexlab.data import build_data, majority_error
 from alexlab.data.augment import batch_generator
-from alexlab.data.datasets import check_data_sizes
+from alexlab.data.datasets import check_data_sizes, subset_positions
 from alexlab.distributed import World
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
@@ -237,15 +237,21 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 CENTRE = 4  # the centre patch's place among augmenter.ten_crop's ten
 
 
-def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: World = World()) -> dict:
+def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: World = World(),
+             split: str = "val") -> dict:
     """val_loss, val_top1_err, val_top5_err; with ten_crop, of the softmax averaged over the ten patches,
     and also val_centre_*: the centre patch alone, which is the single-crop test of the same net, so the
-    ten_crop claim needs no second training (alexlab.claims: its `recorded_as`)."""
+    ten_crop claim needs no second training (alexlab.claims: its `recorded_as`).
+    split="train_eval": the same test (eval mode, no augmentation) on a fixed subset of the training
+    images as many as the validation split has (seed 0), as train_eval_*: the net's training error
+    without dropout's noise or random crops, which the running training error carries."""
     model.eval()
     sums = torch.zeros(6 if ten_crop else 3, dtype=torch.float64, device=data.augmenter.stats.mean_image.device)
-    order = world.shard(torch.arange(len(data.val)))  # each rank tests its part; the sums are added up
+    source = data.val if split == "val" else data.train
+    positions = torch.arange(len(data.val)) if split == "val" else subset_positions(len(data.train), len(data.val))
+    order = world.shard(positions)  # each rank tests its part; the sums are added up
     with torch.no_grad(), autocast():
-        for images, labels in data.val.batches(order, batch_size):
+        for images, labels in source.batches(order, batch_size):
             images, labels = images.to(sums.device, non_blocking=True), labels.to(sums.device, non_blocking=True)
             if ten_crop:
                 # a patch at a time: ten times the batch in one call ran up to 1.5x slower on a CPU, in 10x the memory
@@ -259,10 +265,9 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: Worl
                 loss = F.cross_entropy(scores, labels, reduction="sum")
                 parts = (loss, *topk_errors(scores, labels))
             sums += torch.stack([part.double() for part in parts])
-    mean = (world.sum(sums) / len(data.val)).tolist()
-    names = ["val_loss", "val_top1_err", "val_top5_err"] + (["val_centre_loss", "val_centre_top1_err",
-                                                               "val_centre_top5_err"] if ten_crop else [])
-    return {name: value if name.endswith("loss") else 100 * value for name, value in zip(names, mean)}
+    mean = (world.sum(sums) / len(positions)).tolist()
+    names = ["loss", "top1_err", "top5_err"] + (["centre_loss", "centre_top1_err", "centre_top5_err"] if ten_crop else [])
+    return {f"{split}_{name}": value if name.endswith("loss") else 100 * value for name, value in zip(names, mean)}
 
 
 def _to_model(x: torch.Tensor, model) -> torch.Tensor:
@@ -385,6 +390,9 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
                        "images_seen": state["images_seen"], "steps": (epoch + 1) * steps_per_epoch}
             metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop),
                                     train_step.autocast, world))
+            if epoch + 1 == int(cfg.trainer.epochs):  # the final net's overfitting: the report's overfit_gap
+                metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), False, train_step.autocast,
+                                        world, split="train_eval"))
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
                 tracker.note(f"epoch {epoch + 1}: loss is not finite (diverged)")
             if cfg.optim.schedule == "plateau":
