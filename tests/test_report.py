@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from alexlab.claims import CLAIMS
 from alexlab.report import (ReportError, build_report, comparable_key, judge, plot_deltas, run_metrics, seeds_to_detect,
-                            t_quantile)
+                            t_quantile, wandb_status)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -116,6 +116,16 @@ def test_metrics_of_one_run():
     assert run_metrics({"history": history[:2], "steps": [], "final": final})["steps_to_25_train_err"] is None
     # Still improving by more than a point at its last epoch: not converged, censored.
     assert run_metrics({"history": history[:3], "steps": [], "final": final})["steps_to_converge"] is None
+
+
+def test_a_wandb_run_running_again_or_killed_is_not_read_as_completed():
+    """The summary's status is the last finish()'s: a completed run continued with more epochs kept
+    "completed" there while it ran again, and after it was killed, and the report paired it."""
+    assert wandb_status("running", {"status": "completed"}) == "running"
+    assert wandb_status("crashed", {"status": "completed"}) == "failed"
+    assert wandb_status("failed", {"status": "interrupted"}) == "interrupted"  # finish(exit_code=1) after a signal
+    assert wandb_status("finished", {"status": "completed"}) == "completed"
+    assert wandb_status("finished", {}) == "completed"
 
 
 def test_comparable_key_keeps_the_seed_and_drops_the_factor():

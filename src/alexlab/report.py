@@ -786,6 +786,15 @@ WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "faile
                 "killed": "interrupted"}
 
 
+def wandb_status(state: str, summary: dict) -> str:
+    """A W&B run's status as results.json would say it. The summary's is the last Tracker.finish's
+    (it tells interrupted from failed), but a completed run continued with more epochs keeps that
+    "completed" while it runs again, or once it was killed: W&B's state (running, crashed) wins then."""
+    if state in ("running", "crashed"):
+        return WANDB_STATES[state]
+    return summary.get("status") or WANDB_STATES.get(state, state)
+
+
 def load_wandb_runs(path: str, group: str) -> list[Run]:
     """The same records rebuilt from W&B: config, per-epoch history, summary (no per-step log there)."""
     try:
@@ -801,7 +810,7 @@ def load_wandb_runs(path: str, group: str) -> list[Run]:
     for wb_run in found:
         history = [m for m in wb_run.history(pandas=False) if m.get("val_top1_err") is not None]
         summary = wb_run.summary_metrics or {}
-        record = {"status": summary.get("status") or WANDB_STATES.get(wb_run.state, wb_run.state),
+        record = {"status": wandb_status(wb_run.state, summary),
                   "error": None, "experiment": group, "config": dict(wb_run.config), "history": history,
                   "steps": [], "final": history[-1] if history else None, "started_at": wb_run.created_at,
                   "wall_time_s": summary.get("_runtime"), "cpu_time_s": None,

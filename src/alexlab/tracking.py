@@ -205,6 +205,7 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - online without a key or a network: one line, not wandb's traceback
             raise ConfigError(f"W&B ({mode}) could not start the run: {type(err).__name__}: {first_line(err)}; "
                               "`wandb login`, WANDB_MODE=offline (the default without a key) or logger=none") from err
+        self.wandb_run.summary["status"] = "running"  # not the "completed" of a finished run continued with more epochs
         self.record["wandb"] = {"id": self.wandb_id, "mode": mode, "dir": str(Path(self.wandb_run.dir).parent),
                                 "url": getattr(self.wandb_run, "url", None)}
 
