@@ -284,6 +284,64 @@ def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):
     assert (lrn_cost["runs"], lrn_cost["shared"], lrn_cost["cpu_device_s"]) == (6, 3, 6 * 18.0)
 
 
+def test_relu_reads_both_runs_of_a_pair_at_one_resolution(tmp_path):
+    """sweeps=all's paper runs log every 5 steps; a later sweeps=lrn paper run of the same seed logs
+    none and is the same experiment (a repeat). The later repeat was kept, and its per-epoch count (48)
+    was set against tanh's step-logged one (40): x0.9, contradicted, where the logs say x2.1."""
+    def relu_runs(root, paper_logged=True):
+        for seed in range(3):
+            write_run(root, f"{2 * seed}_ablation=paper,seed={seed}", make_config("all", "paper", seed), 30.0,
+                      steps=step_log(20, last=48) if paper_logged else None)
+            write_run(root, f"{2 * seed + 1}_ablation=tanh,seed={seed}", make_config("all", "tanh", seed), 35.0,
+                      steps=step_log(40 + seed, last=48))
+    relu_runs(tmp_path / "all")
+    alone = row(build_report([tmp_path / "all"], tmp_path / "r1"), "relu", "tanh")["metrics"]["steps_to_25_train_err"]
+    # the log's steps are multiples of 5: tanh first at or under 25% at steps 40, 45, 45
+    assert alone["mean"] == pytest.approx(np.exp(np.mean(np.log([40 / 20, 45 / 20, 45 / 20]))))
+    for seed in range(3):
+        later = write_run(tmp_path / "lrn", f"{2 * seed}_ablation=paper,seed={seed}", make_config("lrn", "paper", seed), 30.0)
+        record = json.loads((later / "results.json").read_text())
+        record["started_at"] = "2026-11-27T09:00:00+00:00"
+        (later / "results.json").write_text(json.dumps(record))
+    result = build_report([tmp_path / "all", tmp_path / "lrn"], tmp_path / "r2")
+    stats = row(result, "relu", "tanh")["metrics"]["steps_to_25_train_err"]
+    assert stats["mean"] == pytest.approx(alone["mean"]) and stats["verdict"] == alone["verdict"]
+    assert sum(p["status"] == "repeat" for p in result["problems"]) == 3
+    # a paper run with no step log at all: both sides of its pair are read per epoch (48 and 48 here)
+    relu_runs(tmp_path / "unlogged", paper_logged=False)
+    stats = row(build_report([tmp_path / "unlogged"], tmp_path / "r3"), "relu", "tanh")["metrics"]["steps_to_25_train_err"]
+    assert stats["differences"] == [0.0, 0.0, 0.0] and "3 pair(s) read per epoch" in stats["reason"]
+
+
+def test_pairs_censored_on_the_papers_side_forbid_a_contradiction(tmp_path):
+    """tanh reaches 25% at about ReLU's step in three seeds and never in three more: those three are
+    ratios above 2.4 (48 / 20) at the least, on the paper's side, and leaving them out made the
+    verdict "contradicted"."""
+    for seed, tanh_at in enumerate([19, 21, 23, None, None, None]):
+        write_run(tmp_path, f"{2 * seed}_ablation=paper,seed={seed}", make_config("all", "paper", seed), 30.0,
+                  steps=step_log(20, last=48))
+        write_run(tmp_path, f"{2 * seed + 1}_ablation=tanh,seed={seed}", make_config("all", "tanh", seed), 35.0,
+                  steps=step_log(tanh_at, last=48))
+    relu = row(build_report([tmp_path], tmp_path / "report"), "relu", "tanh")
+    assert relu["metrics"]["steps_to_25_train_err"]["censored_seeds"] == [3, 4, 5]
+    assert relu["verdict"] == "inconclusive" and "censored lie on the paper's side" in relu["reason"], relu["reason"]
+
+
+def test_censored_pairs_hold_back_the_verdicts_they_could_overturn():
+    log = math.log
+    # on the paper's side (+1 here: the ablated run never got there): no contradiction, no "smaller than"
+    assert judge("steps_to_25_train_err", 6.0, 3, log(1.0), 0.1, (log(0.8), log(1.2)))[0] == "contradicted"
+    assert judge("steps_to_25_train_err", 6.0, 3, log(1.0), 0.1, (log(0.8), log(1.2)), {+1})[0] == "inconclusive"
+    reproduced = judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)), {+1})
+    assert reproduced[0] == "reproduced" and "smaller" not in reproduced[1]
+    assert "smaller" in judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)))[1]
+    # on the other side (the paper's run never got there): no "reproduced"
+    assert judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)), {-1})[0] == "inconclusive"
+    # dropout: the paper says x0.5 (direction -1), so a censored paper run (-1) lies on the paper's side
+    assert judge("steps_to_converge", 0.5, 3, log(1.5), 0.1, (log(1.2), log(2.0)), {-1})[0] == "inconclusive"
+    assert judge("steps_to_converge", 0.5, 3, log(1.5), 0.1, (log(1.2), log(2.0)), {+1})[0] == "contradicted"
+
+
 def test_a_run_at_chance_level_is_named_and_kept(tmp_path):
     # Fashion-MNIST has 10 classes: guessing gives 90% top-1 error. Seed 2's no-LRN run ends at 89.5%.
     result = build_report([lrn_sweep(tmp_path / "sweep", [1.0, 1.2, 89.5 - (30.0 + 0.7 * 2)])], tmp_path / "report")

@@ -47,11 +47,17 @@ switches, which compute the same function: model.lrn_impl, pool_in_lrn, grouped_
 trainer.compile, channels_last). Where the claim tunes a path (relu: optim.lr), the value with the best
 mean primary metric is picked for each factor value separately (a step count that was never reached counts as worse than any number), and only those runs
 are paired. Only completed runs take part; completed runs with identical configs (seed included) are
-repeats, and only the latest one is used.
+repeats, and only one is used: one with a step log before one without, then the latest.
 
 Differences are ablated minus paper (error metrics, points). `steps_to_*` metrics are ratios ablated /
 paper: they are averaged as log ratios and reported as exp of the mean and of the CI bounds; a pair where
 either run never reached the threshold is censored, left out of the mean, and named in the verdict.
+A censored count lies beyond its run's end, so the ratio of a pair censored on one side only is known to
+lie on one side of 1 (above it where the ablated run is censored): where such pairs lie on the paper's
+side the verdict cannot be contradicted (nor "smaller than the paper's"), where on the other side it
+cannot be reproduced; it is inconclusive instead. Steps to 25% training
+error are read from the step logs where both runs of a pair have them at one interval, else from both
+runs' per-epoch history.
 The 95% CI is mean ± t(0.975, n-1) · sd / sqrt(n) over the n paired differences (sample sd).
 
 - **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side: the direction is
@@ -174,12 +180,29 @@ def run_metrics(record: dict) -> dict:
     }
 
 
-def steps_to_train_err(record: dict, threshold: float):
-    """The first step whose running training error is <= threshold; per-epoch history when no step log."""
-    points = [(s["step"], s["train_top1_err"]) for s in record.get("steps") or []]
+def steps_to_train_err(record: dict, threshold: float, per_epoch: bool = False):
+    """The first step whose running training error is <= threshold; per-epoch history when no step log
+    (or per_epoch: see pair_values)."""
+    points = [] if per_epoch else [(s["step"], s["train_top1_err"]) for s in record.get("steps") or []]
     if not points:
         points = [(m["steps"], m["train_top1_err"]) for m in record.get("history") or []]
     return next((step for step, err in points if err <= threshold), None)
+
+
+def step_log_every(record: dict):
+    """The interval of the run's step log (trainer.log_every_steps), or None where it has none."""
+    return ((record.get("config") or {}).get("trainer") or {}).get("log_every_steps") if record.get("steps") else None
+
+
+def pair_values(metric: str, pair: dict) -> tuple:
+    """(paper, ablated) values of a metric. steps_to_25_train_err is read at one resolution for both:
+    a step log on one side only (a repeat of the paper run from a sweep that logs none may be the one
+    kept), or logs at other intervals, would set an exact step against an epoch's end; both are read
+    from the per-epoch history then."""
+    paper, ablated = pair["paper"], pair["ablated"]
+    if metric == "steps_to_25_train_err" and step_log_every(paper.record) != step_log_every(ablated.record):
+        return tuple(steps_to_train_err(r.record, TRAIN_ERR_THRESHOLD, per_epoch=True) for r in (paper, ablated))
+    return paper.metrics[metric], ablated.metrics[metric]
 
 
 def steps_to_converge(history: list):
@@ -232,14 +255,16 @@ def problem(run, status: str, error) -> dict:
 
 
 def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[dict]]:
-    """Completed runs with one config (seed included) repeat one experiment; they are not extra seeds."""
+    """Completed runs with one config (seed included) repeat one experiment; they are not extra seeds.
+    The one kept: one with a step log before one without (relu's steps to 25% are read from it), then
+    the latest."""
     latest, problems = {}, []
-    for run in sorted(runs, key=lambda r: str(r.record.get("started_at") or "")):
+    for run in sorted(runs, key=lambda r: (bool(r.record.get("steps")), str(r.record.get("started_at") or ""))):
         if run.status != "completed":
             continue
         key = json.dumps(without(run.config, NOT_THE_EXPERIMENT), sort_keys=True, default=str)
         if key in latest:
-            problems.append(problem(latest[key].name, "repeat", f"same config and seed as the later {run.name}, used instead"))
+            problems.append(problem(latest[key].name, "repeat", f"same config and seed as {run.name}, used instead"))
         latest[key] = run
     kept = set(latest.values())
     return [r for r in runs if r.status != "completed" or r in kept], problems
@@ -431,11 +456,16 @@ def seed_order(seed) -> tuple:
 
 def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     ratio = is_ratio(metric)
-    diffs, censored, not_numbers = [], [], []
+    diffs, censored, not_numbers, coarse = [], [], [], []
+    hidden = set()  # the side of zero on which each pair left out as censored lies: see judge
     for pair in pairs:
-        paper, ablated = pair["paper"].metrics[metric], pair["ablated"].metrics[metric]
+        paper, ablated = pair_values(metric, pair)
+        if (paper, ablated) != (pair["paper"].metrics[metric], pair["ablated"].metrics[metric]):
+            coarse.append(pair["seed"])
         if paper is None or ablated is None:
             censored.append(pair["seed"])
+            if (paper is None) != (ablated is None):  # a censored count is later than the run's end, so
+                hidden.add(+1 if ablated is None else -1)  # beyond the other side's; censored on both: unknown
         elif not (math.isfinite(paper) and math.isfinite(ablated)):  # a record edited by hand, or from W&B
             not_numbers.append(pair["seed"])
         else:
@@ -447,10 +477,13 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     if sd is not None:
         half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
         ci = (mean - half, mean + half)
-    verdict, reason, seeds_needed = judge(metric, effect, n, mean, sd, ci)
+    verdict, reason, seeds_needed = judge(metric, effect, n, mean, sd, ci, hidden)
     if censored:
         why = "still improving at its last epoch" if metric == "steps_to_converge" else "threshold never reached"
         reason += f"; {len(censored)} of {len(pairs)} pairs censored ({why}, seeds {censored})"
+    if coarse:
+        reason += (f"; {len(coarse)} pair(s) read per epoch (their runs' step logs differ, or one has none: "
+                   f"seeds {coarse})")
     if not_numbers:
         reason += f"; {len(not_numbers)} of {len(pairs)} pairs left out (a {metric} that is not a finite number, seeds {not_numbers})"
     show = math.exp if ratio else float
@@ -461,8 +494,12 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
             "differences": diffs, "verdict": verdict, "reason": reason, "seeds_needed": seeds_needed}
 
 
-def judge(metric: str, effect, n: int, mean, sd, ci) -> tuple[str, str, int | None]:
-    """The verdict rules of VERDICT_RULES, on the analysis scale (log for ratios)."""
+def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) -> tuple[str, str, int | None]:
+    """The verdict rules of VERDICT_RULES, on the analysis scale (log for ratios). hidden: the signs of
+    the differences of pairs left out as censored on one side (+1: the ablated run never got there, so
+    its count, and the difference, is larger than any the pair could show). The CI leaves them out, so
+    it may not claim what they could overturn: no "contradicted" (nor "smaller than the paper's") where
+    they lie on the paper's side, no "reproduced" (nor "larger") where they lie on the other."""
     if n == 0:
         return "inconclusive", "no usable pair", None
     if ci is None:
@@ -473,13 +510,21 @@ def judge(metric: str, effect, n: int, mean, sd, ci) -> tuple[str, str, int | No
     target = None if effect is None else (math.log(effect) if is_ratio(metric) else effect)
     no_effect = "1" if is_ratio(metric) else "0"
     low, high = ci
+    against, towards = -direction in hidden, direction in hidden
     if (direction > 0 and low > 0) or (direction < 0 and high < 0):
+        if against:
+            return "inconclusive", (f"the CI excludes {no_effect} on the paper's side, but pairs left out as "
+                                    "censored lie on the other side"), None
         size = ""
-        if target is not None and (high < target if direction > 0 else low > target):
+        if target is not None and (high < target if direction > 0 else low > target) and not towards:
             size = f"; smaller than the paper's {fmt(metric, effect)} (the CI lies short of it)"
         elif target is not None and (low > target if direction > 0 else high < target):
             size = f"; larger than the paper's {fmt(metric, effect)} (the CI lies beyond it)"
         return "reproduced", f"the CI excludes {no_effect} on the paper's side{size}", None
+    contradicts = ((direction > 0 and high < 0) or (direction < 0 and low > 0)
+                   or target is not None and ((direction > 0 and high < target) or (direction < 0 and low > target)))
+    if contradicts and towards:
+        return "inconclusive", "the CI is against the paper, but pairs left out as censored lie on the paper's side", None
     if (direction > 0 and high < 0) or (direction < 0 and low > 0):
         return "contradicted", f"the CI excludes {no_effect} on the other side", None
     if target is not None and ((direction > 0 and high < target) or (direction < 0 and low > target)):
