@@ -116,6 +116,9 @@ def test_metrics_of_one_run():
     assert run_metrics({"history": history[:2], "steps": [], "final": final})["steps_to_25_train_err"] is None
     # Still improving by more than a point at its last epoch: not converged, censored.
     assert run_metrics({"history": history[:3], "steps": [], "final": final})["steps_to_converge"] is None
+    assert run_metrics({"history": history[:1], "steps": [], "final": final})["steps_to_converge"] is None  # one epoch: unknown
+    diverged_first = [dict(history[0], val_top1_err=math.nan), *history[1:]]  # once made the best NaN: censored
+    assert run_metrics({"history": diverged_first, "steps": [], "final": final})["steps_to_converge"] == 30
 
 
 def test_a_wandb_run_running_again_or_killed_is_not_read_as_completed():
@@ -258,7 +261,7 @@ def test_relu_picks_the_best_learning_rate_per_activation(tmp_path):
     assert relu["verdict"] == "reproduced" and relu["n"] == 5
     assert stats["mean"] == pytest.approx(expected) and stats["mean"] == pytest.approx(6.0, rel=0.05)
     assert stats["ci_low"] > 1
-    assert sorted(relu["tuned"]) == ["paper: optim.lr=0.05", "tanh: optim.lr=0.01"]
+    assert sorted(relu["tuned"]) == ["paper: optim.lr=0.05", "tanh: optim.lr=0.01"] and "not tuned" not in relu["reason"]
     assert result["missing"] == []  # the sweep's dropout=0 etc. are not taken for other claims' ablations
     assert_png(tmp_path / "relu_fig1.png")
 
@@ -279,6 +282,7 @@ def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):
     relu = row(result, "relu", "tanh")
     assert relu["metrics"]["steps_to_25_train_err"]["censored_seeds"] == [2]
     assert relu["verdict"] == "reproduced" and "1 of 3 pairs censored" in relu["reason"]  # ratios 5 and 4.5 remain
+    assert "optim.lr not tuned (one value for both sides" in relu["reason"]  # sweeps=all: unlike the paper
     assert result["missing"] == []
     lrn_cost = next(c for c in result["cost"] if c["claim"] == "lrn")
     assert (lrn_cost["runs"], lrn_cost["shared"], lrn_cost["cpu_device_s"]) == (6, 3, 6 * 18.0)
@@ -396,6 +400,30 @@ def test_odd_records_and_a_failed_runs_odd_seed_are_problems_not_a_crash(tmp_pat
                                   "error": "results.json: config.model is not a mapping"}
     assert row(result, "lrn", "no_lrn")["n"] == 3
     assert "missing: claim lrn ablation no_lrn seed abc (no completed paper run)" in result["missing"]
+
+
+@pytest.mark.parametrize("edit,error", [
+    (lambda r: r["history"][1].update(val_top1_err=None), "history[1].val_top1_err is not a number"),
+    (lambda r: r["history"][0].pop("val_top1_err"), "history[0].val_top1_err is not a number"),
+    (lambda r: r["history"][2].pop("epoch"), "history[2].epoch is not a number"),
+    (lambda r: r.update(history="3 epochs"), "history is not a list"),
+    (lambda r: r["history"].__setitem__(0, None), "history[0].epoch is not a number"),
+    (lambda r: r["steps"][4].update(train_top1_err="low"), "steps[4].train_top1_err is not a number"),
+    (lambda r: r.update(train_images="1,024"), "train_images is not a number ('1,024')"),
+    (lambda r: r.update(wall_time_s="10 s"), "wall_time_s is not a number ('10 s')"),
+])
+def test_a_record_edited_by_hand_is_unreadable_not_a_crash(tmp_path, edit, error):
+    """Each of these ended the whole report in a traceback (TypeError, KeyError, ValueError)."""
+    root = lrn_sweep(tmp_path / "sweep", [2.0, 2.2, 1.8])
+    edited = root / "3_ablation=no_lrn,seed=1"
+    record = json.loads((edited / "results.json").read_text())
+    record["steps"] = step_log(20, last=48)
+    edit(record)
+    (edited / "results.json").write_text(json.dumps(record))
+    result = build_report([root], tmp_path / "report")
+    problems = {p["run"]: p for p in result["problems"]}
+    assert problems[str(edited)] == {"run": str(edited), "status": "unreadable", "error": f"results.json: {error}"}
+    assert row(result, "lrn", "no_lrn")["seeds"] == [0, 2]
 
 
 def test_a_directory_of_unreadable_records_says_so(tmp_path):

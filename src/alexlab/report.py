@@ -154,13 +154,13 @@ def at_chance(run: Run) -> bool:
     if isinstance(run.record.get("val_majority_err"), (int, float)):
         guesses.append(run.record["val_majority_err"])
     err = run.metrics["val_top1_err"]
-    return bool(guesses) and err >= min(guesses) - CHANCE_MARGIN  # False for NaN (not a recorded number)
+    return bool(guesses) and math.isfinite(err) and err >= min(guesses) - CHANCE_MARGIN  # NaN, inf: left out elsewhere
 
 
 def recorded_number(value) -> float:
     """A recorded error as a float; one that is missing or not a number (a record edited by hand, or
     read from W&B) as NaN, which the analysis leaves out and names (paired_stats)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return float(value) if is_number(value) else math.nan
 
 
 def run_metrics(record: dict) -> dict:
@@ -208,11 +208,12 @@ def pair_values(metric: str, pair: dict) -> tuple:
 def steps_to_converge(history: list):
     """None (censored) when the run only got within reach of its best at its last epoch: it was still
     improving by more than CONVERGED_WITHIN, so when it would have converged is unknown."""
-    if not history:
+    finite = [m["val_top1_err"] for m in history if math.isfinite(m["val_top1_err"])]
+    if not finite:
         return None
-    best = min(m["val_top1_err"] for m in history)
-    first = next((i for i, m in enumerate(history) if m["val_top1_err"] <= best + CONVERGED_WITHIN), None)
-    if first is None or (first == len(history) - 1 and len(history) > 1):  # None: NaN errors
+    best = min(finite)
+    first = next(i for i, m in enumerate(history) if m["val_top1_err"] <= best + CONVERGED_WITHIN)
+    if first == len(history) - 1:  # a one-epoch run too: whether it had converged is unknown
         return None
     return history[first]["steps"]
 
@@ -236,11 +237,41 @@ def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
         if odd:
             problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME}: config.{odd[0]} is not a mapping"))
             continue
+        damage = record_damage(record)
+        if damage:
+            problems.append(problem(path.parent, "unreadable", f"{RESULTS_NAME}: {damage}"))
+            continue
         runs.append(Run(str(path.parent), record))
     for job_dir in job_dirs(root):
         if not (job_dir / RESULTS_NAME).is_file():
             problems.append(problem(job_dir, "missing", f"no {RESULTS_NAME}"))
     return runs, problems
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What the report reads besides `final` (which recorded_number reads leniently): per epoch and per step.
+HISTORY_KEYS, STEP_KEYS = ("epoch", "steps", "train_top1_err", "val_top1_err"), ("step", "train_top1_err")
+
+
+def record_damage(record: dict) -> str | None:
+    """What in a record (edited by hand, or cut short) the report cannot read, or None: a history or step
+    log that is not a list of entries with numbers where the report reads them, or a cost or size field
+    that is not a number. Such a run is listed as unreadable instead of ending the report in a traceback."""
+    for name, keys in (("history", HISTORY_KEYS), ("steps", STEP_KEYS)):
+        entries = record.get(name) or []
+        if not isinstance(entries, list):
+            return f"{name} is not a list"
+        for i, entry in enumerate(entries):
+            bad = [k for k in keys if not (isinstance(entry, dict) and is_number(entry.get(k)))]
+            if bad:
+                return f"{name}[{i}].{bad[0]} is not a number"
+    for key in ("wall_time_s", "cpu_time_s", "images_seen", "train_images", "processes"):
+        if record.get(key) is not None and not is_number(record[key]):
+            return f"{key} is not a number ({record[key]!r})"
+    return None
 
 
 def job_dirs(root: Path):
@@ -297,15 +328,16 @@ def metric_score(runs: list[Run], metric: str) -> tuple:
     return (1 - len(reached) / len(values), float(np.mean(reached)) if reached else math.inf)
 
 
-def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], str | None]:
-    """The runs of the tuned value with the best mean metric, and that value as text."""
+def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], str | None, int]:
+    """The runs of the tuned value with the best mean metric, that value as text, and how many values
+    there were to choose from."""
     if not claim.tune or not runs:
-        return runs, None
+        return runs, None, 0
     groups = defaultdict(list)
     for run in runs:
         groups[", ".join(f"{p}={json.dumps(get_path(run.config, p))}" for p in claim.tune)].append(run)
     best = min(groups, key=lambda value: metric_score(groups[value], metric))
-    return groups[best], best
+    return groups[best], best, len(groups)
 
 
 def tested_twins(claim: Claim, runs: list[Run]) -> list[Run]:
@@ -406,13 +438,14 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
     """One row: the paper's and the ablated runs of one set-up (or of none: not run, for the reason
     `not_run`), paired per seed, and the verdict."""
     primary = next(iter(claim.effects))
-    pairs, missing, used, tuned = [], [], [], []
+    pairs, missing, used, tuned, choices = [], [], [], [], []
     for context in relevant:
         used += context["paper"] + context["ablated"]
         chosen = {}
         for side, side_runs in context.items():
             completed = [r for r in side_runs if r.status == "completed"]
-            completed, value = pick_tuned(completed, claim, primary)
+            completed, value, candidates = pick_tuned(completed, claim, primary)
+            choices.append(candidates)
             chosen[side] = {r.seed: r for r in completed}
             if value:
                 tuned.append(f"{ablation if side == 'ablated' else 'paper'}: {value}")
@@ -443,6 +476,8 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
     if row["at_chance"]:
         row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
+    if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
+        row["reason"] += f"; {', '.join(claim.tune)} not tuned (one value for both sides; the paper tuned it per side)"
     return row
 
 
