@@ -195,14 +195,14 @@ def step_log_every(record: dict):
 
 
 def pair_values(metric: str, pair: dict) -> tuple:
-    """(paper, ablated) values of a metric. steps_to_25_train_err is read at one resolution for both:
+    """(paper, ablated, read per epoch) values of a metric. steps_to_25_train_err is read at one resolution for both:
     a step log on one side only (a repeat of the paper run from a sweep that logs none may be the one
     kept), or logs at other intervals, would set an exact step against an epoch's end; both are read
     from the per-epoch history then."""
     paper, ablated = pair["paper"], pair["ablated"]
     if metric == "steps_to_25_train_err" and step_log_every(paper.record) != step_log_every(ablated.record):
-        return tuple(steps_to_train_err(r.record, TRAIN_ERR_THRESHOLD, per_epoch=True) for r in (paper, ablated))
-    return paper.metrics[metric], ablated.metrics[metric]
+        return (*(steps_to_train_err(r.record, TRAIN_ERR_THRESHOLD, per_epoch=True) for r in (paper, ablated)), True)
+    return paper.metrics[metric], ablated.metrics[metric], False
 
 
 def steps_to_converge(history: list):
@@ -494,8 +494,8 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     diffs, censored, not_numbers, coarse = [], [], [], []
     hidden = set()  # the side of zero on which each pair left out as censored lies: see judge
     for pair in pairs:
-        paper, ablated = pair_values(metric, pair)
-        if (paper, ablated) != (pair["paper"].metrics[metric], pair["ablated"].metrics[metric]):
+        paper, ablated, per_epoch = pair_values(metric, pair)
+        if per_epoch:
             coarse.append(pair["seed"])
         if paper is None or ablated is None:
             censored.append(pair["seed"])
