@@ -58,6 +58,8 @@ def test_large_seeds_draw_their_own_batches():
     ("optim.momentum=-1", "optim.momentum must be a number in [0, 1), got -1"),
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
     ("optim.lr=abc", "optim.lr must be a positive number, got 'abc'"),
+    ("optim.lr=inf", "optim.lr must be a positive number, got inf"),  # trained on NaN and was marked completed
+    ("data.pixel_scale=inf", "data.pixel_scale must be a positive number, got inf"),
     ("optim.factor=2", "optim.factor must be a number in (0, 1), got 2"),
     ("optim.step_epochs=0", "optim.step_epochs must be a positive integer, got 0"),
     ("optim.patience=-1", "optim.patience must be an integer >= 0, got -1"),

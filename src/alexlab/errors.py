@@ -1,5 +1,6 @@
 """One exception type for bad user input: the entry points turn it into one clear line and exit 2.
 The checks every config key shares (an integer in range, a number in range) live here too."""
+import math
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,7 @@ def first_line(err: BaseException) -> str:
 
 
 def require_number(key: str, value, wanted: str, ok) -> None:
-    """value is an int or float (not a bool) for which ok(value) holds; `wanted` says which, for the message."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    """value is a finite int or float (not a bool) for which ok(value) holds; `wanted` says which, for the
+    message. (optim.lr=inf passed `> 0`, trained on NaN and was marked completed.)"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ConfigError(f"{key} must be {wanted}, got {value!r}")
