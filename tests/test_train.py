@@ -99,3 +99,30 @@ def test_a_runs_cpu_time_counts_the_work_of_its_child_processes(tmp_path):
     tracker.finish("completed")
     recorded = json.loads((tmp_path / "results.json").read_text())["cpu_time_s"]
     assert own < 0.5 and recorded >= 1.0
+
+
+def test_a_finished_run_run_again_leaves_its_record_as_it_was_until_it_trains(tmp_path):
+    """A finished run's directory run again (a sweep continued with hydra.sweep.dir=) once rewrote its
+    record at once (status running, no history) and kept it so until it ended: killed meanwhile (SIGKILL,
+    out of memory), a finished run was left `running`, and a report read meanwhile left it out."""
+    import json
+    from alexlab.tracking import Tracker
+    epoch = {"epoch": 1, "train_loss": 1.0, "train_top1_err": 30.0, "val_top1_err": 25.0, "val_top5_err": 5.0,
+             "lr": 0.1, "epoch_time_s": 1.0, "images_per_s": 10.0, "images_seen": 10, "steps": 1}
+    first = Tracker(tmp_path, {"device": "cpu"}, [], {"name": "none"}, "check")
+    first.start([])
+    first.log_epoch(epoch, [])
+    first.finish("completed")
+    finished = (tmp_path / "results.json").read_bytes()
+    again = Tracker(tmp_path, {"device": "cpu"}, [], {"name": "none"}, "check", continues=True)
+    assert (tmp_path / "results.json").read_bytes() == finished
+    again.start([epoch], "cpu", trains=False)  # nothing left to train
+    assert (tmp_path / "results.json").read_bytes() == finished
+    again.finish("completed")
+    assert (tmp_path / "results.json").read_bytes() == finished
+    more = Tracker(tmp_path, {"device": "cpu"}, [], {"name": "none"}, "check", continues=True)
+    assert (tmp_path / "results.json").read_bytes() == finished
+    more.start([epoch], "cpu", trains=True)  # continued with more epochs: running from here, its history kept
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "running" and record["history"] == [epoch]
+

@@ -117,7 +117,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         requeue_under_submitit(err.signum)
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as err:
-        if tracker is not None and not completed:
+        # a crash before a continued run trained (say, its data folder unreadable now) leaves its record as it was
+        if tracker is not None and not completed and not (isinstance(tracker, Tracker) and tracker.keep_previous()):
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:

@@ -135,7 +135,8 @@ class Tracker:
             "wandb": previous.get("wandb"),  # a continued run that trains no more keeps its W&B run's
         }
         self._base_wall, self._base_cpu = self.record["wall_time_s"], self.record["cpu_time_s"]
-        self._write()
+        if not previous:  # a continued run's record stays as it was until it trains (start) or ends (finish):
+            self._write()  # a finished run run again and killed meanwhile was left `running`, its history gone
 
     def _previous(self) -> dict:
         try:
@@ -168,8 +169,8 @@ class Tracker:
         return self._kept.get("status") if self.continues else None
 
     def keep_previous(self) -> bool:
-        """Where this process continues a run and stopped on bad input (data.root mistyped) or a signal
-        before it started training: put back the record it found, so that a completed or interrupted
+        """Where this process continues a run and stopped on bad input (data.root mistyped), a signal or
+        a crash before it started training: put back the record it found, so that a completed or interrupted
         run is not marked failed (or a completed one interrupted) by a rerun that never trained. False
         where there is nothing to put back."""
         if not (self.continues and self._kept and not self.started):
@@ -186,7 +187,8 @@ class Tracker:
         self.record["history"] = list(resumed_history)
         if device:
             self.record["device"], self.record["device_name"] = device, device_name(device)
-        self._write()
+        if trains or not self._kept:
+            self._write()
 
     def _start_wandb(self) -> None:
         import wandb
