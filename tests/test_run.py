@@ -62,6 +62,25 @@ def test_tiny_run_leaves_a_complete_record(tmp_path):
     assert record["final"]["train_eval_top1_err"] == pytest.approx(100 * wrong, abs=0.2)  # one image: float order
 
 
+@pytest.mark.parametrize("launcher", ["basic", "local"])
+def test_a_sweep_with_many_overrides_names_its_job_folders_within_a_file_names_length(tmp_path, launcher):
+    """Hydra names a job's folder by its overrides; past 255 bytes the sweep died with "File name too
+    long" before any job ran. Under the local launcher the folder is named in the job's own process."""
+    many = ["data.train_subset=256", "data.val_subset=128", "model.lrn_impl=reference", "model.pool_in_lrn=false",
+            "model.grouped_conv=native", "model.conv1_impl=native", "trainer.channels_last=false", "trainer.threads=1",
+            "eval.batch_size=100", "optim.momentum=0.9", "optim.weight_decay=0.0005", "data.pca_sigma=0.1",
+            "data.pixel_scale=3.0", "optim.patience=2"]
+    proc = run_cli("-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none", *many,
+                   f"hydra/launcher={launcher}", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())  # not .submitit
+    assert [f.name[:2] for f in folders] == ["0_", "1_"] and all(len(f.name.encode()) <= 255 for f in folders)
+    assert folders[0].name[2:50] == "data.pca_sigma=0.1,data.pixel_scale=3.0,data.tra"  # the start as Hydra writes it
+    records = [json.loads((f / "results.json").read_text()) for f in folders]
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert [r["config"]["model"]["lrn"] for r in records] == [True, False]
+
+
 def test_multirun_over_lrn_leaves_two_results(tmp_path):
     # data.root as every ImageNet sweep gives it: its slashes once nested the job directories in folders
     proc = run_cli("-m", "model.lrn=true,false", "scale=tiny", "trainer.epochs=1", "logger=none",

@@ -11,6 +11,7 @@ resume from was written under the same experiment (alexlab.train.check_resume; e
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -29,6 +30,24 @@ from alexlab.train import Interrupted, StopFlag, check_config, check_resume, fit
 log = logging.getLogger("alexlab")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 3
+MAX_JOB_DIR_NAME = 200  # bytes: file systems take 255 in one name, and Hydra puts "<job number>_" before it
+
+
+def job_dir_name(overrides: str) -> str:
+    """A sweep job's folder name (conf/config.yaml's hydra.sweep.subdir): its overrides as Hydra joins
+    them, cut short with a hash of the whole where they would pass a file name's length (a sweep with
+    many overrides once died with "File name too long" before any job ran). Every job's full overrides
+    are in its .hydra/overrides.yaml and results.json."""
+    encoded = overrides.encode()
+    if len(encoded) <= MAX_JOB_DIR_NAME:
+        return overrides
+    digest = hashlib.sha1(encoded).hexdigest()[:10]
+    return encoded[:MAX_JOB_DIR_NAME - 12].decode(errors="ignore") + "..." + digest
+
+
+# Registered where run.py imports this module, and in each job process of the submitit launchers,
+# which unpickle run.py's task function (and with it this module) before they name the job's folder.
+OmegaConf.register_new_resolver("alexlab.job_dir_name", job_dir_name, replace=True)
 
 
 class BadInput(SystemExit):
