@@ -554,3 +554,23 @@ def test_two_processes_leave_out_a_last_batch_too_small_to_share(tmp_path):
     assert record["status"] == "completed" and record["processes"] == 2
     assert record["images_seen"] == 128 and record["history"][0]["steps"] == 2
     assert any("the last 1 image(s) of each epoch's order are left out" in note for note in record["notes"])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_with_the_cause(tmp_path):
+    """A file size limit (RLIMIT_FSIZE: the kernel refuses writes past it, as a full disk does with
+    ENOSPC) lets the small results.json through but not the checkpoint. torch.save's own error
+    ("enforce fail at inline_container.cc ... unexpected pos") hid the cause in the record."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed instead of told
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+    env = dict(os.environ, WANDB_MODE="offline", HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "run.py"), "scale=tiny", "logger=none", "trainer.epochs=1",
+                           "hydra.run.dir=run"], cwd=tmp_path, env=env, preexec_fn=limit_file_size,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    record = results(tmp_path / "run")
+    assert record["status"] == "failed"
+    assert record["error"] == f"OSError: [Errno 27] cannot write {tmp_path / 'run' / 'checkpoint.pt'}: File too large"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", ".run.lock", "results.json", "run.log"]

@@ -51,10 +51,24 @@ def _atomic(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error_in(err)
+        if cause is not None and cause is not err:  # torch.save says "enforce fail ... unexpected pos" over a full disk
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
         raise
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The first OSError in an exception's chain (itself, what caused it, what it was raised while handling)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write_bytes(data: bytes, path) -> None:
