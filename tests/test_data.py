@@ -76,6 +76,17 @@ def test_fashion_mnist_loads_resized_with_grey_stats(tmp_path):
     assert data.stats_path.is_file()  # cached for the next run
 
 
+@requires_fashion
+def test_a_subset_larger_than_the_split_says_so(caplog):
+    """data.train_subset=100000 took the 60,000 images there without a word."""
+    cfg = compose_cfg("scale=tiny", "data.train_subset=100000", "data.val_subset=10000")
+    with caplog.at_level("WARNING", logger="alexlab"):
+        data = build_data(cfg.data, 27, torch.device("cpu"), None)
+    assert len(data.train) == 60000 and len(data.val) == 10000
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "data.train_subset=100000, but there are 60000: all 60000 are used"]
+
+
 def test_missing_data_says_how_to_get_it(tmp_path):
     cfg = compose_cfg("scale=tiny", f"data.root={tmp_path}", "data.download=false")
     with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):

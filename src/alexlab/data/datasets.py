@@ -8,6 +8,7 @@ side to image_size, centre crop, through the same resize_square). Either way
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -189,18 +190,21 @@ def load_synthetic(cfg) -> tuple[dict, int]:
     return out, k
 
 
-def subset_positions(count: int, limit) -> torch.Tensor:
+def subset_positions(count: int, limit, name: str = "") -> torch.Tensor:
     """Sorted positions of a fixed random `limit` of `count` items (seed 0: the same on every
-    machine), as data.train_subset / val_subset / stats_images pick; all of them without a limit."""
+    machine), as data.train_subset / val_subset / stats_images pick; all of them without a limit.
+    name: the option, for the warning where it asks for more than there are."""
     if not limit or int(limit) >= count:
+        if limit and int(limit) > count and name:
+            logging.getLogger("alexlab").warning("data.%s=%s, but there are %d: all %d are used", name, limit, count, count)
         return torch.arange(count)
     return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:int(limit)].sort().values
 
 
-def _subset(images, labels, n):
-    if n is None or n >= len(labels):
+def _subset(images, labels, n, name):
+    idx = subset_positions(len(labels), n, name)
+    if len(idx) == len(labels):
         return images, labels
-    idx = subset_positions(len(labels), n)
     return images[idx], labels[idx]
 
 
@@ -208,7 +212,7 @@ def load_in_memory(cfg) -> tuple[TensorSource, TensorSource, int]:
     loaders = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "synthetic": load_synthetic}
     splits, num_classes = loaders[cfg.name](cfg)
     size = int(cfg.image_size)
-    train = _subset(*splits["train"], cfg.get("train_subset"))
-    val = _subset(*splits["val"], cfg.get("val_subset"))
+    train = _subset(*splits["train"], cfg.get("train_subset"), "train_subset")
+    val = _subset(*splits["val"], cfg.get("val_subset"), "val_subset")
     return (TensorSource(resize_square(train[0], size), train[1]),
             TensorSource(resize_square(val[0], size), val[1]), num_classes)

@@ -664,7 +664,7 @@ def split_samples(index: dict, cfg, split: str) -> list[tuple[str, int]]:
     samples = [(p, relabel[int(c)]) for p, c in zip(entry["paths"], entry["labels"].tolist())
                if int(c) in relabel and p not in index["bad"]]
     # the statistics stay those of the prepared classes
-    return [samples[int(i)] for i in subset_positions(len(samples), cfg.get(f"{split}_subset"))]
+    return [samples[int(i)] for i in subset_positions(len(samples), cfg.get(f"{split}_subset"), f"{split}_subset")]
 
 
 def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu")):
