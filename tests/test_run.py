@@ -472,6 +472,17 @@ def test_bad_input_is_one_clear_line_and_never_completed(tmp_path, override, mes
     assert record["status"] == "failed" and message in record["error"]
 
 
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(tmp_path, mode):
+    """Hydra made the folder itself, after its own start, and failed in a traceback."""
+    (tmp_path / "a_file").write_text("")
+    args = ["hydra.run.dir=a_file/run"] if mode == "run" else ["hydra.sweep.dir=a_file/sweep"]
+    proc = run_cli(*(["-m"] if mode == "sweep" else []), "scale=tiny", "logger=none", *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write the output folder a_file/{mode}: Not a directory "
+                                                "(hydra.run.dir, or hydra.sweep.dir with -m)"]
+
+
 def test_an_interpolation_that_does_not_resolve_is_one_clear_line(tmp_path):
     """Hydra keeps the override as typed; reading it resolved (`${nope}`) crashed before the job began."""
     proc = run_cli("scale=tiny", "logger=none", "data.val_subset=${nope}", "hydra.run.dir=run", cwd=tmp_path)

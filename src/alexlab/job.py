@@ -16,9 +16,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from alexlab import distributed
@@ -43,6 +45,28 @@ def job_dir_name(overrides: str) -> str:
         return overrides
     digest = hashlib.sha1(encoded).hexdigest()[:10]
     return encoded[:MAX_JOB_DIR_NAME - 12].decode(errors="ignore") + "..." + digest
+
+
+class CheckOutputDir(Callback):
+    """A Hydra callback (conf/config.yaml, hydra.callbacks): the run's or the sweep's folder must be one
+    this user can write, else one `error:` line and exit 2 before anything starts (Hydra made it later,
+    in a traceback: a read-only file system, a path through a file)."""
+
+    def _check(self, folder) -> None:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            print(f"error: cannot write the output folder {folder}: {err.strerror or err} "
+                  "(hydra.run.dir, or hydra.sweep.dir with -m)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
 
 
 # Registered where run.py imports this module, and in each job process of the submitit launchers,
