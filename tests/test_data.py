@@ -233,6 +233,11 @@ def test_cached_stats_follow_the_pixels_not_only_the_options(tmp_path):
     again, again_path = pixel_stats(cfg, TensorSource(images, labels), tmp_path)
     assert again_path == first_path and torch.equal(again.mean_image, first.mean_image)
     assert len(list(tmp_path.glob("stats-*.pt"))) == 2
+    # a damaged cache file (a disk that filled up) is computed again, not a crash (UnpicklingError)
+    first_path.write_bytes(b"not a torch file")
+    mended, mended_path = pixel_stats(cfg, TensorSource(images, labels), tmp_path)
+    assert mended_path == first_path and torch.equal(mended.mean_image, first.mean_image)
+    assert torch.equal(torch.load(first_path, weights_only=True)["mean_image"], first.mean_image)
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])

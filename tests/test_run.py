@@ -211,6 +211,10 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_ends(tmp_path):
     saved = torch.load(checkpoint, weights_only=False)["state"]
     assert stopped["images_seen"] == saved["images_seen"] and stopped["steps"] == saved["steps"]
     assert len(stopped["history"]) < 3
+    if saved["step"]:  # stopped within an epoch: fewer epochs than it began would keep weights past its record
+        fewer = run_cli("scale=tiny", f"trainer.epochs={saved['epoch']}", *args[2:], "hydra.run.dir=cut", cwd=tmp_path)
+        assert fewer.returncode == 2 and (f"has trained {saved['epoch']} epochs and {saved['step']} steps of the next, "
+                                          f"more than trainer.epochs={saved['epoch']}") in fewer.stderr, fewer.stderr
 
     again = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -585,3 +589,24 @@ def test_a_checkpoint_that_cannot_be_written_is_named_with_the_cause(tmp_path):
     assert record["status"] == "failed"
     assert record["error"] == f"OSError: [Errno 27] cannot write {tmp_path / 'run' / 'checkpoint.pt'}: File too large"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", ".run.lock", "results.json", "run.log"]
+
+
+def test_the_atomic_writer_names_the_file_only_for_its_own_write_errors(tmp_path):
+    """A write the kernel refuses (here past RLIMIT_FSIZE) is named with the file; an error of another
+    kind raised while some unrelated OSError was being handled keeps its own name."""
+    script = ("import resource, signal, sys\n"
+              "from alexlab.io import atomic_write_bytes\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+              f"atomic_write_bytes(b'x' * 5000, {str(tmp_path / 'big.bin')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert proc.stderr.strip().splitlines()[-1] == f"OSError: [Errno 27] cannot write {tmp_path / 'big.bin'}: File too large"
+    assert list(tmp_path.iterdir()) == []
+    from alexlab.io import atomic_torch_save
+    try:
+        open(tmp_path / "nowhere" / "x")
+    except FileNotFoundError:
+        with pytest.raises(Exception) as err:
+            atomic_torch_save({"f": lambda: 0}, tmp_path / "ckpt.pt")  # a lambda cannot be pickled
+    assert not isinstance(err.value, OSError), err.value

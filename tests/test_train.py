@@ -59,6 +59,7 @@ def test_large_seeds_draw_their_own_batches():
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
     ("optim.lr=abc", "optim.lr must be a positive number, got 'abc'"),
     ("optim.lr=inf", "optim.lr must be a positive number, got inf"),  # trained on NaN and was marked completed
+    ("optim.lr=1" + "0" * 400, "optim.lr must be a positive number, got 1" + "0" * 400),  # past a float: OverflowError
     ("data.pixel_scale=inf", "data.pixel_scale must be a positive number, got inf"),
     ("optim.factor=2", "optim.factor must be a number in (0, 1), got 2"),
     ("optim.step_epochs=0", "optim.step_epochs must be a positive integer, got 0"),
@@ -125,4 +126,30 @@ def test_a_finished_run_run_again_leaves_its_record_as_it_was_until_it_trains(tm
     more.start([epoch], "cpu", trains=True)  # continued with more epochs: running from here, its history kept
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "running" and record["history"] == [epoch]
+
+
+def test_a_crash_before_a_continued_run_trains_is_recorded_unless_it_had_completed(tmp_path, monkeypatch):
+    """A rerun that crashes while it sets up keeps a completed record (the result stands), but a record
+    left `running` by a kill, or interrupted, records the crash: kept, it hid it."""
+    import json
+    from alexlab import job, train
+    cfg = compose_cfg("scale=tiny", "data=synthetic", "logger=none", "trainer.epochs=1",
+                      "data.train_size=64", "data.val_size=32")
+    job.run_job(cfg, tmp_path, [])
+    results = tmp_path / "results.json"
+    finished = results.read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the data broke")
+    monkeypatch.setattr(train, "build_data", broken)
+    more = compose_cfg("scale=tiny", "data=synthetic", "logger=none", "trainer.epochs=2",
+                       "data.train_size=64", "data.val_size=32")
+    with pytest.raises(RuntimeError):
+        job.run_job(more, tmp_path, [])
+    assert results.read_text() == finished
+    results.write_text(json.dumps(json.loads(finished) | {"status": "running"}))  # as a kill leaves it
+    with pytest.raises(RuntimeError):
+        job.run_job(more, tmp_path, [])
+    record = json.loads(results.read_text())
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: the data broke"
 

@@ -27,5 +27,12 @@ def first_line(err: BaseException) -> str:
 def require_number(key: str, value, wanted: str, ok) -> None:
     """value is a finite int or float (not a bool) for which ok(value) holds; `wanted` says which, for the
     message. (optim.lr=inf passed `> 0`, trained on NaN and was marked completed.)"""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not ok(value):
         raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range (10**400)
+        return False

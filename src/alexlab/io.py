@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def _umask() -> int:
 
 
 def _atomic(path, write) -> None:
+    handling = sys.exc_info()[1]  # an error being handled around this call is not one of this write's
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -54,15 +56,16 @@ def _atomic(path, write) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = _os_error_in(err)
-        if cause is not None and cause is not err:  # torch.save says "enforce fail ... unexpected pos" over a full disk
+        cause = _os_error_in(err, handling)
+        if cause is not None and not cause.filename:  # torch.save says "enforce fail ... unexpected pos" over a full disk
             raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
         raise
 
 
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The first OSError in an exception's chain (itself, what caused it, what it was raised while handling)."""
-    seen = set()
+def _os_error_in(err: BaseException, stop: BaseException | None) -> OSError | None:
+    """The first OSError in an exception's chain (itself, what caused it, what it was raised while
+    handling), up to `stop`."""
+    seen = {id(stop)}
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError) and err.errno:
             return err

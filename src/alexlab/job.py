@@ -63,10 +63,17 @@ class CheckOutputDir(Callback):
             sys.exit(EXIT_BAD_INPUT)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.run.dir)
+        self._check_key(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir)
+        self._check_key(config, "hydra.sweep.dir")
+
+    def _check_key(self, config: DictConfig, key: str) -> None:
+        try:
+            folder = OmegaConf.select(config, key)
+        except Exception:  # noqa: BLE001 - ${hydra:...} resolves only once the job runs: left to Hydra
+            return
+        self._check(folder)
 
 
 # Registered where run.py imports this module, and in each job process of the submitit launchers,
@@ -160,8 +167,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         requeue_under_submitit(err.signum)
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as err:
-        # a crash before a continued run trained (say, its data folder unreadable now) leaves its record as it was
-        if tracker is not None and not completed and not (isinstance(tracker, Tracker) and tracker.keep_previous()):
+        # a crash before a finished run run again trained (its data folder unreadable now, say) leaves it completed;
+        # any other run records the crash (one left `running` by a kill, or interrupted, would hide it)
+        finished = isinstance(tracker, Tracker) and tracker.previous_status == "completed"
+        if tracker is not None and not completed and not (finished and tracker.keep_previous()):
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:

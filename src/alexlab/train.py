@@ -436,7 +436,7 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
-        saved, epoch = ckpt.get("config"), int(ckpt["state"]["epoch"])
+        saved, epoch, step = ckpt.get("config"), int(ckpt["state"]["epoch"]), int(ckpt["state"].get("step", 0))
     except Exception as err:  # noqa: BLE001 - torch.load's errors vary with the damage, and say little
         raise ConfigError(f"{path} is damaged or not a checkpoint of this tool ({type(err).__name__} on reading it): "
                           "move it away, or resume=never to start over here") from err
@@ -458,8 +458,9 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
         raise ConfigError(f"{path} was written by a run with another config ({shown}): run this one in another "
                           "directory, repeat the same command to resume that one, or resume=never to start over here")
     epochs = config["trainer"]["epochs"]
-    if isinstance(epochs, int) and epoch > epochs:  # a bad value is check_config's to refuse
-        raise ConfigError(f"{path} has trained {epoch} epochs, more than trainer.epochs={config['trainer']['epochs']}: "
+    if isinstance(epochs, int) and (epoch > epochs or epoch == epochs and step):  # a bad value: check_config's
+        trained = f"{epoch} epochs" + (f" and {step} steps of the next" if step else "")
+        raise ConfigError(f"{path} has trained {trained}, more than trainer.epochs={config['trainer']['epochs']}: "
                           "run in another directory, or resume=never to start over here")
     return [change(p) for p in differing if p not in not_resumable]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,12 @@ def pixel_stats(data_cfg, train, cache_dir) -> tuple[PixelStats, Path | None]:
     key = hashlib.sha1(json.dumps(key_fields | {"pixels": pixels}, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(os.path.expanduser(str(cache_dir))) / f"stats-{data_cfg.name}-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"]), path
+        try:
+            saved = torch.load(path, weights_only=True)
+            return PixelStats(saved["mean_image"], saved["eigval"], saved["eigvec"]), path
+        except Exception as err:  # noqa: BLE001 - a cache: a damaged file (a disk filled up, say) is computed again
+            logging.getLogger("alexlab").warning("%s is damaged (%s): the statistics are computed again",
+                                                 path, type(err).__name__)
     if path is not None:  # said before the statistics are computed, not after
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
