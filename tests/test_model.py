@@ -186,6 +186,10 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
 
 @pytest.mark.parametrize("bad,message", [
     ({"towers": 3}, "model.towers must be 1 or 2"),
+    ({"towers": True}, "model.towers must be 1 or 2, got True"),  # true == 1 built the one-tower net
+    ({"activation": ["relu"]}, "model.activation must be one of"),  # TypeError: unhashable
+    ({"remove": 3}, r"model.remove must be a list such as \[conv3\], got 3"),  # TypeError: not iterable
+    ({"remove": {"conv3": 1}}, r"model.remove must be a list such as \[conv3\]"),  # built as [conv3]
     ({"remove": ["conv1"]}, "conv1 cannot be removed"),
     ({"remove": ["fc8"]}, "fc8 cannot be removed"),
     ({"remove": ["conv3", "fc7", "conv3"]}, "model.remove names conv3 more than once"),

@@ -31,6 +31,7 @@ import functools
 import statistics
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Mapping
 
 import torch
@@ -77,9 +78,10 @@ def _check(cfg: dict) -> None:
         require_integer(f"model.fc ({name})", width, 1)
     require_integer("model.adaptive_pool", cfg.get("adaptive_pool"), 1, null_means="none")
     conv_names = [layer["name"] for layer in cfg["conv"]]
-    if cfg.get("towers") not in (1, 2):
-        raise ConfigError(f"model.towers must be 1 or 2, got {cfg.get('towers')!r}")
-    if cfg.get("activation") not in ACTIVATIONS:
+    towers = cfg.get("towers")
+    if isinstance(towers, bool) or towers not in (1, 2):  # true == 1 built the one-tower net
+        raise ConfigError(f"model.towers must be 1 or 2, got {towers!r}")
+    if not isinstance(cfg.get("activation"), str) or cfg.get("activation") not in ACTIVATIONS:  # a list: TypeError
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {cfg.get('activation')!r}")
     if cfg.get("lrn_alpha") not in ALPHA_MODES:
         raise ConfigError(f"model.lrn_alpha must be one of {list(ALPHA_MODES)}, got {cfg.get('lrn_alpha')!r}")
@@ -107,7 +109,7 @@ def _check(cfg: dict) -> None:
     if cfg.get("init") not in ("paper", "kaiming"):
         raise ConfigError(f"model.init must be paper or kaiming, got {cfg.get('init')!r}")
     remove = cfg.get("remove") or []
-    if isinstance(remove, str):
+    if isinstance(remove, str) or not isinstance(remove, Sequence):  # 3: TypeError; {conv3: 1} built as [conv3]
         raise ConfigError(f"model.remove must be a list such as [conv3], got {remove!r}")
     removable = conv_names[1:] + list(REMOVABLE_FC)
     for name in remove:
