@@ -27,8 +27,13 @@ def first_line(err: BaseException) -> str:
 def require_number(key: str, value, wanted: str, ok) -> None:
     """value is a finite int or float (not a bool) for which ok(value) holds; `wanted` says which, for the
     message. (optim.lr=inf passed `> 0`, trained on NaN and was marked completed.)"""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not ok(value):
+    if not is_number(value) or not _finite(value) or not ok(value):
         raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+
+
+def is_number(value) -> bool:
+    """An int or a float, not a bool (True is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _finite(value) -> bool:

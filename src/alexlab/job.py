@@ -52,7 +52,11 @@ class CheckOutputDir(Callback):
     this user can write, else one `error:` line and exit 2 before anything starts (Hydra made it later,
     in a traceback: a read-only file system, a path through a file)."""
 
-    def _check(self, folder) -> None:
+    def _check(self, config: DictConfig, key: str) -> None:
+        try:
+            folder = OmegaConf.select(config, key)
+        except Exception:  # noqa: BLE001 - ${hydra:...} resolves only once the job runs: left to Hydra
+            return
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -63,17 +67,10 @@ class CheckOutputDir(Callback):
             sys.exit(EXIT_BAD_INPUT)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check_key(config, "hydra.run.dir")
+        self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check_key(config, "hydra.sweep.dir")
-
-    def _check_key(self, config: DictConfig, key: str) -> None:
-        try:
-            folder = OmegaConf.select(config, key)
-        except Exception:  # noqa: BLE001 - ${hydra:...} resolves only once the job runs: left to Hydra
-            return
-        self._check(folder)
+        self._check(config, "hydra.sweep.dir")
 
 
 # Registered where run.py imports this module, and in each job process of the submitit launchers,
@@ -160,8 +157,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise BadInput(str(err)) from None
     except Interrupted as err:
-        finished = isinstance(tracker, Tracker) and tracker.previous_status == "completed"
-        if not (finished and tracker.keep_previous()):  # a finished run stays completed; any other is interrupted
+        if not (isinstance(tracker, Tracker) and tracker.keep_finished()):  # any other run is interrupted
             tracker.finish("interrupted", error=str(err), state=err.state)
         print(f"interrupted: {err}", file=sys.stderr, flush=True)
         requeue_under_submitit(err.signum)
@@ -169,8 +165,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     except BaseException as err:
         # a crash before a finished run run again trained (its data folder unreadable now, say) leaves it completed;
         # any other run records the crash (one left `running` by a kill, or interrupted, would hide it)
-        finished = isinstance(tracker, Tracker) and tracker.previous_status == "completed"
-        if tracker is not None and not completed and not (finished and tracker.keep_previous()):
+        if tracker is not None and not completed and not (isinstance(tracker, Tracker) and tracker.keep_finished()):
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:

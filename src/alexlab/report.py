@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from alexlab.claims import CLAIMS, Claim, get_path, is_ratio, paper_direction
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
-from alexlab.errors import first_line
+from alexlab.errors import first_line, is_number
 from alexlab.io import atomic_savefig, atomic_write_bytes
 from alexlab.tracking import RESULTS_NAME
 
@@ -246,10 +246,6 @@ def load_runs(root: Path) -> tuple[list[Run], list[dict]]:
         if not (job_dir / RESULTS_NAME).is_file():
             problems.append(problem(job_dir, "missing", f"no {RESULTS_NAME}"))
     return runs, problems
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # What the report reads besides `final` (which recorded_number reads leniently): per epoch and per step.

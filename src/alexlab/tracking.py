@@ -178,6 +178,11 @@ class Tracker:
         atomic_write_json(self._kept, self.results_path)
         return True
 
+    def keep_finished(self) -> bool:
+        """keep_previous, where the record this process found says completed: a finished run run again
+        that stopped before it trained stays completed; any other record takes the new outcome."""
+        return self.previous_status == "completed" and self.keep_previous()
+
     def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
         """trains=False: a continued run with nothing left to train (a finished sweep job run again)
         opens no W&B run, which would be an empty second one under the same id."""
@@ -273,6 +278,11 @@ class NullTracker:
     def dataset(self, num_classes: int, skipped_files: list[dict], train_images: int | None = None,
                 val_majority_err: float | None = None) -> None:
         pass
+
+    def keep_finished(self) -> bool:
+        """keep_previous, where the record this process found says completed: a finished run run again
+        that stopped before it trained stays completed; any other record takes the new outcome."""
+        return self.previous_status == "completed" and self.keep_previous()
 
     def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
         pass
