@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from torch import nn
 
 from alexlab import build_model
 from alexlab.errors import ConfigError
-from alexlab.lrn import LocalResponseNorm
+from alexlab.lrn import LocalResponseNorm, factor_percentiles
 from alexlab.model import torchvision_state_dict_to_ours
-from conftest import model_cfg
+from conftest import compose_cfg, model_cfg
 
 PRESETS = ("alexnet", "alexnet_tv", "small")
 
@@ -148,6 +149,59 @@ def test_each_switch_changes_the_network(preset):
         assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("data,in_pixel_units,coefficient", [
+    ("imagenet", True, 1e-4 / 5),                        # raw pixels: PAPER.md's constants as they are
+    ("fashion_mnist", True, 1e-4 / 5 * (255 / 3) ** 2),  # inputs at 3/255 of raw pixels
+    ("cifar10", True, 1e-4 / 5 * (255 / 4) ** 2),
+    ("fashion_mnist", False, 1e-4 / 5)])
+def test_lrn_alpha_follows_the_data_presets_pixel_scale(data, in_pixel_units, coefficient):
+    cfg = compose_cfg("model=small", f"data={data}", f"model.lrn_in_pixel_units={str(in_pixel_units).lower()}")
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 10)
+    lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
+    assert len(lrns) == 2 and all(m.coefficient == pytest.approx(coefficient, rel=1e-12) for m in lrns)
+
+
+def test_lrn_in_pixel_units_normalises_scaled_inputs_as_raw_pixels():
+    """The reason for the alpha scaling: with zero biases, conv1 then its LRN on inputs at scale/255 of
+    raw pixels must give scale/255 times what the paper's alpha gives on the raw pixels, so the LRN
+    does the same normalisation (at the paper's alpha on the scaled inputs, it is a near-constant)."""
+    torch.manual_seed(0)
+    raw = torch.rand(4, 1, 27, 27, dtype=torch.float64) * 255 - 128
+    outputs, weights = {}, None
+    for pixel_scale in (255.0, 3.0):
+        model = build_model(model_cfg("small", channels=1, input_pixel_scale=pixel_scale), 10).double()
+        weights = weights or model.state_dict()
+        model.load_state_dict(weights)  # the same net, but for its LRN's alpha
+        model.features.conv1.bias.data.zero_()
+        layers = list(model.features.children())
+        conv1, lrn1 = layers[0], layers[1]
+        assert isinstance(lrn1, LocalResponseNorm)
+        lrn1.pool = None  # the factor, elementwise
+        outputs[pixel_scale] = lrn1(conv1(raw * pixel_scale / 255))
+    torch.testing.assert_close(outputs[3.0], outputs[255.0] * 3 / 255)
+    factor = outputs[255.0] / torch.relu(layers[0](raw)).clamp_min(1e-9)  # far from constant here
+    assert factor[outputs[255.0] > 0].min() < 0.9 * 2 ** -0.75
+
+
+@pytest.mark.parametrize("in_pixel_units", [False, True])
+def test_lrn_factor_percentiles_tell_a_constant_scale_from_a_normalisation(in_pixel_units):
+    """The small net on unit-variance inputs (data.pixel_scale=3's): at the paper's alpha as given, each
+    LRN multiplies nearly every activation by k^-beta = 2^-0.75; in pixel units it normalises."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg("small", channels=1, input_pixel_scale=3.0, lrn_in_pixel_units=in_pixel_units), 10).eval()
+    x = torch.randn(64, 1, 27, 27)
+    with torch.no_grad():
+        factors = factor_percentiles(model, lambda: model(x))
+    assert sorted(factors) == [f"lrn{n}_factor_{p}" for n in (1, 2) for p in ("p01", "p50", "p99")]
+    for n in (1, 2):
+        p01, p50, p99 = (factors[f"lrn{n}_factor_{p}"] for p in ("p01", "p50", "p99"))
+        assert p01 <= p50 <= p99 <= 2 ** -0.75 + 1e-6
+        if in_pixel_units:
+            assert p01 < 0.9 * 2 ** -0.75
+        else:
+            assert p01 > 0.995 * 2 ** -0.75
+
+
 @pytest.mark.parametrize("preset", ["alexnet", "small"])
 def test_the_relu_and_pool_inside_the_lrn_are_relu_then_pytorchs_lrn_then_max_pool(preset):
     """conv1's and conv2's ReLU runs inside their LRN module (relu=True, one pass over memory), and
@@ -196,6 +250,8 @@ def test_removing_layers_keeps_the_spatial_size_and_adapts_widths():
     ({"remove": ["conv9"]}, "unknown layer 'conv9'"),
     ({"activation": "sigmoid"}, "model.activation"),
     ({"lrn_alpha": "half"}, "model.lrn_alpha"),
+    ({"lrn_in_pixel_units": "yes"}, "model.lrn_in_pixel_units must be true or false, got 'yes'"),
+    ({"input_pixel_scale": 0}, "model.input_pixel_scale must be a positive number, got 0"),
     ({"dropout": 1.5}, "model.dropout"),
     ({"grouped_conv": "fast"}, "model.grouped_conv must be one of"),
     ({"grouped_conv": "native/dense"}, "forward/input_grad/weight_grad"),  # a way for each of three

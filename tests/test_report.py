@@ -205,6 +205,28 @@ def test_a_reproduced_direction_says_where_the_ci_lies_against_the_papers_size(t
     assert lrn["reason"] == "the CI excludes 0 on the paper's side" + size
 
 
+@pytest.mark.parametrize("factors,held", [
+    ({"lrn1": (0.5942, 0.5945, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, True),   # the demo at alpha as given
+    ({"lrn1": (0.2897, 0.5725, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, False),  # conv1's LRN normalised
+    (None, False)])                                                                  # recorded before there were any
+def test_an_lrn_that_acted_as_a_constant_factor_holds_back_the_lrn_verdict(tmp_path, factors, held):
+    """At unit-variance inputs the paper's alpha leaves the sum of squares negligible beside k, so the
+    LRN multiplies everything by 2^-0.75: a clear difference without it then measures a fixed scale,
+    not normalisation (found on the demo). The report reads the paper runs' recorded factors."""
+    root = lrn_sweep(tmp_path / "multirun", 2.0 + np.array([0.1, -0.1, 0.05]))
+    for path in root.glob("*ablation=paper*/results.json"):
+        record = json.loads(path.read_text())
+        for layer, values in (factors or {}).items():
+            record["final"].update({f"{layer}_factor_{p}": v for p, v in zip(("p01", "p50", "p99"), values)})
+        path.write_text(json.dumps(record))
+    lrn = row(build_report([root], tmp_path / "report"), "lrn", "no_lrn")
+    if held:
+        assert lrn["verdict"] == "inconclusive" and lrn["metrics"]["val_top5_err"]["verdict"] == "inconclusive"
+        assert "near-constant factor, x0.5942 to x0.5946" in lrn["reason"] and "3 paper run(s)" in lrn["reason"]
+    else:
+        assert lrn["verdict"] == "reproduced" and "near-constant" not in lrn["reason"]
+
+
 def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):
     diffs = [3.0, -2.0, 1.0, -4.0, 2.5]  # CI about [-3.6, 3.8]: neither 0 nor the paper's +1.4 is ruled out
     lrn = row(build_report([lrn_sweep(tmp_path, diffs)], tmp_path), "lrn", "no_lrn")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import FASHION_DIR, ROOT, requires_fashion, run_cli
 
@@ -60,6 +61,19 @@ def test_tiny_run_leaves_a_complete_record(tmp_path):
         logits = model(data.augmenter.eval(data.train.images[chosen]))
     wrong = (logits.argmax(1) != data.train.labels[chosen]).double().mean().item()
     assert record["final"]["train_eval_top1_err"] == pytest.approx(100 * wrong, abs=0.2)  # one image: float order
+    # The final net's LRN factors, for the report's check that the LRN normalised (not a constant x0.59):
+    # conv1's recomputed with PyTorch's own LRN over the validation images (all 512: fewer than 1024).
+    final = record["final"]
+    assert "lrn1_factor_p50" not in record["history"][0]
+    assert final["lrn2_factor_p01"] < final["lrn2_factor_p50"] < final["lrn2_factor_p99"] <= 2 ** -0.75
+    lrn1 = model.features.lrn1
+    with torch.no_grad():
+        a = torch.relu(model.features.conv1(data.augmenter.eval(data.val.images)))
+        factor = nn.LocalResponseNorm(lrn1.size, lrn1.coefficient * lrn1.size, lrn1.beta, lrn1.k)(a)[a > 0] / a[a > 0]
+    want = np.percentile(factor.double().numpy(), [1, 50, 99])
+    got = [final[f"lrn1_factor_{p}"] for p in ("p01", "p50", "p99")]
+    np.testing.assert_allclose(got, want, atol=0.01)  # the record's: a sample of 4096 per batch
+    assert want[0] < 0.9 * want[2]  # a normalisation, not a near-constant (model.lrn_in_pixel_units)
 
 
 @pytest.mark.parametrize("launcher", ["basic", "local"])

@@ -221,3 +221,42 @@ class LocalResponseNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{'relu first, ' if self.relu else ''}size={self.size}, alpha={self.alpha}, beta={self.beta}, "
                 f"k={self.k}, alpha_mode={self.alpha_mode}" + (f", pool_impl={self.pool_impl}" if self.pool is not None else ""))
+
+
+def factor_percentiles(model: nn.Module, run_forward, per_call: int = 4096) -> dict[str, float]:
+    """What each LRN layer of `model` multiplied its positive activations by, d^-beta above, over the
+    forward passes that `run_forward()` makes: {"lrn1_factor_p01": .., "lrn1_factor_p50": ..,
+    "lrn1_factor_p99": .., ...}, the 1st, 50th and 99th percentiles of a random sample of `per_call`
+    positive activations per layer and call (all, where there are fewer). Near-equal percentiles mean the layer acted as a fixed
+    scale (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a normalisation: its sum of
+    squares was negligible beside k, as where activations are small (the paper's alpha on the small
+    datasets' unit-variance inputs, model.lrn_in_pixel_units=false). The report checks this before it
+    credits the lrn claim to normalisation. The reference formula, in float32, whatever impl runs."""
+    samples: dict[str, list[torch.Tensor]] = {}
+    generator: dict[str, torch.Generator] = {}
+
+    def record(name, module, inputs):
+        a = inputs[0].detach().float()
+        if module.relu:
+            a = a.clamp_min(0)
+        d = _window_sum(a * a, module.size, module.size // 2).mul_(module.coefficient).add_(module.k)
+        factors = d.pow_(-module.beta)[a > 0]
+        if factors.numel():
+            if factors.numel() > per_call:
+                g = generator.setdefault(name, torch.Generator(factors.device).manual_seed(0))
+                factors = factors[torch.randint(factors.numel(), (per_call,), generator=g, device=factors.device)]
+            samples.setdefault(name, []).append(factors.cpu())
+
+    hooks = [module.register_forward_pre_hook(lambda m, i, name=name: record(name, m, i))
+             for name, module in model.named_modules() if isinstance(module, LocalResponseNorm)]
+    try:
+        run_forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for name, parts in samples.items():
+        values = torch.quantile(torch.cat(parts).double(), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
+        layer = name.rsplit(".", 1)[-1]
+        out.update({f"{layer}_factor_{p}": v for p, v in zip(("p01", "p50", "p99"), values.tolist())})
+    return out

@@ -5,6 +5,11 @@ Every ablation switch of the paper lives in `build_model`:
     lrn / lrn_alpha   LRN after the activation of the layers marked `lrn` (conv1, conv2); a ReLU
                       there runs inside the LRN module (LocalResponseNorm(relu=True)), same function,
                       and so does the max-pool after it (its `pool`; pool_in_lrn=false: its own module)
+    lrn_in_pixel_units  the paper's alpha is for activations of raw-pixel inputs; inputs scaled down to
+                      input_pixel_scale/255 of that (data.pixel_scale: 3 on Fashion-MNIST) scale conv1's
+                      activations by the same, so alpha is multiplied by (255/input_pixel_scale)^2 and the
+                      LRN normalises as it would on raw pixels (false: alpha as given, where at unit-variance
+                      inputs the LRN is a near-constant factor 2^-0.75, not a normalisation)
     overlap_pool      max-pool 3/2 (paper) or 2/2
     dropout           p on the outputs of fc6 and fc7 (0 = off)
     activation        relu or tanh for every hidden layer
@@ -100,6 +105,9 @@ def _check(cfg: dict) -> None:
     for key in ("alpha", "beta"):
         require_number(f"model.lrn_params.{key}", lrn.get(key), "a number >= 0", lambda v: v >= 0)
     require_number("model.lrn_params.k", lrn.get("k"), "a number > 0", lambda v: v > 0)  # the denominator's base
+    if not isinstance(cfg.get("lrn_in_pixel_units", False), bool):
+        raise ConfigError(f"model.lrn_in_pixel_units must be true or false, got {cfg.get('lrn_in_pixel_units')!r}")
+    require_number("model.input_pixel_scale", cfg.get("input_pixel_scale", RAW_PIXELS), "a positive number", lambda v: v > 0)
     if not is_tower_impl(cfg.get("grouped_conv", "auto")):
         raise ConfigError(f"model.grouped_conv must be one of {list(GROUPED_CONV_IMPLS)}, or one of "
                           f"{list(DIRECTION_IMPLS)} per direction as forward/input_grad/weight_grad "
@@ -137,6 +145,17 @@ def layer_plan(model_cfg: Any) -> list[dict]:
     return plan
 
 
+RAW_PIXELS = 255.0  # the input scale the paper's LRN constants were set for
+
+
+def lrn_alpha_factor(cfg: Mapping) -> float:
+    """What lrn_params.alpha is multiplied by (see lrn_in_pixel_units above): LRN is not scale-invariant,
+    and with zero biases a ReLU net's conv1 activations scale with its inputs."""
+    if not cfg.get("lrn_in_pixel_units", False):  # older configs lack the key: alpha as given, as then
+        return 1.0
+    return (RAW_PIXELS / float(cfg.get("input_pixel_scale", RAW_PIXELS))) ** 2
+
+
 def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     """Build the network described by `model_cfg` (see conf/model/*.yaml) for `num_classes`."""
     cfg = _plain(model_cfg)
@@ -145,6 +164,7 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     plan = layer_plan(cfg)
     act = ACTIVATIONS[cfg["activation"]]
     lrn_cfg = cfg["lrn_params"]
+    lrn_alpha = lrn_cfg["alpha"] * lrn_alpha_factor(cfg)
     pool_kernel = 3 if cfg["overlap_pool"] else 2
 
     features: OrderedDict[str, nn.Module] = OrderedDict()
@@ -175,7 +195,7 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
             where = cfg.get("pool_in_lrn", "auto")
             pool_in_lrn = lrn_here and layer.get("pool", False) and where is not False
             if lrn_here:
-                features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_cfg["alpha"], lrn_cfg["beta"],
+                features[f"lrn{n}"] = LocalResponseNorm(lrn_cfg["size"], lrn_alpha, lrn_cfg["beta"],
                                                         lrn_cfg["k"], alpha_mode=cfg["lrn_alpha"],
                                                         impl=cfg.get("lrn_impl", "auto"), relu=relu_in_lrn,
                                                         pool=nn.MaxPool2d(pool_kernel, stride=2) if pool_in_lrn else None,

@@ -464,6 +464,10 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
     if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
         for stats in row["metrics"].values():
             stats["verdict"], stats["reason"] = "inconclusive", "no pair in which either side learned (all at chance level)"
+    constant = lrn_held_constant(claim, [p["paper"] for p in pairs])
+    if constant:  # then the runs compare a fixed scale on two layers with none: not what the claim is about
+        for stats in row["metrics"].values():
+            stats["verdict"], stats["reason"] = "inconclusive", constant
     if not relevant:
         row["verdict"], row["reason"] = "not run", not_run
     elif not pairs:
@@ -475,6 +479,32 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
     if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
         row["reason"] += f"; {', '.join(claim.tune)} not tuned (one value for both sides; the paper tuned it per side)"
     return row
+
+
+LRN_CONSTANT_SPREAD = 0.01  # an LRN whose 1st and 99th percentile factors differ by less, relatively, is a constant
+
+
+def lrn_held_constant(claim: Claim, paper_runs: list[Run]) -> str:
+    """Why the lrn claim's pairs do not test normalisation, or "": where every paper run that recorded
+    its final net's LRN factors (alexlab.lrn.factor_percentiles) had every LRN layer multiply nearly
+    all activations by the same factor (the paper's alpha on unit-variance inputs: 2^-0.75 = 0.5946)."""
+    if claim.factor != "model.lrn":
+        return ""
+    spreads = []  # (layer, p01, p99) of each recording paper run
+    for run in paper_runs:
+        final = run.record.get("final") if isinstance(run.record.get("final"), dict) else {}
+        layers = sorted({key.split("_factor_")[0] for key in final if "_factor_p" in key})
+        found = [(layer, final.get(f"{layer}_factor_p01"), final.get(f"{layer}_factor_p99")) for layer in layers]
+        if found and all(is_number(low) and is_number(high) for _, low, high in found):
+            spreads.append(found)
+    if not spreads or any(high - low > LRN_CONSTANT_SPREAD * high for found in spreads for _, low, high in found):
+        return ""
+    low = min(low for found in spreads for _, low, _ in found)
+    high = max(high for found in spreads for _, _, high in found)
+    return (f"the LRN acted as a near-constant factor, x{low:.4f} to x{high:.4f} (1st to 99th percentile over "
+            f"the final nets' activations, {len(spreads)} paper run(s)), not as a normalisation: the difference "
+            "measures a fixed scale on two layers' outputs (model.lrn_in_pixel_units=true gives the paper's "
+            "alpha in raw-pixel units)")
 
 
 def seed_order(seed) -> tuple:

@@ -32,6 +32,7 @@ from alexlab.distributed import World
 from alexlab.errors import ConfigError, require_integer, require_number
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.io import atomic_torch_save
+from alexlab.lrn import LocalResponseNorm, factor_percentiles
 from alexlab.model import build_model, choose_layer_impls
 from alexlab.tracking import RESULTS_NAME
 
@@ -270,6 +271,25 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: Worl
     return {f"{split}_{name}": value if name.endswith("loss") else 100 * value for name, value in zip(names, mean)}
 
 
+LRN_FACTOR_IMAGES = 1024
+
+
+def lrn_factors(model, data, batch_size: int, autocast) -> dict:
+    """The final net's LRN factors (alexlab.lrn.factor_percentiles: a normalisation, or a near-constant
+    scale?) on a fixed random LRN_FACTOR_IMAGES validation images, tested as validation is. On the plain
+    module, not the compiled or DDP one the hooks could not see into; empty for a net without LRN."""
+    if not any(isinstance(m, LocalResponseNorm) for m in model.modules()):
+        return {}
+    model.eval()
+    device = data.augmenter.stats.mean_image.device
+
+    def forward():
+        with torch.no_grad(), autocast():
+            for images, _ in data.val.batches(subset_positions(len(data.val), LRN_FACTOR_IMAGES), batch_size):
+                model(_to_model(data.augmenter.eval(images.to(device, non_blocking=True)), model))
+    return factor_percentiles(model, forward)
+
+
 def _to_model(x: torch.Tensor, model) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
 
@@ -390,7 +410,8 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
                        "images_seen": state["images_seen"], "steps": (epoch + 1) * steps_per_epoch}
             metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop),
                                     train_step.autocast, world))
-            if epoch + 1 == int(cfg.trainer.epochs):  # the final net's overfitting: the report's overfit_gap
+            if epoch + 1 == int(cfg.trainer.epochs):  # the final net's LRN, and its overfitting (overfit_gap)
+                metrics.update(lrn_factors(model, data, int(cfg.eval.batch_size), train_step.autocast))
                 metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), False, train_step.autocast,
                                         world, split="train_eval"))
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
