@@ -227,11 +227,12 @@ def factor_percentiles(model: nn.Module, run_forward, per_call: int = 4096) -> d
     """What each LRN layer of `model` multiplied its positive activations by, d^-beta above, over the
     forward passes that `run_forward()` makes: {"lrn1_factor_p01": .., "lrn1_factor_p50": ..,
     "lrn1_factor_p99": .., ...}, the 1st, 50th and 99th percentiles of a random sample of `per_call`
-    positive activations per layer and call (all, where there are fewer). Near-equal percentiles mean the layer acted as a fixed
-    scale (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a normalisation: its sum of
-    squares was negligible beside k, as where activations are small (the paper's alpha on the small
-    datasets' unit-variance inputs, model.lrn_in_pixel_units=false). The report checks this before it
-    credits the lrn claim to normalisation. The reference formula, in float32, whatever impl runs."""
+    positive activations per layer and call (all, where there are fewer). Near-equal percentiles mean
+    the layer acted as a fixed scale (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a
+    normalisation: its sum of squares was negligible beside k, as where activations are small (the
+    paper's alpha on the small datasets' unit-variance inputs, model.lrn_in_pixel_units=false). The
+    report checks this before it credits the lrn claim to normalisation. The reference formula, in
+    float32, whatever impl runs."""
     samples: dict[str, list[torch.Tensor]] = {}
     generator: dict[str, torch.Generator] = {}
 
