@@ -464,16 +464,18 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
     if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
         for stats in row["metrics"].values():
             stats["verdict"], stats["reason"] = "inconclusive", "no pair in which either side learned (all at chance level)"
-    constant = lrn_held_constant(claim, [p["paper"] for p in pairs])
+    constant, lrn_text = lrn_factor_text(claim, [p["paper"] for p in pairs])
     if constant:  # then the runs compare a fixed scale on two layers with none: not what the claim is about
         for stats in row["metrics"].values():
-            stats["verdict"], stats["reason"] = "inconclusive", constant
+            stats["verdict"], stats["reason"] = "inconclusive", lrn_text
     if not relevant:
         row["verdict"], row["reason"] = "not run", not_run
     elif not pairs:
         row["verdict"], row["reason"] = "inconclusive", "no completed pair (see the missing pairs)"
     else:
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
+    if lrn_text and not constant:
+        row["reason"] += f"; {lrn_text}"
     if row["at_chance"]:
         row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
     if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
@@ -484,27 +486,30 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
 LRN_CONSTANT_SPREAD = 0.01  # an LRN whose 1st and 99th percentile factors differ by less, relatively, is a constant
 
 
-def lrn_held_constant(claim: Claim, paper_runs: list[Run]) -> str:
-    """Why the lrn claim's pairs do not test normalisation, or "": where every paper run that recorded
-    its final net's LRN factors (alexlab.lrn.factor_percentiles) had every LRN layer multiply nearly
-    all activations by the same factor (the paper's alpha on unit-variance inputs: 2^-0.75 = 0.5946)."""
+def lrn_factor_text(claim: Claim, paper_runs: list[Run]) -> tuple[bool, str]:
+    """For the lrn claim: what the paper runs' LRN layers multiplied their final nets' activations by
+    (alexlab.lrn.factor_percentiles), and whether that was a near-constant factor in every layer of
+    every run that recorded it (the paper's alpha on unit-variance inputs: 2^-0.75 = 0.5946), in which
+    case the pairs do not test normalisation. (False, "") for other claims and runs without factors."""
     if claim.factor != "model.lrn":
-        return ""
-    spreads = []  # (layer, p01, p99) of each recording paper run
+        return False, ""
+    spreads = []  # (p01, p99) of each LRN layer of each recording paper run
     for run in paper_runs:
         final = run.record.get("final") if isinstance(run.record.get("final"), dict) else {}
         layers = sorted({key.split("_factor_")[0] for key in final if "_factor_p" in key})
-        found = [(layer, final.get(f"{layer}_factor_p01"), final.get(f"{layer}_factor_p99")) for layer in layers]
-        if found and all(is_number(low) and is_number(high) for _, low, high in found):
-            spreads.append(found)
-    if not spreads or any(high - low > LRN_CONSTANT_SPREAD * high for found in spreads for _, low, high in found):
-        return ""
-    low = min(low for found in spreads for _, low, _ in found)
-    high = max(high for found in spreads for _, _, high in found)
-    return (f"the LRN acted as a near-constant factor, x{low:.4f} to x{high:.4f} (1st to 99th percentile over "
-            f"the final nets' activations, {len(spreads)} paper run(s)), not as a normalisation: the difference "
-            "measures a fixed scale on two layers' outputs (model.lrn_in_pixel_units=true gives the paper's "
-            "alpha in raw-pixel units)")
+        found = [(final.get(f"{layer}_factor_p01"), final.get(f"{layer}_factor_p99")) for layer in layers]
+        if found and all(is_number(low) and is_number(high) for low, high in found):
+            spreads += found
+    if not spreads:
+        return False, ""
+    constant = all(high - low <= LRN_CONSTANT_SPREAD * high for low, high in spreads)
+    low, high = min(low for low, _ in spreads), max(high for _, high in spreads)
+    where = f"x{low:.4f} to x{high:.4f}, 1st to 99th percentile over the paper runs' final nets' activations"
+    if constant:
+        return True, (f"the LRN acted as a near-constant factor ({where}), not as a normalisation: the difference "
+                      "measures a fixed scale on two layers' outputs (model.lrn_in_pixel_units=true gives the "
+                      "paper's alpha in raw-pixel units)")
+    return False, f"the LRN normalised ({where})"
 
 
 def seed_order(seed) -> tuple:
