@@ -41,6 +41,7 @@ def model_cfg(preset: str = "alexnet", channels: int = 3, **changes) -> dict:
     """A model preset as the plain dict the builder receives after Hydra resolved it."""
     cfg = compose_cfg(f"model={preset}", "data=synthetic", f"data.channels={channels}")
     plain = OmegaConf.to_container(cfg.model, resolve=True)
+    plain["input_pixel_scale"] = 255.0  # the paper's LRN constants as printed (synthetic data's pixel_scale is 1)
     plain.update(changes)
     return plain
 

@@ -149,13 +149,15 @@ def test_each_switch_changes_the_network(preset):
         assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("data,in_pixel_units,coefficient", [
-    ("imagenet", True, 1e-4 / 5),                        # raw pixels: PAPER.md's constants as they are
-    ("fashion_mnist", True, 1e-4 / 5 * (255 / 3) ** 2),  # inputs at 3/255 of raw pixels
-    ("cifar10", True, 1e-4 / 5 * (255 / 4) ** 2),
-    ("fashion_mnist", False, 1e-4 / 5)])
-def test_lrn_alpha_follows_the_data_presets_pixel_scale(data, in_pixel_units, coefficient):
-    cfg = compose_cfg("model=small", f"data={data}", f"model.lrn_in_pixel_units={str(in_pixel_units).lower()}")
+@pytest.mark.parametrize("data,in_pixel_units,activation,coefficient", [
+    ("imagenet", True, "relu", 1e-4 / 5),                        # raw pixels: PAPER.md's constants as they are
+    ("fashion_mnist", True, "relu", 1e-4 / 5 * (255 / 3) ** 2),  # inputs at 3/255 of raw pixels
+    ("cifar10", True, "relu", 1e-4 / 5 * (255 / 4) ** 2),
+    ("fashion_mnist", False, "relu", 1e-4 / 5),
+    ("fashion_mnist", True, "tanh", 1e-4 / 5)])  # tanh's outputs are bounded, not in the inputs' units
+def test_lrn_alpha_follows_the_data_presets_pixel_scale(data, in_pixel_units, activation, coefficient):
+    cfg = compose_cfg("model=small", f"data={data}", f"model.lrn_in_pixel_units={str(in_pixel_units).lower()}",
+                      f"model.activation={activation}")
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 10)
     lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
     assert len(lrns) == 2 and all(m.coefficient == pytest.approx(coefficient, rel=1e-12) for m in lrns)

@@ -205,11 +205,12 @@ def test_a_reproduced_direction_says_where_the_ci_lies_against_the_papers_size(t
     assert lrn["reason"] == "the CI excludes 0 on the paper's side" + size
 
 
-@pytest.mark.parametrize("factors,held", [
-    ({"lrn1": (0.5942, 0.5945, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, True),   # the demo at alpha as given
-    ({"lrn1": (0.2897, 0.5725, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, False),  # conv1's LRN normalised
-    (None, False)])                                                                  # recorded before there were any
-def test_an_lrn_that_acted_as_a_constant_factor_holds_back_the_lrn_verdict(tmp_path, factors, held):
+@pytest.mark.parametrize("factors,says", [
+    ({"lrn1": (0.5942, 0.5945, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, "held"),        # alpha as given, the demo's
+    ({"lrn1": (0.2897, 0.5725, 0.5946), "lrn2": (0.5943, 0.5945, 0.5946)}, "normalised"),  # conv1's LRN normalised
+    (None, ""),                                                                            # recorded before there were any
+    ({"lrn1": (float("nan"),) * 3, "lrn2": (0.0,) * 3}, "")])                              # a diverged net's: unreadable
+def test_an_lrn_that_acted_as_a_constant_factor_holds_back_the_lrn_verdict(tmp_path, factors, says):
     """At unit-variance inputs the paper's alpha leaves the sum of squares negligible beside k, so the
     LRN multiplies everything by 2^-0.75: a clear difference without it then measures a fixed scale,
     not normalisation (found on the demo). The report reads the paper runs' recorded factors."""
@@ -220,12 +221,14 @@ def test_an_lrn_that_acted_as_a_constant_factor_holds_back_the_lrn_verdict(tmp_p
             record["final"].update({f"{layer}_factor_{p}": v for p, v in zip(("p01", "p50", "p99"), values)})
         path.write_text(json.dumps(record))
     lrn = row(build_report([root], tmp_path / "report"), "lrn", "no_lrn")
-    if held:
+    if says == "held":
         assert lrn["verdict"] == "inconclusive" and lrn["metrics"]["val_top5_err"]["verdict"] == "inconclusive"
-        assert lrn["reason"].startswith("the LRN acted as a near-constant factor (x0.5942 to x0.5946, 1st to 99th")
+        assert lrn["reason"].startswith("the LRN acted as a near-constant factor (x0.5942 to x0.5946, 1st to 99th "
+                                        "percentile over the final nets' activations in 3 of 3 paper runs)")
     else:
         assert lrn["verdict"] == "reproduced" and "near-constant" not in lrn["reason"]
-        assert ("the LRN normalised (x0.2897 to x0.5946" in lrn["reason"]) == (factors is not None)
+        assert ("; the LRN normalised (x0.2897 to x0.5946" in lrn["reason"]) == (says == "normalised")
+        assert "nan" not in lrn["reason"]
 
 
 def test_noise_is_inconclusive_with_the_seeds_needed(tmp_path):

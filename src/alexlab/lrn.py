@@ -223,11 +223,12 @@ class LocalResponseNorm(nn.Module):
                 f"k={self.k}, alpha_mode={self.alpha_mode}" + (f", pool_impl={self.pool_impl}" if self.pool is not None else ""))
 
 
-def factor_percentiles(model: nn.Module, run_forward, per_call: int = 4096) -> dict[str, float]:
+def factor_percentiles(model: nn.Module, run_forward, per_image: int = 64) -> dict[str, float]:
     """What each LRN layer of `model` multiplied its positive activations by, d^-beta above, over the
     forward passes that `run_forward()` makes: {"lrn1_factor_p01": .., "lrn1_factor_p50": ..,
-    "lrn1_factor_p99": .., ...}, the 1st, 50th and 99th percentiles of a random sample of `per_call`
-    positive activations per layer and call (all, where there are fewer). Near-equal percentiles mean
+    "lrn1_factor_p99": .., ...}, the 1st, 50th and 99th percentiles of a random sample of `per_image`
+    positive activations per layer and image of each call (all, where there are fewer), so every image
+    weighs alike whatever the batches. Near-equal percentiles mean
     the layer acted as a fixed scale (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a
     normalisation: its sum of squares was negligible beside k, as where activations are small (the
     paper's alpha on the small datasets' unit-variance inputs, model.lrn_in_pixel_units=false). The
@@ -242,10 +243,11 @@ def factor_percentiles(model: nn.Module, run_forward, per_call: int = 4096) -> d
             a = a.clamp_min(0)
         d = _window_sum(a * a, module.size, module.size // 2).mul_(module.coefficient).add_(module.k)
         factors = d.pow_(-module.beta)[a > 0]
+        wanted = per_image * a.shape[0]
         if factors.numel():
-            if factors.numel() > per_call:
+            if factors.numel() > wanted:
                 g = generator.setdefault(name, torch.Generator(factors.device).manual_seed(0))
-                factors = factors[torch.randint(factors.numel(), (per_call,), generator=g, device=factors.device)]
+                factors = factors[torch.randint(factors.numel(), (wanted,), generator=g, device=factors.device)]
             samples.setdefault(name, []).append(factors.cpu())
 
     hooks = [module.register_forward_pre_hook(lambda m, i, name=name: record(name, m, i))

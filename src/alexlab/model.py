@@ -6,10 +6,11 @@ Every ablation switch of the paper lives in `build_model`:
                       there runs inside the LRN module (LocalResponseNorm(relu=True)), same function,
                       and so does the max-pool after it (its `pool`; pool_in_lrn=false: its own module)
     lrn_in_pixel_units  the paper's alpha is for activations of raw-pixel inputs; inputs scaled down to
-                      input_pixel_scale/255 of that (data.pixel_scale: 3 on Fashion-MNIST) scale conv1's
-                      activations by the same, so alpha is multiplied by (255/input_pixel_scale)^2 and the
-                      LRN normalises as it would on raw pixels (false: alpha as given, where at unit-variance
-                      inputs the LRN is a near-constant factor 2^-0.75, not a normalisation)
+                      input_pixel_scale/255 of that (data.pixel_scale: 3 on Fashion-MNIST) scale a ReLU net's
+                      activations by the same (exactly, with zero biases: kaiming init), so alpha is multiplied
+                      by (255/input_pixel_scale)^2 and the LRN normalises as it would on raw pixels (false:
+                      alpha as given, where at unit-variance inputs the LRN is a near-constant factor 2^-0.75,
+                      not a normalisation). Not for tanh, whose outputs are bounded, not in the inputs' units
     overlap_pool      max-pool 3/2 (paper) or 2/2
     dropout           p on the outputs of fc6 and fc7 (0 = off)
     activation        relu or tanh for every hidden layer
@@ -150,8 +151,9 @@ RAW_PIXELS = 255.0  # the input scale the paper's LRN constants were set for
 
 def lrn_alpha_factor(cfg: Mapping) -> float:
     """What lrn_params.alpha is multiplied by (see lrn_in_pixel_units above): LRN is not scale-invariant,
-    and with zero biases a ReLU net's conv1 activations scale with its inputs."""
-    if not cfg.get("lrn_in_pixel_units", False):  # older configs lack the key: alpha as given, as then
+    and with zero biases a ReLU net's activations scale with its inputs. tanh's do not (on raw pixels
+    it saturates at +-1 whatever the scale), so a tanh net keeps alpha as given."""
+    if not cfg.get("lrn_in_pixel_units", False) or cfg.get("activation") != "relu":  # older configs lack the key
         return 1.0
     return (RAW_PIXELS / float(cfg.get("input_pixel_scale", RAW_PIXELS))) ** 2
 

@@ -490,26 +490,32 @@ def lrn_factor_text(claim: Claim, paper_runs: list[Run]) -> tuple[bool, str]:
     """For the lrn claim: what the paper runs' LRN layers multiplied their final nets' activations by
     (alexlab.lrn.factor_percentiles), and whether that was a near-constant factor in every layer of
     every run that recorded it (the paper's alpha on unit-variance inputs: 2^-0.75 = 0.5946), in which
-    case the pairs do not test normalisation. (False, "") for other claims and runs without factors."""
+    case the pairs do not test normalisation. (False, "") for other claims and runs without factors.
+    Factors that are not finite and positive (a diverged net's) make a run's record unreadable here."""
     if claim.factor != "model.lrn":
         return False, ""
-    spreads = []  # (p01, p99) of each LRN layer of each recording paper run
+    spreads, recorded = [], []  # (p01, p99) of each LRN layer of each recording paper run
     for run in paper_runs:
         final = run.record.get("final") if isinstance(run.record.get("final"), dict) else {}
         layers = sorted({key.split("_factor_")[0] for key in final if "_factor_p" in key})
         found = [(final.get(f"{layer}_factor_p01"), final.get(f"{layer}_factor_p99")) for layer in layers]
-        if found and all(is_number(low) and is_number(high) for low, high in found):
+        if found and all(is_number(v) and 0 < v < math.inf for pair in found for v in pair):
             spreads += found
+            recorded.append(run)
     if not spreads:
         return False, ""
     constant = all(high - low <= LRN_CONSTANT_SPREAD * high for low, high in spreads)
     low, high = min(low for low, _ in spreads), max(high for _, high in spreads)
-    where = f"x{low:.4f} to x{high:.4f}, 1st to 99th percentile over the paper runs' final nets' activations"
-    if constant:
-        return True, (f"the LRN acted as a near-constant factor ({where}), not as a normalisation: the difference "
-                      "measures a fixed scale on two layers' outputs (model.lrn_in_pixel_units=true gives the "
-                      "paper's alpha in raw-pixel units)")
-    return False, f"the LRN normalised ({where})"
+    where = (f"x{low:.4f} to x{high:.4f}, 1st to 99th percentile over the final nets' activations in "
+             f"{len(recorded)} of {len(paper_runs)} paper runs")
+    if not constant:
+        return False, f"the LRN normalised ({where})"
+    model = [r.config.get("model") or {} for r in recorded]
+    scaled_down = any(m.get("input_pixel_scale", 255) != 255 for m in model)
+    advice = ("; model.lrn_in_pixel_units=true gives the paper's alpha in raw-pixel units"
+              if scaled_down and not all(m.get("lrn_in_pixel_units") for m in model) else "")
+    return True, (f"the LRN acted as a near-constant factor ({where}), not as a normalisation: the difference "
+                  f"measures a fixed scale on two layers' outputs{advice}")
 
 
 def seed_order(seed) -> tuple:

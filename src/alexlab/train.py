@@ -29,7 +29,7 @@ from alexlab.data import build_data, majority_error
 from alexlab.data.augment import batch_generator
 from alexlab.data.datasets import check_data_sizes, subset_positions
 from alexlab.distributed import World
-from alexlab.errors import ConfigError, require_integer, require_number
+from alexlab.errors import ConfigError, first_line, require_integer, require_number
 from alexlab.experiment import NOT_THE_EXPERIMENT, differing_paths, flatten, without
 from alexlab.io import atomic_torch_save
 from alexlab.lrn import LocalResponseNorm, factor_percentiles
@@ -271,13 +271,14 @@ def evaluate(model, data, batch_size: int, ten_crop: bool, autocast, world: Worl
     return {f"{split}_{name}": value if name.endswith("loss") else 100 * value for name, value in zip(names, mean)}
 
 
-LRN_FACTOR_IMAGES = 1024
+LRN_FACTOR_IMAGES, LRN_FACTOR_BATCH = 1024, 128  # small batches: the hook copies conv1's output in fp32
 
 
-def lrn_factors(model, data, batch_size: int, autocast) -> dict:
+def lrn_factors(model, data, autocast, tracker) -> dict:
     """The final net's LRN factors (alexlab.lrn.factor_percentiles: a normalisation, or a near-constant
     scale?) on a fixed random LRN_FACTOR_IMAGES validation images, tested as validation is. On the plain
-    module, not the compiled or DDP one the hooks could not see into; empty for a net without LRN."""
+    module, not the compiled or DDP one the hooks could not see into; empty for a net without LRN. A
+    diagnostic: where it fails (out of memory, say) the run goes on without it, and its record says so."""
     if not any(isinstance(m, LocalResponseNorm) for m in model.modules()):
         return {}
     model.eval()
@@ -285,9 +286,13 @@ def lrn_factors(model, data, batch_size: int, autocast) -> dict:
 
     def forward():
         with torch.no_grad(), autocast():
-            for images, _ in data.val.batches(subset_positions(len(data.val), LRN_FACTOR_IMAGES), batch_size):
+            for images, _ in data.val.batches(subset_positions(len(data.val), LRN_FACTOR_IMAGES), LRN_FACTOR_BATCH):
                 model(_to_model(data.augmenter.eval(images.to(device, non_blocking=True)), model))
-    return factor_percentiles(model, forward)
+    try:
+        return factor_percentiles(model, forward)
+    except Exception as err:  # noqa: BLE001 - any failure here must not cost the trained run
+        tracker.note(f"the LRN factors were not measured: {first_line(err)}")
+        return {}
 
 
 def _to_model(x: torch.Tensor, model) -> torch.Tensor:
@@ -411,7 +416,7 @@ def fit(cfg, run_dir: Path, tracker, world: World = World(), resuming: list[str]
             metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), bool(cfg.eval.ten_crop),
                                     train_step.autocast, world))
             if epoch + 1 == int(cfg.trainer.epochs):  # the final net's LRN, and its overfitting (overfit_gap)
-                metrics.update(lrn_factors(model, data, int(cfg.eval.batch_size), train_step.autocast))
+                metrics.update(lrn_factors(model, data, train_step.autocast, tracker))
                 metrics.update(evaluate(step_model, data, int(cfg.eval.batch_size), False, train_step.autocast,
                                         world, split="train_eval"))
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
