@@ -157,7 +157,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise BadInput(str(err)) from None
     except Interrupted as err:
-        if not (isinstance(tracker, Tracker) and tracker.keep_finished()):  # any other run is interrupted
+        if not tracker.keep_finished():  # a finished run stays completed; any other is interrupted
             tracker.finish("interrupted", error=str(err), state=err.state)
         print(f"interrupted: {err}", file=sys.stderr, flush=True)
         requeue_under_submitit(err.signum)
@@ -165,7 +165,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
     except BaseException as err:
         # a crash before a finished run run again trained (its data folder unreadable now, say) leaves it completed;
         # any other run records the crash (one left `running` by a kill, or interrupted, would hide it)
-        if tracker is not None and not completed and not (isinstance(tracker, Tracker) and tracker.keep_finished()):
+        if tracker is not None and not completed and not tracker.keep_finished():
             tracker.finish("failed", error="".join(traceback.format_exception_only(type(err), err)).strip())
         raise
     finally:

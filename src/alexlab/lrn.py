@@ -228,12 +228,11 @@ def factor_percentiles(model: nn.Module, run_forward, per_image: int = 64) -> di
     forward passes that `run_forward()` makes: {"lrn1_factor_p01": .., "lrn1_factor_p50": ..,
     "lrn1_factor_p99": .., ...}, the 1st, 50th and 99th percentiles of a random sample of `per_image`
     positive activations per layer and image of each call (all, where there are fewer), so every image
-    weighs alike whatever the batches. Near-equal percentiles mean
-    the layer acted as a fixed scale (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a
-    normalisation: its sum of squares was negligible beside k, as where activations are small (the
-    paper's alpha on the small datasets' unit-variance inputs, model.lrn_in_pixel_units=false). The
-    report checks this before it credits the lrn claim to normalisation. The reference formula, in
-    float32, whatever impl runs."""
+    weighs alike whatever the batches. Near-equal percentiles mean the layer acted as a fixed scale
+    (k^-beta: 2^-0.75 = 0.5946 with the paper's k and beta), not as a normalisation: its sum of squares
+    was negligible beside k, as where activations are small (the paper's alpha on the small datasets'
+    unit-variance inputs, model.lrn_in_pixel_units=false). The report checks this before it credits the
+    lrn claim to normalisation. The reference formula, in float32, whatever impl runs."""
     samples: dict[str, list[torch.Tensor]] = {}
     generator: dict[str, torch.Generator] = {}
 

@@ -520,8 +520,7 @@ def lrn_factor_text(claim: Claim, paper_runs: list[Run]) -> tuple[bool, str]:
 
 def seed_order(seed) -> tuple:
     """Numbers in order, then anything else a failed run was given (seed=abc) by its text."""
-    number = isinstance(seed, (int, float)) and not isinstance(seed, bool)
-    return (0, seed, "") if number else (1, 0, str(seed))
+    return (0, seed, "") if is_number(seed) else (1, 0, str(seed))
 
 
 # ---------------------------------------------------------------- statistics and verdicts

@@ -280,9 +280,7 @@ class NullTracker:
         pass
 
     def keep_finished(self) -> bool:
-        """keep_previous, where the record this process found says completed: a finished run run again
-        that stopped before it trained stays completed; any other record takes the new outcome."""
-        return self.previous_status == "completed" and self.keep_previous()
+        return False  # rank 0 keeps or writes the record
 
     def start(self, resumed_history: list, device: str | None = None, trains: bool = True) -> None:
         pass
