@@ -153,3 +153,41 @@ def test_a_crash_before_a_continued_run_trains_is_recorded_unless_it_had_complet
     record = json.loads(results.read_text())
     assert record["status"] == "failed" and record["error"] == "RuntimeError: the data broke"
 
+
+
+def test_lrn_factors_that_fail_midway_leave_a_note_and_the_net_as_it_was(tmp_path):
+    """The LRN factors are a diagnostic of the final net: where they fail (here a validation source that
+    runs out of memory on its second batch, as a GPU can) the run gets a note in its record instead of
+    a crash, and the LRN layers lose the hooks that recorded them (else every later forward pass would
+    pay for them)."""
+    import contextlib
+    import json
+    from alexlab.data import build_data
+    from alexlab.lrn import LocalResponseNorm
+    from alexlab.model import build_model
+    from alexlab.tracking import Tracker
+    from alexlab.train import lrn_factors
+    from conftest import compose_cfg, model_cfg
+
+    cfg = compose_cfg("data=synthetic", "model=small")
+    data = build_data(cfg.data, 27, torch.device("cpu"))
+    whole_val = data.val
+
+    class RunsOutOfMemory(type(whole_val)):
+        def batches_of(self, index_batches):
+            batches = super().batches_of(index_batches)
+            yield next(batches)
+            raise torch.OutOfMemoryError("out of memory on the second batch")
+
+    model = build_model(model_cfg("small", channels=int(cfg.data.channels)), data.num_classes)
+    lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
+    tracker = Tracker(tmp_path, {"device": "cpu"}, [], {"name": "none"}, "check")
+    data.val = RunsOutOfMemory(whole_val.images, whole_val.labels)
+    assert lrn_factors(model, data, contextlib.nullcontext, tracker) == {}
+    assert lrns and not any(m._forward_pre_hooks for m in lrns)
+    tracker.finish("completed")
+    notes = json.loads((tmp_path / "results.json").read_text())["notes"]
+    assert notes == ["the LRN factors were not measured: out of memory on the second batch"]
+    data.val = whole_val  # the same call on the real source measures them
+    assert sorted(lrn_factors(model, data, contextlib.nullcontext, tracker)) == [
+        f"lrn{n}_factor_{p}" for n in (1, 2) for p in ("p01", "p50", "p99")]
