@@ -478,6 +478,13 @@ def test_pairs_of_runs_that_all_guess_one_class_give_no_verdict(tmp_path):
     # the same differences from runs that did learn: still no verdict from a CI of no width
     assert judge("val_top1_err", 0.4, 3, 0.0, 0.0, (0.0, 0.0))[:2] == (
         "inconclusive", "every pair differs by the same amount (sd 0): the CI says nothing")
+    # and from errors that are counts of a 10,000-image set, each ablated run 3 images worse: the float
+    # differences (0.03 give or take 1e-15) once made a CI of width 5e-15 and a verdict of reproduced
+    wrong = [1313, 1319, 1309]
+    diffs = [100 * (w + 3) / 10_000 - 100 * w / 10_000 for w in wrong]
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    assert 0 < sd < 1e-12
+    assert judge("val_top1_err", 0.4, 3, mean, sd, (mean - 5 * sd, mean + 5 * sd))[0] == "inconclusive"
 
 
 def test_gpu_seconds_count_every_data_parallel_process(tmp_path):

@@ -565,6 +565,9 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
             "differences": diffs, "verdict": verdict, "reason": reason, "seeds_needed": seeds_needed}
 
 
+SAME_DIFFERENCE = 1e-9  # an sd below this, relative to the mean difference (at least 1), is rounding: 0
+
+
 def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) -> tuple[str, str, int | None]:
     """The verdict rules of VERDICT_RULES, on the analysis scale (log for ratios). hidden: the signs of
     the differences of pairs left out as censored on one side (+1: the ablated run never got there, so
@@ -575,7 +578,9 @@ def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) 
         return "inconclusive", "no usable pair", None
     if ci is None:
         return "inconclusive", "need at least 2 seeds", None
-    if sd == 0:  # every seed gave the same difference (runs that all predict one class): a CI of no width
+    if sd <= SAME_DIFFERENCE * max(1.0, abs(mean)):  # every seed gave the same difference (runs that all
+        # predict one class; k more images wrong out of the same set, which float rounding leaves ~1e-15
+        # apart): a CI of no width
         return "inconclusive", "every pair differs by the same amount (sd 0): the CI says nothing", None
     direction = paper_direction(metric, effect)
     target = None if effect is None else (math.log(effect) if is_ratio(metric) else effect)
