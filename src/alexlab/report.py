@@ -54,18 +54,20 @@ paper: they are averaged as log ratios and reported as exp of the mean and of th
 either run never reached the threshold is censored, left out of the mean, and named in the verdict.
 A censored count lies beyond its run's end, so the ratio of a pair censored on one side only is known to
 lie on one side of 1 (above it where the ablated run is censored): where such pairs lie on the paper's
-side the verdict cannot be contradicted (nor "smaller than the paper's"), where on the other side it
+side the verdict cannot be contradicted (nor its effect size ruled out), where on the other side it
 cannot be reproduced; it is inconclusive instead. Steps to 25% training
 error are read from the step logs where both runs of a pair have them at one interval, else from both
 runs' per-epoch history.
 The 95% CI is mean ± t(0.975, n-1) · sd / sqrt(n) over the n paired differences (sample sd).
 
-- **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side: the direction is
-  reproduced. Where the paper gives an effect size and the whole CI lies short of it (or beyond it), the
-  reason says so: the effect is then smaller (larger) than the paper's.
-- **contradicted**: not reproduced, and the CI excludes 0 (ratios: 1) on the other side, or the paper
-  gives an effect size E and the whole CI lies on the near side of E (below E when the paper's effect is
-  an increase, above it when a decrease), so the paper's effect size is ruled out.
+- **reproduced**: the CI excludes 0 (ratios: excludes 1) on the paper's side, and, where the paper
+  gives an effect size E, does not lie wholly short of it. Where the whole CI lies beyond E, the reason
+  says so: the effect is then larger than the paper's.
+- **contradicted**: the CI excludes 0 (ratios: 1) on the other side, or the paper gives an effect size E
+  and the whole CI lies on the near side of E (below E when the paper's effect is an increase, above it
+  when a decrease), so the paper's effect size is ruled out, whether or not the CI also excludes 0 (the
+  reason then says that the direction holds). So a CI that moves towards the paper's effect never gets
+  a worse verdict.
 - **inconclusive**: otherwise, with the number of seeds n that would detect an effect of the paper's size
   (of the observed mean where the paper gives no number) at the observed sd with 95% confidence and 80%
   power: the least n >= 2 with (t(0.975, n-1) + t(0.80, n-1)) · sd / sqrt(n) <= |effect| (log scale for
@@ -572,7 +574,7 @@ def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) 
     """The verdict rules of VERDICT_RULES, on the analysis scale (log for ratios). hidden: the signs of
     the differences of pairs left out as censored on one side (+1: the ablated run never got there, so
     its count, and the difference, is larger than any the pair could show). The CI leaves them out, so
-    it may not claim what they could overturn: no "contradicted" (nor "smaller than the paper's") where
+    it may not claim what they could overturn: no "contradicted" (the paper's size ruled out included) where
     they lie on the paper's side, no "reproduced" (nor "larger") where they lie on the other."""
     if n == 0:
         return "inconclusive", "no usable pair", None
@@ -591,10 +593,12 @@ def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) 
         if against:
             return "inconclusive", (f"the CI excludes {no_effect} on the paper's side, but pairs left out as "
                                     "censored lie on the other side"), None
-        size = ""
         if target is not None and (high < target if direction > 0 else low > target) and not towards:
-            size = f"; smaller than the paper's {fmt(metric, effect)} (the CI lies short of it)"
-        elif target is not None and (low > target if direction > 0 else high < target):
+            # as a CI short of it that holds 0 is: else more evidence for the direction would read better
+            return "contradicted", (f"the direction holds (the CI excludes {no_effect} on the paper's side), "
+                                    f"but the CI rules out the paper's {fmt(metric, effect)}: a smaller effect"), None
+        size = ""
+        if target is not None and (low > target if direction > 0 else high < target):
             size = f"; larger than the paper's {fmt(metric, effect)} (the CI lies beyond it)"
         return "reproduced", f"the CI excludes {no_effect} on the paper's side{size}", None
     contradicts = ((direction > 0 and high < 0) or (direction < 0 and low > 0)
