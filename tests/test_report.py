@@ -294,6 +294,24 @@ def test_relu_picks_the_best_learning_rate_per_activation(tmp_path):
     assert_png(tmp_path / "relu_fig1.png")
 
 
+def test_a_learning_rate_whose_runs_failed_is_not_picked_for_its_survivor(tmp_path):
+    """relu at lr 0.05: seed 0 reached 25% fastest, seeds 1 and 2 crashed (diverged, say); at lr 0.01
+    all three completed. The pick once saw the survivor alone, chose 0.05 and left one pair (no verdict)."""
+    for seed in range(3):
+        for ablation in ("paper", "tanh"):
+            reaches = {"paper": 100 + seed, "tanh": 600 + 6 * seed}[ablation]
+            write_run(tmp_path, f"{ablation}_0.01_{seed}", make_config("relu", ablation, seed, lr=0.01), 40.0,
+                      steps=step_log(reaches))
+        write_run(tmp_path, f"tanh_0.05_{seed}", make_config("relu", "tanh", seed, lr=0.05), 40.0, steps=step_log(None))
+        failed = seed > 0
+        write_run(tmp_path, f"paper_0.05_{seed}", make_config("relu", "paper", seed, lr=0.05), 40.0,
+                  steps=step_log(None if failed else 50), status="failed" if failed else "completed",
+                  error="RuntimeError: loss is nan" if failed else None)
+    relu = row(build_report([tmp_path], tmp_path / "report"), "relu", "tanh")
+    assert sorted(relu["tuned"]) == ["paper: optim.lr=0.01", "tanh: optim.lr=0.01"]
+    assert relu["n"] == 3 and relu["metrics"]["steps_to_25_train_err"]["mean"] == pytest.approx(6.0, rel=0.05)
+
+
 def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):
     for seed in range(3):
         write_run(tmp_path, f"{seed}_ablation=paper,seed={seed}", make_config("all", "paper", seed), 30.0,

@@ -45,8 +45,9 @@ apart from the claim's factor, the paths the claim tunes, and what only says whe
 executed or logged (experiment, logger, device, data paths, threads, logging interval, and the speed
 switches, which compute the same function: model.lrn_impl, pool_in_lrn, grouped_conv, conv1_impl,
 trainer.compile, channels_last). Where the claim tunes a path (relu: optim.lr), the value with the best
-mean primary metric is picked for each factor value separately (a step count that was never reached counts as worse than any number), and only those runs
-are paired. Only completed runs take part; completed runs with identical configs (seed included) are
+mean primary metric is picked for each factor value separately, scored over all the seeds launched at it
+(one without a completed run that reached the metric, a failed run or a step count never reached, counts
+as worse than any number), and only those runs are paired. Only completed runs take part; completed runs with identical configs (seed included) are
 repeats, and only one is used: one with a step log before one without, then the latest.
 
 Differences are ablated minus paper (error metrics, points). `steps_to_*` metrics are ratios ablated /
@@ -320,10 +321,15 @@ def factor_value(run: Run, claim: Claim):
 
 
 def metric_score(runs: list[Run], metric: str) -> tuple:
-    """Lower is better; a metric never reached (None), or not a number, is worse than any number."""
-    values = [r.metrics[metric] for r in runs]
-    reached = [v for v in values if v is not None and math.isfinite(v)]
-    return (1 - len(reached) / len(values), float(np.mean(reached)) if reached else math.inf)
+    """Lower is better: the share of the seeds launched without a completed run that reached the metric
+    (a run that failed, diverged or stopped counts against its value, not only the survivors' mean),
+    then the mean over those that did; a metric never reached (None), or not a number, counts as not."""
+    reached_by_seed = defaultdict(list)
+    for run in runs:
+        value = run.metrics[metric] if run.status == "completed" else None
+        reached_by_seed[json.dumps(run.seed, default=str)] += [value] if is_number(value) and math.isfinite(value) else []
+    reached = [values[0] for values in reached_by_seed.values() if values]
+    return (1 - len(reached) / len(reached_by_seed), float(np.mean(reached)) if reached else math.inf)
 
 
 def pick_tuned(runs: list[Run], claim: Claim, metric: str) -> tuple[list[Run], str | None, int]:
@@ -441,8 +447,8 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         used += context["paper"] + context["ablated"]
         chosen = {}
         for side, side_runs in context.items():
-            completed = [r for r in side_runs if r.status == "completed"]
-            completed, value, candidates = pick_tuned(completed, claim, primary)
+            tuned_runs, value, candidates = pick_tuned(side_runs, claim, primary)
+            completed = [r for r in tuned_runs if r.status == "completed"]
             choices.append(candidates)
             chosen[side] = {r.seed: r for r in completed}
             if value:
