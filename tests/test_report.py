@@ -1,4 +1,5 @@
 """The report on constructed results.json files whose answers are known without the code: no training."""
+import copy
 import functools
 import itertools
 import json
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from alexlab.claims import CLAIMS
 from alexlab.report import (ReportError, build_report, comparable_key, judge, plot_deltas, run_metrics, seeds_to_detect,
-                            t_quantile, wandb_status)
+                            setup_labels, t_quantile, wandb_status)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -770,3 +771,17 @@ def test_the_ten_crop_claim_reads_the_single_crop_side_from_the_ten_patch_runs(t
         "read from paper runs (every other claim's factor at the paper's value, or launched for this claim) that "
         "recorded val_centre_loss, val_centre_top1_err, val_centre_top5_err, as this version's runs do, and none "
         "of these is one")
+
+
+def test_set_up_labels_tell_every_set_up_apart():
+    """Three set-ups: two differ only in trainer.epochs, the third in five data paths too, which sort
+    first. The labels once showed the first four differing paths only, so the two named themselves
+    alike and their rows (and curves, keyed by the label) merged."""
+    base = json.loads(composed("lrn", "paper"))
+    longer, other_data = copy.deepcopy(base), copy.deepcopy(base)
+    longer["trainer"]["epochs"] += 2
+    for key in ("image_size", "pca_sigma", "pixel_scale", "train_subset", "val_subset"):
+        other_data["data"][key] = 7
+    labels = setup_labels([base, longer, other_data])
+    assert len(set(labels)) == 3
+    assert all("trainer.epochs=" in label and label.endswith(", +1 more") for label in labels), labels

@@ -431,11 +431,20 @@ def not_run_reason(claim: Claim, ablation: str, found: dict) -> str:
 
 def setup_labels(configs: list[dict], most: int = 4) -> list[str]:
     """For each config, the values of the paths on which the configs differ ("trainer.epochs=2"), the
-    first `most` of them in path order."""
+    first `most` of them in path order, and any later one that tells two labels apart that would
+    otherwise be the same (rows and curves are named, and kept apart, by these labels)."""
     flat = [flatten(c) for c in configs]
     differing = differing_paths(flat)
-    more = f", +{len(differing) - most} more" if len(differing) > most else ""
-    return [", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in differing[:most]) + more for f in flat]
+
+    def values(f: dict, paths: list[str]) -> str:
+        return ", ".join(f"{p}={json.dumps(f.get(p), default=str)}" for p in paths)
+
+    shown = differing[:most]
+    for path in differing[most:]:
+        if len({values(f, shown + [path]) for f in flat}) > len({values(f, shown) for f in flat}):
+            shown.append(path)
+    more = f", +{len(differing) - len(shown)} more" if len(differing) > len(shown) else ""
+    return [values(f, shown) + more for f in flat]
 
 
 def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str = "") -> dict:
