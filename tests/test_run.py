@@ -564,6 +564,9 @@ def test_wandb_offline_record_has_config_history_and_summary(tmp_path):
             summary.update(r["summary"]["update"])
     assert summary["final/val_top1_err"] == record["final"]["val_top1_err"]
     assert summary["status"] == "completed"
+    # the report's cost of a run read back from W&B: a CPU run, its CPU time, one process
+    assert (summary["device"], summary["processes"]) == ("cpu", 1)
+    assert summary["cpu_time_s"] == record["cpu_time_s"] > 0 and summary["wall_time_s"] == record["wall_time_s"]
 
 
 @requires_fashion

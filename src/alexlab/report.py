@@ -953,8 +953,10 @@ def load_wandb_runs(path: str, group: str) -> list[Run]:
         record = {"status": wandb_status(wb_run.state, summary),
                   "error": None, "experiment": group, "config": dict(wb_run.config), "history": history,
                   "steps": [], "final": history[-1] if history else None, "started_at": wb_run.created_at,
-                  "wall_time_s": summary.get("_runtime"), "cpu_time_s": None,
-                  "device": "cuda" if (wb_run.metadata or {}).get("gpu") else "cpu",
+                  # runs recorded before their summary held these: W&B's own wall time, and a guess at the device
+                  "wall_time_s": summary.get("wall_time_s", summary.get("_runtime")),
+                  "cpu_time_s": summary.get("cpu_time_s"), "processes": summary.get("processes"),
+                  "device": summary.get("device") or ("cuda" if (wb_run.metadata or {}).get("gpu") else "cpu"),
                   "images_seen": history[-1].get("images_seen", 0) if history else 0}
         runs.append(Run("/".join(wb_run.path), record))
     return runs

@@ -258,6 +258,8 @@ class Tracker:
                 if history:
                     self.wandb_run.summary.update({f"final/{k}": v for k, v in history[-1].items()})
                     self.wandb_run.summary.update({f"best/{k}": v for k, v in self.record["best"].items()})
+                # what the report's cost table needs from a run read back from W&B (report --wandb)
+                self.wandb_run.summary.update({k: self.record[k] for k in ("device", "processes", "wall_time_s", "cpu_time_s")})
                 self.wandb_run.summary["status"] = status
                 self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
             except Exception as err:  # noqa: BLE001 - e.g. SLURM's SIGTERM killed W&B's service process too
