@@ -785,3 +785,20 @@ def test_set_up_labels_tell_every_set_up_apart():
     labels = setup_labels([base, longer, other_data])
     assert len(set(labels)) == 3
     assert all("trainer.epochs=" in label and label.endswith(", +1 more") for label in labels), labels
+
+
+def test_a_run_that_diverged_is_named_as_such(tmp_path):
+    """A run whose loss went NaN in epoch 2 and stayed so (train.py notes it and goes on) ends at chance
+    level; the report once called it that only, which does not say why."""
+    root = lrn_sweep(tmp_path / "sweep", [1.0, 1.2, 89.5 - (30.0 + 0.7 * 2)])
+    path = root / "5_ablation=no_lrn,seed=2" / "results.json"
+    record = json.loads(path.read_text())
+    for m in record["history"][1:]:
+        m["train_loss"] = m["val_loss"] = float("nan")
+    path.write_text(json.dumps(record))  # as results.json holds it: NaN
+    lrn = row(build_report([root], tmp_path / "report"), "lrn", "no_lrn")
+    assert [Path(name).name for name in lrn["diverged"]] == ["5_ablation=no_lrn,seed=2"] == \
+        [Path(name).name for name in lrn["at_chance"]]
+    assert "1 run(s) diverged (a loss that was not finite" in lrn["reason"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.split("## Runs that diverged")[1].split("##")[0].count("5_ablation=no_lrn,seed=2") == 1

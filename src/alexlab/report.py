@@ -160,6 +160,13 @@ def at_chance(run: Run) -> bool:
     return bool(guesses) and math.isfinite(err) and err >= min(guesses) - CHANCE_MARGIN  # NaN, inf: left out elsewhere
 
 
+def diverged(run: Run) -> bool:
+    """A run whose training or validation loss was not finite at some epoch (alexlab.train notes it and
+    goes on: its net then guesses, so it reads as at chance level, which does not say why)."""
+    return any(isinstance(m.get(key), float) and not math.isfinite(m[key])
+               for m in run.record.get("history") or [] if isinstance(m, dict) for key in ("train_loss", "val_loss"))
+
+
 def recorded_number(value) -> float:
     """A recorded error as a float; one that is missing or not a number (a record edited by hand, or
     read from W&B) as NaN, which the analysis leaves out and names (paired_stats)."""
@@ -476,7 +483,8 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
            "tuned": tuned, "used_runs": [r.name for r in used if "tested_in" not in r.record],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
-           "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)]}
+           "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)],
+           "diverged": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if diverged(r)]}
     unlearned = [p["seed"] for p in pairs if at_chance(p["paper"]) and at_chance(p["ablated"])]
     if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
         for stats in row["metrics"].values():
@@ -493,6 +501,8 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
     if lrn_text and not constant:
         row["reason"] += f"; {lrn_text}"
+    if row["diverged"]:
+        row["reason"] += f"; {len(row['diverged'])} run(s) diverged (a loss that was not finite; see Runs that diverged)"
     if row["at_chance"]:
         row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
     if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
@@ -863,6 +873,11 @@ def markdown(rows, table, problems, missing, costs, plots, sources, n_runs, trai
               "did not learn. They stay in the pairs (not learning can be what an ablation does), but a mean "
               "over seeds that includes them says more about that seed than about the claim.", "",
               *([f"- `{name}`" for name in chance] or ["none"])]
+    lost = sorted({name for row in rows for name in row.get("diverged", [])})
+    lines += ["", "## Runs that diverged", "",
+              "Completed runs whose training or validation loss was not finite at some epoch: they stay in the "
+              "pairs as runs at chance level do (a learning rate too high for an ablated net is an effect too).",
+              "", *([f"- `{name}`" for name in lost] or ["none"])]
     lines += ["", "## Missing pairs", "", *([f"- {m}" for m in missing] or ["none"]), "",
               "## Cost", "",
               "Runs a claim used: every run in its paired set-ups, tuning grid and failed runs included. "
