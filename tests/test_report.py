@@ -802,3 +802,23 @@ def test_a_run_that_diverged_is_named_as_such(tmp_path):
     assert "1 run(s) diverged (a loss that was not finite" in lrn["reason"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert text.split("## Runs that diverged")[1].split("##")[0].count("5_ablation=no_lrn,seed=2") == 1
+
+
+def test_pairs_from_different_commits_or_a_dirty_tree_say_so(tmp_path):
+    """The config does not show a change of the code: runs of one config from two commits (or from
+    uncommitted changes) may differ for that reason, and the verdict's reason names them."""
+    root = lrn_sweep(tmp_path / "sweep", [1.4, 1.6, 1.5])
+    for results in sorted(root.glob("*/results.json")):
+        record = json.loads(results.read_text())
+        ablated = "no_lrn" in results.parent.name
+        record["git"] = {"commit": ("b" if ablated else "a") * 40, "dirty": ablated and "seed=2" in results.parent.name}
+        results.write_text(json.dumps(record))
+    lrn = row(build_report([root], tmp_path / "report"), "lrn", "no_lrn")
+    assert lrn["verdict"] == "reproduced"
+    assert lrn["reason"].endswith("; the paired runs come from 2 commits (aaaaaaa, bbbbbbb); "
+                                  "1 of 6 paired runs from a tree with uncommitted changes"), lrn["reason"]
+    for results in root.glob("*/results.json"):  # one clean commit: nothing to say
+        record = json.loads(results.read_text())
+        record["git"] = {"commit": "a" * 40, "dirty": False}
+        results.write_text(json.dumps(record))
+    assert row(build_report([root], tmp_path / "again"), "lrn", "no_lrn")["reason"] == "the CI excludes 0 on the paper's side"

@@ -501,6 +501,9 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
     if lrn_text and not constant:
         row["reason"] += f"; {lrn_text}"
+    versions = code_versions_text([r for p in pairs for r in (p["paper"], p["ablated"])])
+    if versions:
+        row["reason"] += f"; {versions}"
     if row["diverged"]:
         row["reason"] += f"; {len(row['diverged'])} run(s) diverged (a loss that was not finite; see Runs that diverged)"
     if row["at_chance"]:
@@ -508,6 +511,20 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
     if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
         row["reason"] += f"; {', '.join(claim.tune)} not tuned (one value for both sides; the paper tuned it per side)"
     return row
+
+
+def code_versions_text(runs: list[Run]) -> str:
+    """Where paired runs come from more than one commit of this code, or from a tree with uncommitted
+    changes (each record's `git`): a change of the code that the config does not show (the LRN's factor
+    sampling, a kernel's rounding) would be in the differences. "" where all share one clean commit or
+    none recorded one (runs read from W&B)."""
+    commits = sorted({str(r.record["git"]["commit"])[:7] for r in runs
+                      if isinstance(r.record.get("git"), dict) and r.record["git"].get("commit")})
+    dirty = sum(1 for r in runs if isinstance(r.record.get("git"), dict) and r.record["git"].get("dirty"))
+    parts = [f"the paired runs come from {len(commits)} commits ({', '.join(commits)})"] if len(commits) > 1 else []
+    if dirty:
+        parts.append(f"{dirty} of {len(runs)} paired runs from a tree with uncommitted changes")
+    return "; ".join(parts)
 
 
 LRN_CONSTANT_SPREAD = 0.01  # an LRN whose 1st and 99th percentile factors differ by less, relatively, is a constant
