@@ -54,7 +54,7 @@ def test_all_claims_at_tiny_scale_then_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "runs as one only with -m" not in proc.stdout + proc.stderr  # it is a multirun
     results = list((tmp_path / "sweep").glob("*/results.json"))
-    assert len(results) == 12 * 2  # the paper runs and 11 ablations (single_crop: the paper runs' own test)
+    assert len(results) == 11 * 2  # the paper runs and 10 ablations (single_crop: the paper runs' own test)
     assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
 
     report = build_report([tmp_path / "sweep"], tmp_path / "report")
