@@ -822,3 +822,18 @@ def test_pairs_from_different_commits_or_a_dirty_tree_say_so(tmp_path):
         record["git"] = {"commit": "a" * 40, "dirty": False}
         results.write_text(json.dumps(record))
     assert row(build_report([root], tmp_path / "again"), "lrn", "no_lrn")["reason"] == "the CI excludes 0 on the paper's side"
+
+
+def test_crop_flip_judges_the_centre_patch_not_the_ten_patch_test(tmp_path):
+    """A net trained on centre crops alone never saw corners or mirrors: the ten-patch test adds that
+    mismatch to its error (here +3 points), which is not what the claim is about. Its secondary metric is
+    the centre patch's error, which the ten-patch test records beside it."""
+    for seed in range(3):
+        for ablation, centre, ten in (("paper", 30.0, 29.0), ("no_crop_flip", 31.0 + 0.1 * seed, 32.0 + 3)):
+            run_dir = write_run(tmp_path, f"{ablation}_{seed}", make_config("crop_flip", ablation, seed), ten)
+            record = json.loads((run_dir / "results.json").read_text())
+            record["final"]["val_centre_top1_err"] = centre
+            (run_dir / "results.json").write_text(json.dumps(record))
+    crop_flip = row(build_report([tmp_path], tmp_path / "report"), "crop_flip", "no_crop_flip")
+    assert "val_top1_err" not in crop_flip["metrics"]
+    assert crop_flip["metrics"]["val_centre_top1_err"]["mean"] == pytest.approx(1.1)

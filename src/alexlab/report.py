@@ -32,6 +32,8 @@ CONVERGED_WITHIN = 1.0             # points above a run's best validation error 
 METRICS = {
     "val_top1_err": "final validation top-1 error (%)",
     "val_top5_err": "final validation top-5 error (%)",
+    "val_centre_top1_err": "final validation top-1 error of the centre patch alone (%): the ten-patch test's, or the "
+                           "single-crop test's where that was the test",
     "overfit_gap": "final validation top-1 error minus the final net's top-1 error on as many training images, "
                    "tested as validation is (eval mode, centre crop; points)",
     "steps_to_25_train_err": "optimizer steps until the running training error first reaches 25% (censored if never)",
@@ -184,6 +186,7 @@ def run_metrics(record: dict) -> dict:
     return {
         "val_top1_err": val,
         "val_top5_err": recorded_number(final.get("val_top5_err")),
+        "val_centre_top1_err": single_val,
         "overfit_gap": single_val - recorded_number(final.get("train_eval_top1_err")),
         "steps_to_25_train_err": steps_to_train_err(record, TRAIN_ERR_THRESHOLD),
         "steps_to_converge": steps_to_converge(history),
