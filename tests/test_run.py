@@ -322,7 +322,8 @@ def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
     record = results(tmp_path / "run")
     assert proc.returncode == 3, err
     assert record["status"] == "interrupted" and record["history"] == []
-    assert record["error"] == "stopped by signal SIGTERM; before training began; resume=auto starts it (again)"
+    assert record["error"] == ("stopped by signal SIGTERM; before this process trained; resume=auto runs it again "
+                               "(from its checkpoint, where it has one)")
 
 
 def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp_path):

@@ -152,6 +152,10 @@ def test_a_crash_before_a_continued_run_trains_is_recorded_unless_it_had_complet
         job.run_job(more, tmp_path, [])
     record = json.loads(results.read_text())
     assert record["status"] == "failed" and record["error"] == "RuntimeError: the data broke"
+    # with what it had trained: the record once lost its history, final and images seen here
+    trained = json.loads(finished)
+    assert [record[k] for k in ("history", "final", "best", "images_seen")] == \
+        [trained[k] for k in ("history", "final", "best", "images_seen")] and len(record["history"]) == 1
 
 
 

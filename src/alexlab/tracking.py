@@ -113,14 +113,16 @@ class Tracker:
             "variant": variant_name(overrides),
             "overrides": self.overrides,
             "config": config,
-            "history": [],
-            "steps": [],
-            "final": None,
-            "best": None,
+            # a continued run keeps what it had trained until start() reads it from the checkpoint: one
+            # that stops or crashes before then once recorded the outcome with no history at all
+            "history": list(previous.get("history") or []),
+            "steps": list(previous.get("steps") or []),
+            "final": previous.get("final"),
+            "best": previous.get("best"),
             "notes": list(previous.get("notes") or []),  # a continued run keeps what was noted before
             "num_classes": None,
             "skipped_files": [],  # [{path, reason}]: unreadable files left out (data.on_bad_file=skip)
-            "images_seen": 0,
+            "images_seen": previous.get("images_seen", 0),
             "wall_time_s": previous.get("wall_time_s", 0.0),
             "cpu_time_s": previous.get("cpu_time_s", 0.0),
             "device": config.get("device"),

@@ -46,7 +46,8 @@ class Interrupted(Exception):
     came while the run was setting up, before its first step (nothing new to save)."""
 
     def __init__(self, signum: int, before_training: bool = False, state: dict | None = None):
-        done = ("before training began; resume=auto starts it (again)" if before_training
+        done = ("before this process trained; resume=auto runs it again (from its checkpoint, where it has one)"
+                if before_training
                 else "checkpoint written, resume=auto continues")
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; {done}")
         self.signum, self.state = signum, state  # state: where it stopped, for results.json
