@@ -46,9 +46,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # also when a later job was interrupted (exit 3 stands): the earlier failures are still listed
+        if sweep["failures"]:
+            print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed:", file=sys.stderr)
+            for line, _ in sweep["failures"]:
+                print(f"  {line}", file=sys.stderr)
     if sweep["failures"]:
-        print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed:", file=sys.stderr)
-        for line, _ in sweep["failures"]:
-            print(f"  {line}", file=sys.stderr)
         sys.exit(1 if any(crashed for _, crashed in sweep["failures"]) else EXIT_BAD_INPUT)

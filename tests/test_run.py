@@ -326,6 +326,26 @@ def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
                                "(from its checkpoint, where it has one)")
 
 
+def test_a_sweep_stopped_by_a_signal_still_lists_its_failed_jobs(tmp_path):
+    """A sweep in one process: job 0 is bad input, job 1 is stopped by SIGTERM while it sets up. The
+    command ends interrupted (exit 3), and still says which jobs failed: that list was once printed
+    only after the last job returned, and an interrupted one never did."""
+    args = ["-m", "scale=tiny", "model.towers=3,2", "data.train_subset=null", "data.stats_images=null",
+            "hydra.sweep.dir=sweep", "logger=none"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "sweep").glob("1_*/results.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    (second,) = (tmp_path / "sweep").glob("1_*/results.json")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert results(second.parent)["status"] == "interrupted"
+    assert "error: 1 of 2 jobs of the sweep failed:\n  #0 scale=tiny model.towers=3 " in err, err[-2000:]
+
+
 def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp_path):
     """A finished run's directory run again (a sweep continued with hydra.sweep.dir=) and stopped
     while it sets up: it was marked interrupted, and the report left the finished run out."""

@@ -136,7 +136,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         with StopFlag() as stop:
             tracker = make_tracker(run_dir, config, overrides, world, resuming is not None)
             state = fit(cfg, run_dir, tracker, world, resuming, stop)
-        record = tracker.finish("completed", state=state)
+            # under the flag too: a Ctrl-C while W&B closes the run (a second or so) once raised there,
+            # and the completed run was recorded as failed
+            record = tracker.finish("completed", state=state)
         completed = True
         if stop.signum:  # came during the last validation: the run is complete, but the sweep stops here
             print(f"interrupted: {signal.Signals(stop.signum).name} came after the last training step; this run "
