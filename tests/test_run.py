@@ -273,6 +273,19 @@ def test_a_checkpoint_from_another_config_is_refused_and_its_run_left_as_it_was(
     restarted = results(tmp_path / "run")
     assert restarted["config"]["model"]["lrn"] is False and [h["epoch"] for h in restarted["history"]] == [1]
     assert not any("resumed" in n for n in restarted["notes"])
+    # its checkpoint deleted (to save disk, say), a completed run's record is still not replaced by
+    # another config's without a word (it once was); the same config trains again
+    checkpoint.unlink()
+    finished = (tmp_path / "run" / "results.json").read_text()
+    other = run_cli("scale=tiny", "trainer.epochs=1", "hydra.run.dir=run", "logger=none", cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run' / 'results.json'} records a completed run with another config and no checkpoint "
+        "(model.lrn: false -> true): run this one in another directory, or resume=never to start over here "
+        "(replacing that record)")
+    assert (tmp_path / "run" / "results.json").read_text() == finished
+    same = run_cli("scale=tiny", "trainer.epochs=1", "model.lrn=false", "hydra.run.dir=run", "logger=none", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
     assert restarted["wandb"]["id"] != record["wandb"]["id"]
     assert restarted["started_at"] > record["started_at"]
 

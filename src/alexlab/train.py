@@ -456,10 +456,22 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     checkpoint, or resume=never), else the config paths it changes that RESUMABLE_CHANGES allows, as
     "path: old -> new". Raises ConfigError if the checkpoint was written under another experiment config
     (another model, data, recipe or seed: resuming would train one config and label it another) or is
-    already past trainer.epochs. Called before anything in run_dir is written, so a refused run leaves
+    already past trainer.epochs, or if there is no checkpoint but a completed run of another experiment
+    config left its results.json there (its checkpoint deleted to save disk, say: the record would be
+    replaced without a word). Called before anything in run_dir is written, so a refused run leaves
     the earlier run's files as they were."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    if config.get("resume") != "auto" or not path.is_file():
+    if config.get("resume") != "auto":
+        return None
+    if not path.is_file():
+        try:
+            finished = json.loads((Path(run_dir) / RESULTS_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(finished, dict) and finished.get("status") == "completed" and isinstance(finished.get("config"), dict):
+            refuse_another_config(finished["config"], config, f"{Path(run_dir) / RESULTS_NAME} records a completed run "
+                                  "with another config and no checkpoint", "run this one in another directory, or "
+                                  "resume=never to start over here (replacing that record)")
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
@@ -472,6 +484,20 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
             saved = json.loads((path.parent / RESULTS_NAME).read_text())["config"]
         except (OSError, ValueError, KeyError):
             saved = config  # nothing to check against
+    resumable = refuse_another_config(saved, config, f"{path} was written by a run with another config",
+                                      "run this one in another directory, repeat the same command to resume that "
+                                      "one, or resume=never to start over here")
+    epochs = config["trainer"]["epochs"]
+    if isinstance(epochs, int) and (epoch > epochs or epoch == epochs and step):  # a bad value: check_config's
+        trained = f"{epoch} epochs" + (f" and {step} steps of the next" if step else "")
+        raise ConfigError(f"{path} has trained {trained}, more than trainer.epochs={config['trainer']['epochs']}: "
+                          "run in another directory, or resume=never to start over here")
+    return resumable
+
+
+def refuse_another_config(saved: dict, config: dict, what: str, advice: str) -> list[str]:
+    """ConfigError ("{what} (path: old -> new; ...): {advice}") where `config` differs from `saved` in more than
+    RESUMABLE_CHANGES; else the resumable changes, as "path: old -> new"."""
     old, new = flatten(saved), flatten(config)
     differing = differing_paths([old, new])
     # what differs once the resumable paths are taken out, as the report takes them out
@@ -482,13 +508,7 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     refused = [change(p) for p in differing if p in not_resumable]
     if refused:
         shown = "; ".join(refused[:4]) + (f"; +{len(refused) - 4} more" if len(refused) > 4 else "")
-        raise ConfigError(f"{path} was written by a run with another config ({shown}): run this one in another "
-                          "directory, repeat the same command to resume that one, or resume=never to start over here")
-    epochs = config["trainer"]["epochs"]
-    if isinstance(epochs, int) and (epoch > epochs or epoch == epochs and step):  # a bad value: check_config's
-        trained = f"{epoch} epochs" + (f" and {step} steps of the next" if step else "")
-        raise ConfigError(f"{path} has trained {trained}, more than trainer.epochs={config['trainer']['epochs']}: "
-                          "run in another directory, or resume=never to start over here")
+        raise ConfigError(f"{what} ({shown}): {advice}")
     return [change(p) for p in differing if p not in not_resumable]
 
 
