@@ -359,6 +359,37 @@ def test_a_sweep_stopped_by_a_signal_still_lists_its_failed_jobs(tmp_path):
     assert "error: 1 of 2 jobs of the sweep failed:\n  #0 scale=tiny model.towers=3 " in err, err[-2000:]
 
 
+def test_resume_never_means_the_first_start_of_a_slurm_job_not_its_requeues(tmp_path):
+    """A job launched with resume=never repeats that after a requeue (SLURM_RESTART_COUNT > 0, as SLURM
+    sets it): it once started over at every preemption. As the run starts over, the earlier run's
+    checkpoint goes, so that a stop before this run wrote its own leaves nothing a requeue could take
+    for it."""
+    first = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    requeued = run_cli("scale=tiny", "trainer.epochs=2", "logger=none", "resume=never", "hydra.run.dir=run",
+                       cwd=tmp_path, env_extra={"SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr
+    record = results(tmp_path / "run")
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert any(n.startswith("resumed from ") and "at epoch 1 step 0" in n for n in record["notes"]), record["notes"]
+    # started over (no requeue), and stopped while it loads the data: the old checkpoint is gone
+    args = ["scale=tiny", "data.train_subset=null", "data.stats_images=null", "hydra.run.dir=run", "logger=none",
+            "resume=never"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    env.pop("SLURM_RESTART_COUNT", None)
+    started = (tmp_path / "run" / "results.json").stat().st_mtime_ns
+    proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while (tmp_path / "run" / "results.json").stat().st_mtime_ns == started and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_signal_while_a_finished_run_run_again_sets_up_leaves_it_completed(tmp_path):
     """A finished run's directory run again (a sweep continued with hydra.sweep.dir=) and stopped
     while it sets up: it was marked interrupted, and the report left the finished run out."""

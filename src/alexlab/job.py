@@ -27,7 +27,7 @@ from alexlab import distributed
 from alexlab.errors import ConfigError, first_line
 from alexlab.io import lock_directory
 from alexlab.tracking import RESULTS_NAME, NullTracker, Tracker
-from alexlab.train import Interrupted, StopFlag, check_config, check_resume, fit
+from alexlab.train import CHECKPOINT_NAME, Interrupted, StopFlag, check_config, check_resume, fit
 
 log = logging.getLogger("alexlab")
 EXIT_BAD_INPUT = 2
@@ -132,6 +132,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         # either (a typo, another experiment) leaves the directory's record as it was.
         check_config(cfg)
         resuming = check_resume(run_dir, config)
+        if resuming is None and world.is_main:  # resume=never: an earlier run's checkpoint goes now, so that
+            (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # a requeued job resumes from this run's alone
         # From here a stop signal is a stop (status interrupted, exit 3), also while the data loads.
         with StopFlag() as stop:
             tracker = make_tracker(run_dir, config, overrides, world, resuming is not None)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -451,9 +452,16 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, config
 RESUMABLE_CHANGES = (*NOT_THE_EXPERIMENT, "trainer.epochs")
 
 
+def requeued() -> bool:
+    """A SLURM job run again after preemption or a requeue (submitit's on its time limit): it repeats
+    its command, resume=never included, which meant the run's first start, not each of its restarts
+    (its checkpoint is then this run's own: alexlab.job removes an earlier one as a run starts over)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+
+
 def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     """Whether the run at `config` continues from run_dir's checkpoint: None if it starts afresh (no
-    checkpoint, or resume=never), else the config paths it changes that RESUMABLE_CHANGES allows, as
+    checkpoint, or resume=never, but in a requeued SLURM job), else the config paths it changes that RESUMABLE_CHANGES allows, as
     "path: old -> new". Raises ConfigError if the checkpoint was written under another experiment config
     (another model, data, recipe or seed: resuming would train one config and label it another) or is
     already past trainer.epochs, or if there is no checkpoint but a completed run of another experiment
@@ -461,7 +469,7 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     replaced without a word). Called before anything in run_dir is written, so a refused run leaves
     the earlier run's files as they were."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    if config.get("resume") != "auto":
+    if config.get("resume") != "auto" and not requeued():
         return None
     if not path.is_file():
         try:
