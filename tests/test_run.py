@@ -319,24 +319,28 @@ def test_a_rerun_with_bad_input_leaves_the_finished_run_as_it_was(tmp_path):
     assert results(tmp_path / "fresh")["error"] == "bad input: trainer.epochs must be a positive integer, got -1"
 
 
-def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path):
+@pytest.mark.parametrize("stop,submitit_signal", [(signal.SIGTERM, None), (signal.SIGUSR1, "USR1")])
+def test_a_signal_while_the_run_sets_up_stops_it_as_interrupted(tmp_path, stop, submitit_signal):
     """SIGTERM after results.json is written but before the first step (the data loading, here slowed
     by a stats cache that must be computed over 60,000 images): status interrupted and exit 3, as
-    during training, not a run left 'running' for good by the default handler's exit 143."""
+    during training, not a run left 'running' for good by the default handler's exit 143. So too the
+    warning signal a site chose for submitit (SUBMITIT_PREEMPT_SIGNAL), which once killed the run."""
     args = ["scale=tiny", "data.train_subset=null", "data.stats_images=null", "hydra.run.dir=run", "logger=none"]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    if submitit_signal:
+        env["SUBMITIT_PREEMPT_SIGNAL"] = submitit_signal
     proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "run" / "results.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=300)
     record = results(tmp_path / "run")
     assert proc.returncode == 3, err
     assert record["status"] == "interrupted" and record["history"] == []
-    assert record["error"] == ("stopped by signal SIGTERM; before this process trained; resume=auto runs it again "
-                               "(from its checkpoint, where it has one)")
+    assert record["error"] == (f"stopped by signal {stop.name}; before this process trained; resume=auto runs it "
+                               "again (from its checkpoint, where it has one)")
 
 
 def test_a_sweep_stopped_by_a_signal_still_lists_its_failed_jobs(tmp_path):

@@ -142,7 +142,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
             # and the completed run was recorded as failed
             record = tracker.finish("completed", state=state)
         completed = True
-        if stop.signum:  # came during the last validation: the run is complete, but the sweep stops here
+        if stop.signum and os.environ.get("SUBMITIT_EXECUTOR"):  # a job of its own: done, as its record says
+            print(f"{signal.Signals(stop.signum).name} came after the last training step; this run completed",
+                  file=sys.stderr, flush=True)  # (an exit 3 here made submitit count the completed job as failed)
+        elif stop.signum:  # came during the last validation: the run is complete, but the sweep stops here
             print(f"interrupted: {signal.Signals(stop.signum).name} came after the last training step; this run "
                   "completed, and nothing more runs", file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -54,17 +54,27 @@ class Interrupted(Exception):
         self.signum, self.state = signum, state  # state: where it stopped, for results.json
 
 
-class StopFlag:
-    """Remembers a termination signal so the loop can stop between two steps."""
+def stop_signals() -> list[signal.Signals]:
+    """SIGTERM, SIGUSR2 (submitit's warning before a time limit), SIGINT, and the warning signal a site
+    chose for submitit instead (SUBMITIT_PREEMPT_SIGNAL=USR1, say: without it that signal killed the run
+    with no checkpoint and left its record `running`)."""
+    signals = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
+    chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "").strip().upper()
+    extra = getattr(signal, chosen if chosen.startswith("SIG") else f"SIG{chosen}", None) if chosen else None
+    if isinstance(extra, signal.Signals) and extra not in signals:
+        signals.append(extra)
+    return signals
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+class StopFlag:
+    """Remembers a termination signal (stop_signals) so the loop can stop between two steps."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for s in self.SIGNALS:
+        for s in stop_signals():
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
