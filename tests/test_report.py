@@ -376,6 +376,8 @@ def test_pairs_censored_on_the_papers_side_forbid_a_contradiction(tmp_path):
     relu = row(build_report([tmp_path], tmp_path / "report"), "relu", "tanh")
     assert relu["metrics"]["steps_to_25_train_err"]["censored_seeds"] == [3, 4, 5]
     assert relu["verdict"] == "inconclusive" and "censored lie on the paper's side" in relu["reason"], relu["reason"]
+    # which run of each censored pair never got there: here tanh's, the ablated side
+    assert "3 of 6 pairs censored (threshold never reached; the ablated run: seeds [3, 4, 5])" in relu["reason"]
 
 
 def test_censored_pairs_hold_back_the_verdicts_they_could_overturn():

@@ -575,6 +575,7 @@ def seed_order(seed) -> tuple:
 def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     ratio = is_ratio(metric)
     diffs, censored, not_numbers, coarse = [], [], [], []
+    censored_side = defaultdict(list)  # which run of each censored pair never got there: "paper", "ablated", "both"
     hidden = set()  # the side of zero on which each pair left out as censored lies: see judge
     for pair in pairs:
         paper, ablated, per_epoch = pair_values(metric, pair)
@@ -582,6 +583,7 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
             coarse.append(pair["seed"])
         if paper is None or ablated is None:
             censored.append(pair["seed"])
+            censored_side["both" if paper is None and ablated is None else "paper" if paper is None else "ablated"].append(pair["seed"])
             if (paper is None) != (ablated is None):  # a censored count is later than the run's end, so
                 hidden.add(+1 if ablated is None else -1)  # beyond the other side's; censored on both: unknown
         elif not (math.isfinite(paper) and math.isfinite(ablated)):  # a record edited by hand, or from W&B
@@ -598,7 +600,9 @@ def paired_stats(metric: str, effect, pairs: list[dict]) -> dict:
     verdict, reason, seeds_needed = judge(metric, effect, n, mean, sd, ci, hidden)
     if censored:
         why = "still improving at its last epoch" if metric == "steps_to_converge" else "threshold never reached"
-        reason += f"; {len(censored)} of {len(pairs)} pairs censored ({why}, seeds {censored})"
+        sides = ", ".join(f"{'both runs' if side == 'both' else f'the {side} run'}: seeds {seeds}"
+                          for side, seeds in censored_side.items())
+        reason += f"; {len(censored)} of {len(pairs)} pairs censored ({why}; {sides})"
     if coarse:
         reason += (f"; {len(coarse)} pair(s) read per epoch (their runs' step logs differ, or one has none: "
                    f"seeds {coarse})")
