@@ -365,22 +365,33 @@ def test_a_sweep_stopped_by_a_signal_still_lists_its_failed_jobs(tmp_path):
 
 def test_resume_never_means_the_first_start_of_a_slurm_job_not_its_requeues(tmp_path):
     """A job launched with resume=never repeats that after a requeue (SLURM_RESTART_COUNT > 0, as SLURM
-    sets it): it once started over at every preemption. As the run starts over, the earlier run's
+    sets it): it once started over at every preemption. It resumes from the checkpoint it wrote itself
+    (the same SLURM_JOB_ID), never from an earlier run's. As the run starts over, the earlier run's
     checkpoint goes, so that a stop before this run wrote its own leaves nothing a requeue could take
     for it."""
-    first = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    def resumed(record):
+        return [n for n in record["notes"] if n.startswith("resumed from ")]
+    first = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path,
+                    env_extra={"SLURM_JOB_ID": "123"})
     assert first.returncode == 0, first.stderr
-    requeued = run_cli("scale=tiny", "trainer.epochs=2", "logger=none", "resume=never", "hydra.run.dir=run",
-                       cwd=tmp_path, env_extra={"SLURM_RESTART_COUNT": "1"})
-    assert requeued.returncode == 0, requeued.stderr
+    # job 124, requeued, finds job 123's checkpoint: not its own, so it starts over as resume=never says
+    other_job = run_cli("scale=tiny", "trainer.epochs=1", "logger=none", "resume=never", "hydra.run.dir=run",
+                        cwd=tmp_path, env_extra={"SLURM_JOB_ID": "124", "SLURM_RESTART_COUNT": "1"})
+    assert other_job.returncode == 0, other_job.stderr
+    assert resumed(results(tmp_path / "run")) == []
+    # requeued again: now the checkpoint is its own
+    again = run_cli("scale=tiny", "trainer.epochs=2", "logger=none", "resume=never", "hydra.run.dir=run",
+                    cwd=tmp_path, env_extra={"SLURM_JOB_ID": "124", "SLURM_RESTART_COUNT": "2"})
+    assert again.returncode == 0, again.stderr
     record = results(tmp_path / "run")
     assert [h["epoch"] for h in record["history"]] == [1, 2]
-    assert any(n.startswith("resumed from ") and "at epoch 1 step 0" in n for n in record["notes"]), record["notes"]
+    assert len(resumed(record)) == 1 and "at epoch 1 step 0" in resumed(record)[0], record["notes"]
     # started over (no requeue), and stopped while it loads the data: the old checkpoint is gone
     args = ["scale=tiny", "data.train_subset=null", "data.stats_images=null", "hydra.run.dir=run", "logger=none",
             "resume=never"]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HOME=str(tmp_path))
-    env.pop("SLURM_RESTART_COUNT", None)
+    for key in ("SLURM_RESTART_COUNT", "SLURM_JOB_ID"):
+        env.pop(key, None)
     started = (tmp_path / "run" / "results.json").stat().st_mtime_ns
     proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "run.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

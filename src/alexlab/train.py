@@ -453,6 +453,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, config
         "scheduler": scheduler.state_dict(),
         "state": state,
         "config": config,  # the resolved config that trained it: resume checks it (check_resume)
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a requeued job with resume=never resumes only its own
     }, path)
 
 
@@ -464,14 +465,15 @@ RESUMABLE_CHANGES = (*NOT_THE_EXPERIMENT, "trainer.epochs")
 
 def requeued() -> bool:
     """A SLURM job run again after preemption or a requeue (submitit's on its time limit): it repeats
-    its command, resume=never included, which meant the run's first start, not each of its restarts
-    (its checkpoint is then this run's own: alexlab.job removes an earlier one as a run starts over)."""
-    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+    its command, resume=never included, which meant the run's first start, not each of its restarts.
+    It resumes then from a checkpoint that this job (SLURM_JOB_ID) wrote, and from no other."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
 
 
 def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     """Whether the run at `config` continues from run_dir's checkpoint: None if it starts afresh (no
-    checkpoint, or resume=never, but in a requeued SLURM job), else the config paths it changes that RESUMABLE_CHANGES allows, as
+    checkpoint, or resume=never, except in a requeued SLURM job for a checkpoint it wrote: requeued), else the
+    config paths it changes that RESUMABLE_CHANGES allows, as
     "path: old -> new". Raises ConfigError if the checkpoint was written under another experiment config
     (another model, data, recipe or seed: resuming would train one config and label it another) or is
     already past trainer.epochs, or if there is no checkpoint but a completed run of another experiment
@@ -479,9 +481,12 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
     replaced without a word). Called before anything in run_dir is written, so a refused run leaves
     the earlier run's files as they were."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    if config.get("resume") != "auto" and not requeued():
+    never = config.get("resume") != "auto"
+    if never and not requeued():
         return None
     if not path.is_file():
+        if never:
+            return None
         try:
             finished = json.loads((Path(run_dir) / RESULTS_NAME).read_text())
         except (OSError, ValueError):
@@ -495,8 +500,12 @@ def check_resume(run_dir: Path, config: dict) -> list[str] | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what is used
         saved, epoch, step = ckpt.get("config"), int(ckpt["state"]["epoch"]), int(ckpt["state"].get("step", 0))
     except Exception as err:  # noqa: BLE001 - torch.load's errors vary with the damage, and say little
+        if never:  # resume=never in a requeued job: not its own checkpoint, whoever wrote it
+            return None
         raise ConfigError(f"{path} is damaged or not a checkpoint of this tool ({type(err).__name__} on reading it): "
                           "move it away, or resume=never to start over here") from err
+    if never and ckpt.get("slurm_job_id") != os.environ.get("SLURM_JOB_ID"):
+        return None  # resume=never in a requeued job: an earlier run's checkpoint (alexlab.job removes it)
     if saved is None:  # written before checkpoints kept their config: results.json beside it has it
         try:
             saved = json.loads((path.parent / RESULTS_NAME).read_text())["config"]
