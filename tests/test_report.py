@@ -389,7 +389,12 @@ def test_censored_pairs_hold_back_the_verdicts_they_could_overturn():
     assert reproduced[0] == "reproduced" and "smaller" not in reproduced[1]
     assert judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)))[0] == "contradicted"
     # on the other side (the paper's run never got there): no "reproduced"
-    assert judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)), {-1})[0] == "inconclusive"
+    assert judge("steps_to_25_train_err", 6.0, 3, log(5.0), 0.1, (log(4.0), log(8.0)), {-1})[0] == "inconclusive"
+    # but a CI short of the paper's x6 is contradicted: those pairs could only take it further away (as
+    # [x0.8, x3] is, whose reading was once the worse of the two)
+    short = judge("steps_to_25_train_err", 6.0, 3, log(2.0), 0.1, (log(1.5), log(3.0)), {-1})
+    assert short[:2] == ("contradicted", "the CI rules out the paper's ×6.00: a smaller effect")
+    assert judge("steps_to_25_train_err", 6.0, 3, log(1.5), 0.1, (log(0.8), log(3.0)), {-1})[0] == "contradicted"
     # dropout: the paper says x0.5 (direction -1), so a censored paper run (-1) lies on the paper's side
     assert judge("steps_to_converge", 0.5, 3, log(1.5), 0.1, (log(1.2), log(2.0)), {-1})[0] == "inconclusive"
     assert judge("steps_to_converge", 0.5, 3, log(1.5), 0.1, (log(1.2), log(2.0)), {+1})[0] == "contradicted"

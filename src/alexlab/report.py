@@ -70,7 +70,7 @@ The 95% CI is mean ± t(0.975, n-1) · sd / sqrt(n) over the n paired difference
   and the whole CI lies on the near side of E (below E when the paper's effect is an increase, above it
   when a decrease), so the paper's effect size is ruled out, whether or not the CI also excludes 0 (the
   reason then says that the direction holds). So a CI that moves towards the paper's effect never gets
-  a worse verdict.
+  a worse verdict. The paper's numbers are taken as stated: its "about 2 points" is 2.
 - **inconclusive**: otherwise, with the number of seeds n that would detect an effect of the paper's size
   (of the observed mean where the paper gives no number) at the observed sd with 95% confidence and 80%
   power: the least n >= 2 with (t(0.975, n-1) + t(0.80, n-1)) · sd / sqrt(n) <= |effect| (log scale for
@@ -639,13 +639,15 @@ def judge(metric: str, effect, n: int, mean, sd, ci, hidden: set = frozenset()) 
     low, high = ci
     against, towards = -direction in hidden, direction in hidden
     if (direction > 0 and low > 0) or (direction < 0 and high < 0):
+        if target is not None and (high < target if direction > 0 else low > target) and not towards:
+            # as a CI short of it that holds 0 is (else more evidence for the direction would read better);
+            # pairs censored on the other side could only take the effect further from the paper's
+            holds = ("" if against else
+                     f"the direction holds (the CI excludes {no_effect} on the paper's side), but ")
+            return "contradicted", f"{holds}the CI rules out the paper's {fmt(metric, effect)}: a smaller effect", None
         if against:
             return "inconclusive", (f"the CI excludes {no_effect} on the paper's side, but pairs left out as "
                                     "censored lie on the other side"), None
-        if target is not None and (high < target if direction > 0 else low > target) and not towards:
-            # as a CI short of it that holds 0 is: else more evidence for the direction would read better
-            return "contradicted", (f"the direction holds (the CI excludes {no_effect} on the paper's side), "
-                                    f"but the CI rules out the paper's {fmt(metric, effect)}: a smaller effect"), None
         size = ""
         if target is not None and (low > target if direction > 0 else high < target):
             size = f"; larger than the paper's {fmt(metric, effect)} (the CI lies beyond it)"
