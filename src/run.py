@@ -50,7 +50,8 @@ if __name__ == "__main__":
         main()
     finally:  # also when a later job was interrupted (exit 3 stands): the earlier failures are still listed
         if sweep["failures"]:
-            print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs of the sweep failed:", file=sys.stderr)
+            stopped = " run before the sweep stopped" if sys.exc_info()[0] is not None else " of the sweep"
+            print(f"error: {len(sweep['failures'])} of {sweep['jobs']} jobs{stopped} failed:", file=sys.stderr)
             for line, _ in sweep["failures"]:
                 print(f"  {line}", file=sys.stderr)
     if sweep["failures"]:

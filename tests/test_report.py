@@ -50,9 +50,12 @@ def write_run(root: Path, name: str, config: dict, val_top1: float, train_top1: 
                 "lr": config["optim"]["lr"], "epoch_time_s": 3.0, "images_per_s": 300.0,
                 "images_seen": 1024 * e, "steps": STEPS_PER_EPOCH * e} for e in range(1, EPOCHS + 1)]
     history[-1]["train_eval_top1_err"] = train_top1  # the final net on training images, tested as validation is
+    final = dict(history[-1])
+    if config["eval"]["ten_crop"]:  # the centre patch alone, as good as the ten here (in the final epoch only,
+        final["val_centre_top1_err"] = final["val_top1_err"]  # so that no ten_crop pairs are made of it)
     record = {"status": status, "error": error, "experiment": config["experiment"], "variant": name,
               "overrides": name.split("_", 1)[1].split(","), "config": config, "history": history,
-              "steps": steps or [], "final": history[-1], "best": min(history, key=lambda m: m["val_top1_err"]),
+              "steps": steps or [], "final": final, "best": min(history, key=lambda m: m["val_top1_err"]),
               "notes": [], "images_seen": 1024 * EPOCHS, "wall_time_s": 10.0, "cpu_time_s": 18.0, "device": "cpu",
               "device_name": "x86_64", "started_at": "2026-11-26T20:40:00+00:00", "run_dir": str(run_dir)}
     (run_dir / "results.json").write_text(json.dumps(record))
@@ -107,7 +110,11 @@ def test_metrics_of_one_run():
     # against the training error tested as validation is, not the running one (dropout, random crops)
     assert metrics["overfit_gap"] == 21
     ten_crop = dict(final, val_centre_top1_err=37)  # one patch on both sides
-    assert run_metrics({"history": history, "steps": [], "final": ten_crop})["overfit_gap"] == 22
+    ten_patch_config = {"eval": {"ten_crop": True}}
+    assert run_metrics({"config": ten_patch_config, "history": history, "steps": [], "final": ten_crop})["overfit_gap"] == 22
+    # a ten-patch test recorded before the centre patch was: no single-patch error, not the ten patches'
+    before = run_metrics({"config": ten_patch_config, "history": history, "steps": [], "final": final})
+    assert math.isnan(before["overfit_gap"]) and math.isnan(before["val_centre_top1_err"])
     older = {k: v for k, v in final.items() if k != "train_eval_top1_err"}  # recorded before it was
     assert math.isnan(run_metrics({"history": history, "steps": [], "final": older})["overfit_gap"])
     assert metrics["steps_to_25_train_err"] == 30  # per-epoch fallback: epoch 3 is the first at <= 25%

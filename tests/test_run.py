@@ -360,7 +360,7 @@ def test_a_sweep_stopped_by_a_signal_still_lists_its_failed_jobs(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err
     assert results(second.parent)["status"] == "interrupted"
-    assert "error: 1 of 2 jobs of the sweep failed:\n  #0 scale=tiny model.towers=3 " in err, err[-2000:]
+    assert "error: 1 of 2 jobs run before the sweep stopped failed:\n  #0 scale=tiny model.towers=3 " in err, err[-2000:]
 
 
 def test_resume_never_means_the_first_start_of_a_slurm_job_not_its_requeues(tmp_path):

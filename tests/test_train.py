@@ -126,6 +126,7 @@ def test_a_finished_run_run_again_leaves_its_record_as_it_was_until_it_trains(tm
     more.start([epoch], "cpu", trains=True)  # continued with more epochs: running from here, its history kept
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "running" and record["history"] == [epoch]
+    assert record["final"] is None and record["best"] is None  # the finished run's, until this one finishes
 
 
 def test_a_crash_before_a_continued_run_trains_is_recorded_unless_it_had_completed(tmp_path, monkeypatch):

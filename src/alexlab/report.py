@@ -182,7 +182,10 @@ def run_metrics(record: dict) -> dict:
     # Both tested alike: one centre patch, eval mode. The running training error (train_top1_err) is of
     # crops and mirrors under dropout, the very regularisers whose overfitting the gap measures; runs
     # from before train_eval_top1_err was recorded get NaN, left out and named.
-    single_val = recorded_number(final.get("val_centre_top1_err", final.get("val_top1_err")))
+    # A ten-patch test from before the centre patch was recorded beside it has no single-patch error: NaN
+    # (left out and named), not the ten-patch one.
+    ten_patch = bool(((record.get("config") or {}).get("eval") or {}).get("ten_crop"))
+    single_val = recorded_number(final.get("val_centre_top1_err") if ten_patch else final.get("val_top1_err"))
     return {
         "val_top1_err": val,
         "val_top5_err": recorded_number(final.get("val_top5_err")),
@@ -487,7 +490,7 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
            "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)],
-           "diverged": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if diverged(r)]}
+           "diverged": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if diverged(r) and "tested_in" not in r.record]}
     unlearned = [p["seed"] for p in pairs if at_chance(p["paper"]) and at_chance(p["ablated"])]
     if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
         for stats in row["metrics"].values():
@@ -521,6 +524,7 @@ def code_versions_text(runs: list[Run]) -> str:
     changes (each record's `git`): a change of the code that the config does not show (the LRN's factor
     sampling, a kernel's rounding) would be in the differences. "" where all share one clean commit or
     none recorded one (runs read from W&B)."""
+    runs = [r for r in runs if "tested_in" not in r.record]  # a ten_crop twin is its paper run, counted once
     commits = sorted({str(r.record["git"]["commit"])[:7] for r in runs
                       if isinstance(r.record.get("git"), dict) and r.record["git"].get("commit")})
     dirty = sum(1 for r in runs if isinstance(r.record.get("git"), dict) and r.record["git"].get("dirty"))

@@ -192,6 +192,9 @@ class Tracker:
             self._start_wandb()  # bad input (W&B online without a key) before the record is changed: keep_previous
         self.started, self.trains = True, trains
         self.record["history"] = list(resumed_history)
+        if trains:  # final and best are the finished run's (finish): a record killed mid-run shows none
+            self.record["final"] = self.record["best"] = None
+            self.record["images_seen"] = resumed_history[-1].get("images_seen", 0) if resumed_history else 0
         if device:
             self.record["device"], self.record["device_name"] = device, device_name(device)
         if trains or not self._kept:
