@@ -132,8 +132,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> dict:
         # either (a typo, another experiment) leaves the directory's record as it was.
         check_config(cfg)
         resuming = check_resume(run_dir, config)
-        if resuming is None and world.is_main:  # resume=never: an earlier run's checkpoint goes now, so that
-            (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # a requeued job resumes from this run's alone
+        earlier = run_dir / CHECKPOINT_NAME
+        if resuming is None and world.is_main and earlier.is_file():  # resume=never: an earlier run's checkpoint
+            earlier.unlink()  # goes now, so that a requeued job resumes from this run's alone
         # From here a stop signal is a stop (status interrupted, exit 3), also while the data loads.
         with StopFlag() as stop:
             tracker = make_tracker(run_dir, config, overrides, world, resuming is not None)
