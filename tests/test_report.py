@@ -318,6 +318,13 @@ def test_a_learning_rate_whose_runs_failed_is_not_picked_for_its_survivor(tmp_pa
     relu = row(build_report([tmp_path], tmp_path / "report"), "relu", "tanh")
     assert sorted(relu["tuned"]) == ["paper: optim.lr=0.01", "tanh: optim.lr=0.01"]
     assert relu["n"] == 3 and relu["metrics"]["steps_to_25_train_err"]["mean"] == pytest.approx(6.0, rel=0.05)
+    assert "still running" not in relu["reason"]
+    # runs still running count as not reached too, so a pick made meanwhile says so
+    for seed in (1, 2):
+        path = tmp_path / f"paper_0.05_{seed}" / "results.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"status": "running", "error": None}))
+    relu = row(build_report([tmp_path], tmp_path / "again"), "relu", "tanh")
+    assert relu["reason"].endswith("; optim.lr picked while 2 of its runs were still running"), relu["reason"]
 
 
 def test_all_sweep_pairs_every_ablation_with_the_shared_baseline(tmp_path):

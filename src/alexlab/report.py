@@ -516,6 +516,9 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         row["reason"] += f"; {len(row['at_chance'])} run(s) stayed at chance level (see Runs at chance level)"
     if pairs and claim.tune and max(choices) == 1:  # sweeps=all: one lr for both, where the paper tuned each
         row["reason"] += f"; {', '.join(claim.tune)} not tuned (one value for both sides; the paper tuned it per side)"
+    running = sum(r.status == "running" for r in used)
+    if claim.tune and max(choices, default=0) > 1 and running:  # they counted as not reached (metric_score)
+        row["reason"] += f"; {', '.join(claim.tune)} picked while {running} of its runs were still running"
     return row
 
 
