@@ -368,6 +368,35 @@ def test_a_class_without_images_is_one_clear_error(tmp_path):
         build_data(cfg, 27, torch.device("cpu"), None)
 
 
+def test_hidden_files_are_not_images_and_a_dataset_changed_since_it_was_prepared_is_refused(tmp_path):
+    """A copy made on macOS leaves `._<name>.JPEG` metadata files beside the images: they were read as
+    unreadable images (and, in a flat val/, as files with no label). A class folder added after the
+    preparation (a dataset prepared while half extracted) was ignored without a word; a validation split
+    whose every file is unreadable made an empty split that failed later, obscurely."""
+    root = write_dataset(tmp_path / "imagenet", per_class=2, odd=False, truncated=False)
+    for image in list(root.glob("*/*/*.JPEG")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    cfg = data_cfg(root)
+    imagenet.prepare(cfg)  # on_bad_file=error: no metadata file counts as an unreadable image
+    data = build_data(cfg, 27, torch.device("cpu"), None)
+    assert (len(data.train), len(data.val), data.num_classes) == (2 * len(PHOTOS), 2 * len(PHOTOS), len(PHOTOS))
+    (root / "train" / "n09999999").mkdir()
+    photo(skdata.astronaut, 0).save(root / "train" / "n09999999" / "a.JPEG", quality=90)
+    for again in (lambda: imagenet.prepare(cfg), lambda: build_data(cfg, 27, torch.device("cpu"), None)):
+        with pytest.raises(ConfigError, match=r"train has changed since .*index.* \(3 class folders then, 4 now; new: "
+                                              r"\['n09999999'\], gone: \[\]\): delete .* and run `python src/prepare.py"):
+            again()
+    shutil.rmtree(root / "train" / "n09999999")
+    for image in root.glob("val/*/n*.JPEG"):  # every validation image unreadable, and skipped
+        write_truncated(image)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(root, fresh, ignore=shutil.ignore_patterns(".alexlab"))
+    skip = data_cfg(fresh, "data.on_bad_file=skip")
+    imagenet.prepare(skip)
+    with pytest.raises(ConfigError, match=r"no readable val image left in .* \(6 indexed, 6 unreadable\)"):
+        build_data(skip, 27, torch.device("cpu"), None)
+
+
 def test_an_interrupted_preparation_or_more_workers_give_the_same_statistics(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "a", odd=False, truncated=False)
     monkeypatch.setattr(imagenet, "SCAN_BATCH", 2)

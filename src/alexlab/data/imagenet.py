@@ -171,7 +171,26 @@ class ImageFolderSource(torch.utils.data.Dataset, BatchSource):
 # ---------------------------------------------------------------- layouts
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files by name; not hidden ones (macOS leaves a `._name.JPEG` of metadata beside every file it
+    copies: each read as an unreadable image, and in a flat val/ as a file with no label)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_index_current(index: dict, root: Path, out: Path, cfg) -> None:
+    """The training class folders the index was made from are still those under root/train (one listing
+    of a thousand names): a dataset prepared while half extracted, or another one mounted at the same
+    path, would otherwise train on the old index without a word."""
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        return  # data.resized_jpegs with the originals moved away: the index is all there is
+    now = [d.name for d in _class_dirs(train_dir)]
+    if now != list(index["classes"]):
+        gone, new = sorted(set(index["classes"]) - set(now)), sorted(set(now) - set(index["classes"]))
+        raise ConfigError(f"{train_dir} has changed since {out / INDEX_NAME} was made ({len(index['classes'])} "
+                          f"class folders then, {len(now)} now; new: {new[:3]}{' ...' if len(new) > 3 else ''}, "
+                          f"gone: {gone[:3]}{' ...' if len(gone) > 3 else ''}): delete {out} and run "
+                          f"`{prepare_command(cfg)}` to index it again")
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -474,6 +493,8 @@ def prepare(cfg, cache_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     index = torch.load(out / INDEX_NAME, weights_only=True) if existing else None
+    if index is not None:
+        check_index_current(index, root, out, cfg)
     if index is None:
         files = list_files(root, cfg.get("val_labels"))
         log.info("preparing %s (%d classes, %d training and %d validation files, validation labels: %s) into %s",
@@ -691,6 +712,7 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
         raise ConfigError(f"{out / INDEX_NAME} is from another version of alexlab: delete {out} and prepare again")
     root = _root(cfg)  # paths in the index are relative: a copied or moved dataset keeps its <root>/.alexlab
     index["root"] = str(root)
+    check_index_current(index, root, out, cfg)
     reread_val_labels(index, root, cfg.get("val_labels"))
     skipped = check_bad_files(index, cfg)
     stats_path = out / stats_name(cfg)
@@ -720,6 +742,9 @@ def load_imagenet(cfg, cache_dir=None, device: torch.device = torch.device("cpu"
                 raise ConfigError(f"data.resized_jpegs=true: {len(missing)} of the {len(samples)} {split} copies are "
                                   f"missing from {base} (first: {missing[0]}): run `{prepare_command(cfg)}`")
         splits[split] = [(str(base / rel), label) for rel, label in samples]
+        if not samples:  # every file unreadable and left out (data.on_bad_file=skip): nothing to train or test on
+            raise ConfigError(f"no readable {split} image left in {root} ({len(index[split]['paths'])} indexed, "
+                              f"{sum(p in index['bad'] for p in index[split]['paths'])} unreadable)")
     if decode == "cpu":
         train, val = (ImageFolderSource(samples, size, workers, names) for samples in splits.values())
     else:  # one source for both splits: see SplitOf
