@@ -223,6 +223,22 @@ def test_truncated_files_raise_even_if_a_library_turned_on_truncated_loading(pre
         ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def test_a_jpeg_whose_tail_was_zeroed_is_truncated_but_zeros_after_its_end_marker_are_not(tmp_path):
+    """An interrupted or sparse copy of the right size: the second half of the file zeros. libjpeg decoded
+    it (grey rows, a warning that PIL drops), so preparation took it for a good image. Zeros after the
+    JPEG's end marker (padding some writers add) are not damage."""
+    whole = jpeg_bytes(photo(skdata.astronaut, 1, size=(500, 375)), quality=95)  # at 90 PIL says truncated itself
+    zeroed = whole[:len(whole) // 2] + bytes(len(whole) - len(whole) // 2)
+    (tmp_path / "zeroed.JPEG").write_bytes(zeroed)
+    with pytest.raises(OSError, match=r"truncated: its last \d+ bytes are zeros, with no JPEG end marker"):
+        imagenet.read_rgb(tmp_path / "zeroed.JPEG")
+    with pytest.raises(OSError, match="truncated"):
+        imagenet.decode_bytes(torch.frombuffer(bytearray(zeroed), dtype=torch.uint8))
+    (tmp_path / "padded.JPEG").write_bytes(whole + bytes(4096))
+    padded, _ = imagenet.read_rgb(tmp_path / "padded.JPEG")
+    assert np.array_equal(padded, imagenet.read_rgb(io.BytesIO(whole))[0])
+
+
 def test_prepared_statistics_equal_numpy_on_the_prepared_images(prepared):
     cfg = data_cfg(prepared, "data.on_bad_file=skip")
     data = build_data(cfg, 27, torch.device("cpu"), None)

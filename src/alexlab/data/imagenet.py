@@ -63,15 +63,25 @@ SCAN_BATCH = 32          # files per worker task during the scan
 
 # ---------------------------------------------------------------- decoding
 
+ZERO_TAIL = 1024  # zero bytes ending a JPEG with no end marker before them: an interrupted or sparse copy
+
+
 def read_rgb(path) -> tuple[np.ndarray, list[str]]:
-    """The whole file as RGB uint8 (H, W, 3), plus what was odd about it (see the module doc)."""
+    """The whole file as RGB uint8 (H, W, 3), plus what was odd about it (see the module doc). `path`: a
+    file's path, or a file object (BytesIO) of its bytes."""
     from PIL import Image, ImageFile
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # some library turned it on: truncated files would pass, grey-filled
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; turned it off so truncated files are errors")
     notes = []
-    with Image.open(path) as im:
+    data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.format == "JPEG":  # libjpeg decodes zeros as image data with a warning only, which PIL drops
+            kept = data.rstrip(b"\0")
+            if len(data) - len(kept) >= ZERO_TAIL and not kept.endswith(b"\xff\xd9"):
+                raise OSError(f"image file is truncated: its last {len(data) - len(kept)} bytes are zeros, with no "
+                              "JPEG end marker before them (an interrupted or sparse copy)")
         if im.format != "JPEG":
             notes.append(f"format_{im.format}")
         if im.info.get("progressive") or im.info.get("progression"):
