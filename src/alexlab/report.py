@@ -484,13 +484,15 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
                               if claim.recorded_as and lacking != "paper" else "")
                 missing.append(f"missing: claim {claim.id} ablation {ablation} seed {seed} "
                                f"(no completed {lacking} run{unrecorded})")
+    paired = [r for p in pairs for r in (p["paper"], p["ablated"])]
+    trained = [r for r in paired if "tested_in" not in r.record]  # a ten_crop twin is its paper run: once
     row = {"claim": claim.id, "ablation": ablation, "setup": None, "paper_says": claim.paper_says, "metric": primary,
            "factor": claim.factor, "n": len(pairs), "seeds": [p["seed"] for p in pairs], "missing": missing,
            "tuned": tuned, "used_runs": [r.name for r in used if "tested_in" not in r.record],
            "pairs": [{"seed": p["seed"], "paper": p["paper"].name, "ablated": p["ablated"].name} for p in pairs],
            "metrics": {m: paired_stats(m, effect, pairs) for m, effect in claim.effects.items()},
-           "at_chance": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if at_chance(r)],
-           "diverged": [r.name for p in pairs for r in (p["paper"], p["ablated"]) if diverged(r) and "tested_in" not in r.record]}
+           "at_chance": [r.name for r in paired if at_chance(r)],
+           "diverged": [r.name for r in trained if diverged(r)]}
     unlearned = [p["seed"] for p in pairs if at_chance(p["paper"]) and at_chance(p["ablated"])]
     if pairs and len(unlearned) == len(pairs):  # a difference between two guessers says nothing of the claim
         for stats in row["metrics"].values():
@@ -507,7 +509,7 @@ def judge_pairs(claim: Claim, ablation: str, relevant: list[dict], not_run: str 
         row["verdict"], row["reason"] = row["metrics"][primary]["verdict"], row["metrics"][primary]["reason"]
     if lrn_text and not constant:
         row["reason"] += f"; {lrn_text}"
-    versions = code_versions_text([r for p in pairs for r in (p["paper"], p["ablated"])])
+    versions = code_versions_text(trained)
     if versions:
         row["reason"] += f"; {versions}"
     if row["diverged"]:
@@ -526,8 +528,7 @@ def code_versions_text(runs: list[Run]) -> str:
     """Where paired runs come from more than one commit of this code, or from a tree with uncommitted
     changes (each record's `git`): a change of the code that the config does not show (the LRN's factor
     sampling, a kernel's rounding) would be in the differences. "" where all share one clean commit or
-    none recorded one (runs read from W&B)."""
-    runs = [r for r in runs if "tested_in" not in r.record]  # a ten_crop twin is its paper run, counted once
+    none recorded one (runs read from W&B). `runs`: each trained run once (no ten_crop twins)."""
     commits = sorted({str(r.record["git"]["commit"])[:7] for r in runs
                       if isinstance(r.record.get("git"), dict) and r.record["git"].get("commit")})
     dirty = sum(1 for r in runs if isinstance(r.record.get("git"), dict) and r.record["git"].get("dirty"))
